@@ -1,0 +1,202 @@
+"""The public API: attach a method to any model, and merge, unmerge, disable, detach it."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .core.hooks import TrainingHooks
+from .core.inject import find_modules_to_save, find_targets, replace_module
+from .core.layer import AdapterLayer, base_shape
+from .core.registry import Method, get_method
+from .errors import ConfigError, LorakitError
+
+logger = logging.getLogger(__name__)
+
+STATE_ATTR = "_lorakit"
+
+
+@dataclass
+class AdapterState:
+    """What `attach` did to a model, kept on the model so every other call can undo or use it."""
+
+    method: Method
+    config: AdapterConfig
+    layers: dict[str, AdapterLayer]
+    saved_modules: dict[str, tuple[nn.Module, nn.Module]]  # name -> (original, trainable copy)
+    hooks: TrainingHooks
+    requires_grad: dict[int, bool] = field(default_factory=dict)  # id(param) -> flag before attach
+    base_model_name: str = ""
+
+
+def get_state(model: nn.Module) -> AdapterState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise LorakitError("no lorakit adapter is attached to this model; call lorakit.attach(model, config)")
+    return state
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return get_state(model).layers
+
+
+def _check_rank(name: str, base: nn.Module, config: AdapterConfig) -> None:
+    d_out, d_in = base_shape(base)
+    if config.r > min(d_in, d_out):
+        raise ConfigError(f"rank r={config.r} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
+                          f"of layer '{name}' ({d_out}x{d_in}); lower r or exclude that layer")
+
+
+def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None = None,
+           loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+           initialize: bool = True) -> nn.Module:
+    """Wrap every targeted layer of ``model`` (in place) with ``config``'s method and freeze the rest.
+
+    ``data`` (an iterable of batches) and ``loss_fn(model, batch) -> loss`` feed data-driven inits
+    (LoRA-GA, LoRA-SB); the default loss is the model's own ``model(**batch).loss``.
+    ``initialize=False`` skips data-driven inits (used by `load`, which restores saved tensors).
+    """
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise LorakitError("this model already has a lorakit adapter; detach(model) it first")
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"config must be a lorakit method config, got {type(config).__name__}")
+    method = get_method(config.method)
+    if not isinstance(config, method.config_class):
+        raise ConfigError(f"method {method.name!r} takes {method.config_class.__name__}, "
+                          f"got {type(config).__name__}")
+    if method.needs_data and initialize and data is None:
+        raise LorakitError(f"{method.name} initialises from gradients: pass data= (an iterable of "
+                           "batches, e.g. a DataLoader) and optionally loss_fn=")
+    targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
+    for name, base in targets:
+        _check_rank(name, base, config)
+
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    layers: dict[str, AdapterLayer] = {}
+    try:
+        for name, base in targets:
+            layers[name] = method.layer_class(base, config, name)
+    except LorakitError:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        raise
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+
+    saved: dict[str, tuple[nn.Module, nn.Module]] = {}
+    for name, original in find_modules_to_save(model, config.modules_to_save):
+        trainable = copy.deepcopy(original)
+        trainable.requires_grad_(True)
+        replace_module(model, name, trainable)
+        saved[name] = (original, trainable)
+
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    state = AdapterState(method, config, layers, saved, method.hooks_class(model, layers, config),
+                         flags, str(name_or_path))
+    setattr(model, STATE_ATTR, state)
+    if initialize and method.initialize is not None:
+        try:
+            method.initialize(model, layers, config, data, loss_fn)
+        except BaseException:
+            detach(model)
+            raise
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Undo `attach`: put back the original module objects with their original weights and flags."""
+    state = get_state(model)
+    for name, layer in state.layers.items():
+        layer.restore_base()
+        replace_module(model, name, layer.base)
+    for name, (original, _) in state.saved_modules.items():
+        replace_module(model, name, original)
+    for p in model.parameters():
+        if id(p) in state.requires_grad:
+            p.requires_grad_(state.requires_grad[id(p)])
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def merge(model: nn.Module, safe: bool = True) -> None:
+    """Fold every adapter update into its base weight (``W <- W + ΔW``); ``safe`` refuses NaN/inf."""
+    layers = get_state(model).layers
+    if safe:
+        for layer in layers.values():
+            if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
+                raise LorakitError(f"refusing to merge: layer '{layer.name}' has NaN or inf in its update; "
+                                   "no layer was merged")
+    for layer in layers.values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in get_state(model).layers.values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
+    """Merge, then replace each adapter layer by its (now updated) base layer; keeps trained heads."""
+    state = get_state(model)
+    merge(model, safe=safe)
+    for name, layer in state.layers.items():
+        layer.original_weight = None
+        replace_module(model, name, layer.base)
+    delattr(model, STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes its base output (adapters and saved-module copies off).
+
+    For inits that moved W0 the base is the residual plus the initial adapter, i.e. the original model.
+    """
+    state = get_state(model)
+    merged = [layer for layer in state.layers.values() if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    moved = [layer for layer in state.layers.values() if layer.original_weight is not None]
+    residuals = {layer.name: layer.base.weight.data for layer in moved}
+    for layer in moved:
+        layer.base.weight.data = layer.original_weight.to(layer.base.weight.device)
+    for name, (original, _) in state.saved_modules.items():
+        replace_module(model, name, original)
+    for layer in state.layers.values():
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in state.layers.values():
+            layer.disabled = False
+        for name, (_, trainable) in state.saved_modules.items():
+            replace_module(model, name, trainable)
+        for layer in moved:
+            layer.base.weight.data = residuals[layer.name]
+        for layer in merged:
+            layer.merge()
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter counts per module (adapter layers and saved modules) plus ``"total"``."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            owner = name.rpartition(".")[0]
+            counts[owner] = counts.get(owner, 0) + p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def hooks(model: nn.Module) -> TrainingHooks:
+    """The attached method's training hooks (see `lorakit.core.hooks`)."""
+    return get_state(model).hooks

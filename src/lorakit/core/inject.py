@@ -1,0 +1,97 @@
+"""Target matching ("all-linear", name suffixes, regex), module replacement and restoration."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..errors import TargetError
+from .layer import SUPPORTED_BASES
+
+# Output heads that "all-linear" leaves alone (as PEFT does): they are trained in full through
+# `modules_to_save` when a task needs them.
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out", "output"})
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASES)]
+
+
+def _hint(model: nn.Module) -> str:
+    names = _linear_names(model)
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    return f"linear layers in this model: {shown or 'none'}"
+
+
+def find_targets(model: nn.Module, target_modules: str | Iterable[str],
+                 exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs to wrap.
+
+    ``"all-linear"``: every ``nn.Linear``/``Conv1D`` except the output embedding and heads.
+    A list: modules whose name equals an entry or ends with ``"." + entry``.
+    Any other string: a regular expression that must match the whole module name.
+    """
+    excluded = set(exclude)
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        found = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, SUPPORTED_BASES) and m is not head
+                 and n.rsplit(".", 1)[-1] not in HEAD_NAMES]
+    else:
+        if isinstance(target_modules, str):
+            try:
+                pattern = re.compile(target_modules)
+            except re.error as err:
+                raise TargetError(f"target_modules {target_modules!r} is not a valid regular expression: {err}")
+
+            def matches(n: str) -> bool:
+                return pattern.fullmatch(n) is not None
+        else:
+            suffixes = list(target_modules)
+
+            def matches(n: str) -> bool:
+                return any(_suffix_match(n, s) for s in suffixes)
+        found = []
+        for n, m in model.named_modules():
+            if not n or not matches(n):
+                continue
+            if not isinstance(m, SUPPORTED_BASES):
+                if any(True for _ in m.children()):
+                    continue  # a container whose name matches (e.g. "...attention"); its children may match
+                raise TargetError(
+                    f"module '{n}' matches target_modules but is a {type(m).__name__}; lorakit wraps "
+                    f"nn.Linear and transformers' Conv1D. Narrow target_modules; {_hint(model)}")
+            found.append((n, m))
+    found = [(n, m) for n, m in found if not any(_suffix_match(n, e) for e in excluded)]
+    if not found:
+        raise TargetError(f"target_modules={target_modules!r} matched no module; {_hint(model)}")
+    return found
+
+
+def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_parent(model, name)
+    setattr(parent, child, new)
+
+
+def find_modules_to_save(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
+    found = []
+    for wanted in names:
+        hits = [(n, m) for n, m in model.named_modules() if n and _suffix_match(n, wanted)]
+        if not hits:
+            some = [n for n, _ in model.named_children()]
+            raise TargetError(f"modules_to_save entry {wanted!r} matched no module; "
+                              f"top-level modules: {', '.join(some)}")
+        found.extend(hits)
+    return found

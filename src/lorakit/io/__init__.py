@@ -1,0 +1,1 @@
+"""Persistence (safetensors + JSON) and PEFT export."""
