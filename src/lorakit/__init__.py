@@ -1,25 +1,9 @@
 """lorakit: the modern family of low-rank fine-tuning methods, one API, faithful to the papers."""
 
-from .api import (
-                  adapter_layers,
-                  attach,
-                  detach,
-                  disabled,
-                  get_state,
-                  hooks,
-                  merge,
-                  merge_and_unload,
-                  trainable_parameters,
-                  unmerge,
-)
+from .api import (adapter_layers, attach, detach, disabled, get_state, hooks, merge, merge_and_unload,
+                  trainable_parameters, unmerge)
 from .config import AdapterConfig
-
-# Bound last on purpose: importing the `lorakit.methods` subpackage above sets the attribute
-# `lorakit.methods` to that package; the public name is the registry function.
-from .core.registry import (
-                  get_method,
-                  methods,  # noqa: E402
-)
+from .core.registry import get_method
 from .errors import AdapterFileError, ConfigError, LorakitError, TargetError, TrainingError
 from .io.peft_export import export_peft
 from .io.persistence import load, save
@@ -27,6 +11,10 @@ from .methods.lora import LoraConfig, RsLoraConfig
 from .methods.lora_xs import LoraXsConfig
 from .methods.olora import OloraConfig
 from .methods.pissa import PissaConfig
+
+# Bound last on purpose: importing the `lorakit.methods` subpackage (above) sets the attribute
+# `lorakit.methods` to that package; the public name is the registry function.
+from .core.registry import methods  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -48,7 +48,8 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str],
             try:
                 pattern = re.compile(target_modules)
             except re.error as err:
-                raise TargetError(f"target_modules {target_modules!r} is not a valid regular expression: {err}")
+                raise TargetError(f"target_modules {target_modules!r} is not a valid regular expression: "
+                                  f"{err}") from err
 
             def matches(n: str) -> bool:
                 return pattern.fullmatch(n) is not None
