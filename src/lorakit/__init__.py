@@ -8,6 +8,8 @@ from .errors import AdapterFileError, ConfigError, LorakitError, TargetError, Tr
 from .io.peft_export import export_peft
 from .io.persistence import load, save
 from .methods.lora import LoraConfig, RsLoraConfig
+from .methods.lora_ga import LoraGaConfig
+from .methods.lora_sb import LoraSbConfig
 from .methods.lora_xs import LoraXsConfig
 from .methods.olora import OloraConfig
 from .methods.pissa import PissaConfig
@@ -19,7 +21,8 @@ from .core.registry import methods  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "ConfigError", "LoraConfig", "LoraXsConfig", "LorakitError",
+    "AdapterConfig", "AdapterFileError", "ConfigError", "LoraConfig", "LoraGaConfig", "LoraSbConfig",
+    "LoraXsConfig", "LorakitError",
     "OloraConfig", "PissaConfig", "RsLoraConfig", "TargetError", "TrainingError", "adapter_layers", "attach",
     "detach", "disabled", "export_peft", "get_method", "get_state", "hooks", "load", "merge",
     "merge_and_unload", "methods", "save", "trainable_parameters", "unmerge",
