@@ -176,20 +176,22 @@ def layer_groups(layers: Mapping[str, AdapterLayer], max_bytes: int) -> list[lis
     return groups
 
 
+def _dense_group(model: nn.Module, layers: Mapping[str, AdapterLayer], group: list[str], batches: list[Any],
+                 loss_fn: LossFn | None, seed: int) -> dict[str, Tensor]:
+    device = layers[group[0]].base.weight.device
+    acc = {name: torch.zeros(layers[name].out_features, layers[name].in_features, device=device) for name in group}
+
+    def on_grad(name: str, x: Tensor, dy: Tensor) -> None:
+        acc[name].addmm_(dy.T, x)
+    gradient_pass(model, layers, batches, loss_fn, on_grad, seed, probe=group)
+    return {name: g.div_(len(batches)) for name, g in acc.items()}
+
+
 def dense_gradients(model: nn.Module, layers: Mapping[str, AdapterLayer], batches: list[Any],
                     loss_fn: LossFn | None, max_bytes: int, seed: int = 0) -> Iterator[dict[str, Tensor]]:
     """Yield ``{name: G}`` (mean gradient, ``d_out × d_in`` float32) one memory-bounded group at a time.
 
-    Each group costs one pass over the batches; the caller should drop a group before the next.
+    Each group costs one pass over the batches; only the group the caller holds is in memory.
     """
-    n = len(batches)
-    device = next(iter(layers.values())).base.weight.device
     for group in layer_groups(layers, max_bytes):
-        acc = {name: torch.zeros(layers[name].out_features, layers[name].in_features, device=device)
-               for name in group}
-
-        def on_grad(name: str, x: Tensor, dy: Tensor) -> None:
-            acc[name].addmm_(dy.T, x)
-        gradient_pass(model, layers, batches, loss_fn, on_grad, seed, probe=group)
-        yield {name: g / n for name, g in acc.items()}
-        del acc
+        yield _dense_group(model, layers, group, batches, loss_fn, seed)
