@@ -106,7 +106,10 @@ class MeanPoolClassifier(nn.Module):
                         **kw: Any) -> MeanPoolClassifier:
         """Load an encoder directory; reuse a saved head if there is one, else start a fresh head."""
         head_file = Path(directory) / HEAD_FILE
-        encoder = AutoModel.from_pretrained(str(directory), **kw)
+        try:  # BERT-like encoders can skip building the [CLS] pooler that mean pooling does not use
+            encoder = AutoModel.from_pretrained(str(directory), add_pooling_layer=False, **kw)
+        except TypeError:
+            encoder = AutoModel.from_pretrained(str(directory), **kw)
         if head_file.is_file():
             head = load_file(str(head_file))
             saved_labels = head["weight"].shape[0]
@@ -154,8 +157,8 @@ def _load_weights(where: str, task_type: TaskType, num_labels: int | None, kw: d
         return AutoModelForCausalLM.from_pretrained(where, **kw)
     if _is_sentence_encoder(where):
         return MeanPoolClassifier.from_pretrained(where, num_labels, **kw)
-    if num_labels is not None:
-        kw = {**kw, "num_labels": num_labels}
+    if num_labels is not None:  # a head of another size in the checkpoint is replaced by a fresh one
+        kw = {**kw, "num_labels": num_labels, "ignore_mismatched_sizes": True}
     return AutoModelForSequenceClassification.from_pretrained(where, **kw)
 
 
@@ -199,9 +202,9 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
         model = _load_weights(where, task_type, num_labels, {**kw, "dtype": DTYPES[dtype]})
+    except LorakitError:
+        raise
     except (OSError, ValueError) as err:
-        if isinstance(err, LorakitError):
-            raise
         if path.exists():
             raise LorakitError(f"could not load a {task_type} model from {path}: {err}") from err
         raise LorakitError(

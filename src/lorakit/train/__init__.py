@@ -1,0 +1,1 @@
+"""Training: tasks, batching and the training loop."""
