@@ -28,22 +28,11 @@ from torch import Tensor, nn
 from ..errors import LorakitError
 from .layer import AdapterLayer
 from .linalg import orthonormalize, seeded_generator
+from .loss import model_loss
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 # on_grad(name, X (T×d_in), dY (T×d_out)): consumes one batch's contribution dYᵀX of one layer.
 GradConsumer = Callable[[str, Tensor, Tensor], None]
-
-
-def default_loss(model: nn.Module, batch: Any) -> Tensor:
-    """The model's own loss: ``model(**batch).loss``."""
-    if not isinstance(batch, Mapping):
-        raise LorakitError(f"the default loss needs dict batches (model(**batch).loss); got {type(batch).__name__}: "
-                           "pass loss_fn=(model, batch) -> loss")
-    out = model(**batch)
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise LorakitError("model(**batch) returned no loss: include labels in the batches or pass loss_fn=")
-    return loss
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -100,7 +89,7 @@ def gradient_pass(model: nn.Module, layers: Mapping[str, AdapterLayer], batches:
                   loss_fn: LossFn | None, on_grad: GradConsumer, seed: int = 0,
                   probe: Iterable[str] | None = None) -> None:
     """One forward+backward over every batch; ``on_grad`` sees each probed layer's share of each batch's G."""
-    loss_fn = loss_fn or default_loss
+    loss_fn = loss_fn or model_loss
     device = next(iter(layers.values())).base.weight.device
     devices = [device] if device.type == "cuda" else []
     with _probing(model, layers, on_grad, layers if probe is None else probe), torch.enable_grad():
