@@ -22,7 +22,7 @@ def _models() -> list[torch.nn.Module]:
         LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2)),
         GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
-                                   eos_token_id=0)),
+                                   eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     ]
 
 
@@ -50,7 +50,7 @@ def test_fast_loss_equals_model_loss_and_gradients(model: torch.nn.Module) -> No
 def test_other_models_use_their_own_loss() -> None:
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=4, intermediate_size=64))
+                                                     num_attention_heads=4, intermediate_size=64)).eval()
     assert not supports_fast_loss(model)
     batch = {"input_ids": torch.randint(0, 50, (2, 5)), "labels": torch.tensor([0, 1])}
     assert torch.equal(model_loss(model, batch), model(**batch).loss)
