@@ -39,7 +39,8 @@ SCALES = ("stable", "gd", "unit", "weightS")
 
 @dataclass(frozen=True)
 class LoraGaConfig(LoraConfig):
-    """LoRA-GA.  ``niter``/``sketch_width``: subspace iteration (width default 4r, the official ``q``);
+    """LoRA-GA.  ``niter``/``sketch_width``: subspace iteration (2 + 2·niter passes; width default 8r, chosen
+    on SmolLM2-135M: niter=1 with width 8r matched the exact SVD's subspaces with cosines >= 0.997);
     ``exact``: dense gradient + exact SVD; ``grad_memory_mb``: bound on dense gradients held at once."""
 
     method: ClassVar[str] = "lora-ga"
@@ -47,7 +48,7 @@ class LoraGaConfig(LoraConfig):
     scale_mode: str = "stable"
     stable_gamma: float = 16.0
     exact: bool = False
-    niter: int = 2
+    niter: int = 1
     sketch_width: int | None = None
     grad_memory_mb: int = 1024
     peft_compat: bool = False
@@ -114,7 +115,7 @@ def initialize(model: nn.Module, layers: dict[str, AdapterLayer], config: LoraGa
             for name, grad in group.items():
                 init_layer(layers[name], *truncated_svd(grad, 2 * config.r), config)
         return
-    width = config.sketch_width or 4 * config.r
+    width = config.sketch_width or 8 * config.r
     factors = sketched_svd(model, layers, batches, loss_fn, 2 * config.r, width, config.niter, config.seed)
     for name, (u, s, vh) in factors.items():
         init_layer(layers[name], u, s, vh, config)

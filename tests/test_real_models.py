@@ -1,0 +1,112 @@
+"""The core on the real pretrained models shipped in PyPI packages (SmolLM2-135M GGUF, MiniLM-L6)."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.core.gradients import dense_gradients, materialize, sketched_svd
+from lorakit.core.linalg import principal_cosines, truncated_svd
+from lorakit.core.loss import model_loss
+from lorakit.models import load_model
+from lorakit.train.data import collate, encode_causal_lm, encode_classification, load_task
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    return load_model("smollm2-135m", "causal-lm")
+
+
+def arith_batch(tokenizer: object, n: int, seed: int) -> dict[str, torch.Tensor]:
+    _, examples = load_task("arith", "train", seed=seed, limit=n)
+    features = encode_causal_lm(examples, tokenizer, max_length=96, chat_template=True)
+    return collate(features, tokenizer.pad_token_id).inputs
+
+
+def train_steps(model: torch.nn.Module, batch: dict, steps: int, lr: float) -> list[float]:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        losses.append(model_loss(model, batch).item())
+    return losses
+
+
+def roundtrip(model: torch.nn.Module, fresh: torch.nn.Module, batch: dict, tmp_path: Path) -> None:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    lorakit.save(model, tmp_path / "adapter")
+    lorakit.load(fresh, tmp_path / "adapter")
+    fresh.eval()
+    with torch.no_grad():
+        got = fresh(**inputs).logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_smollm2_lora_sb_trains_and_round_trips(smollm2: tuple, tmp_path: Path) -> None:
+    base, tok = smollm2
+    model, fresh = copy.deepcopy(base), copy.deepcopy(base)
+    init = arith_batch(tok, 16, seed=1)
+    lorakit.attach(model, lorakit.LoraSbConfig(r=16, init_lr=1e-4), data=[init])
+    counts = lorakit.trainable_parameters(model)
+    assert counts["total"] == 16 * 16 * 7 * 30
+    batch = arith_batch(tok, 8, seed=2)
+    losses = train_steps(model, batch, steps=3, lr=5e-3)
+    assert losses[-1] < losses[0], losses
+    roundtrip(model, fresh, batch, tmp_path)
+
+
+def test_minilm_lora_sb_trains_and_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base, tok = load_model("minilm-l6", "classification", num_labels=2)
+    model, fresh = copy.deepcopy(base), copy.deepcopy(base)
+    _, examples = load_task("sst2", "train", data_dir=DATA, limit=24)
+    features = encode_classification(examples, tok, max_length=64)
+    init, batch = collate(features[:16], tok.pad_token_id).inputs, collate(features[16:], tok.pad_token_id).inputs
+    config = lorakit.LoraSbConfig(r=16, init_lr=1e-3, target_modules=("query", "key", "value", "dense"),
+                                  modules_to_save=("classifier",))
+    lorakit.attach(model, config, data=[init])
+    losses = train_steps(model, batch, steps=3, lr=1e-2)
+    assert losses[-1] < losses[0], losses
+    roundtrip(model, fresh, batch, tmp_path)
+
+
+def test_smollm2_lora_ga_sketch_matches_exact_svd(smollm2: tuple) -> None:
+    """The streamed sketch (default settings) finds the exact SVD's subspaces for the vectors LoRA-GA uses."""
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    _, examples = load_task("gsm8k", "train", data_dir=DATA, limit=8)
+    features = encode_causal_lm(examples, tok, max_length=256, chat_template=False)
+    batches = materialize([collate(features, tok.pad_token_id).inputs], "test")
+    r = 8
+    config = lorakit.LoraGaConfig(r=r)
+    lorakit.attach(model, lorakit.LoraConfig(r=r))
+    layers = lorakit.adapter_layers(model)
+    sketch = sketched_svd(model, layers, batches, None, 2 * r, 8 * r, config.niter)
+    cos_a, cos_b = [], []
+    for group in dense_gradients(model, layers, batches, None, 1 << 30):
+        for name, grad in group.items():
+            u, _, vh = truncated_svd(grad, 2 * r)
+            su, _, svh = sketch[name]
+            cos_a.append(float(principal_cosines(svh[:r].T, vh[:r].T).min()))
+            cos_b.append(float(principal_cosines(su[:, r:], u[:, r:]).min()))
+    print(f"A: min {min(cos_a):.5f} median {statistics.median(cos_a):.5f}; "
+          f"B: min {min(cos_b):.5f} median {statistics.median(cos_b):.5f}")
+    assert min(cos_a) >= 0.99 and min(cos_b) >= 0.99
