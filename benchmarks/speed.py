@@ -203,7 +203,7 @@ def memory_of(which: str, name: str) -> float:
 def memory_child(which: str, name: str) -> None:
     base, batches = load(which)
     with PeakRSS() as rss:
-        model, step = build(name, base, which, batches)
+        _, step = build(name, base, which, batches)
         for batch in batches[:3]:
             step(batch)
     print(json.dumps({"peak_rss_mib": rss.peak}))
@@ -306,14 +306,16 @@ def markdown(results: dict[str, Any]) -> str:
     for key in (k for k in results if k.startswith("init-")):
         r = results[key]
         lines += [f"## Data-driven init, {key[5:]} (samples = one training batch)", "",
-                  "| what | seconds | in LoRA steps | peak RSS MiB | RSS vs LoRA step |", "| --- | --- | --- | --- | --- |"]
+                  "| what | seconds | in LoRA steps | peak RSS MiB | RSS vs LoRA step |",
+                  "| --- | --- | --- | --- | --- |"]
         for what, v in r.items():
             lines.append(f"| {what} | {v['seconds']:.2f} | {v.get('time_in_steps', 1.0):.2f} | "
                          f"{v['peak_rss_mib']:.0f} | {v.get('rss_vs_lora_step', 1.0):.3f}x |")
         lines.append("")
     if "pissa" in results:
         lines += ["## PiSSA init, SmolLM2-135M all-linear r=32", "",
-                  "| init | seconds | speed-up vs PEFT full SVD | min cos | median cos |", "| --- | --- | --- | --- | --- |"]
+                  "| init | seconds | speed-up vs PEFT full SVD | min cos | median cos |",
+                  "| --- | --- | --- | --- | --- |"]
         for what, v in results["pissa"].items():
             lines.append(f"| {what} | {v['seconds']:.2f} | {v['speedup_vs_peft_full_svd']:.1f}x | "
                          f"{v['min_cosine']:.5f} | {v['median_cosine']:.5f} |")
