@@ -110,3 +110,13 @@ def test_smollm2_lora_ga_sketch_matches_exact_svd(smollm2: tuple) -> None:
     print(f"A: min {min(cos_a):.5f} median {statistics.median(cos_a):.5f}; "
           f"B: min {min(cos_b):.5f} median {statistics.median(cos_b):.5f}")
     assert min(cos_a) >= 0.99 and min(cos_b) >= 0.99
+
+
+def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python example, verbatim."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "peft-adapter" / "adapter_config.json").is_file()
