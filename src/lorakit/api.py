@@ -78,6 +78,7 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
     targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
     for name, base in targets:
         _check_rank(name, base, config)
+    find_modules_to_save(model, config.modules_to_save)  # raises on a bad name before the model is touched
 
     flags = {id(p): p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
@@ -85,7 +86,7 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
     try:
         for name, base in targets:
             layers[name] = method.layer_class(base, config, name)
-    except LorakitError:
+    except BaseException:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
         raise

@@ -24,7 +24,7 @@ IGNORE_INDEX = -100
 
 def _own_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     out = model(**batch)
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise LorakitError("model(**batch) returned no loss: include labels in the batches or pass loss_fn=")
     return loss

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..api import attach, detach, get_state
+from ..api import STATE_ATTR, attach, detach, get_state
 from ..core.inject import find_targets
 from ..core.layer import base_shape, skip_init
 from ..core.registry import get_method
@@ -149,6 +149,8 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
 
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach the adapter saved in ``directory`` to ``model`` (the same base it was trained on)."""
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise LorakitError("this model already has a lorakit adapter; detach(model) it before loading another")
     data = read_adapter_config(directory)
     method = get_method(data["method"])
     config = method.config_class.from_dict(data["config"])
