@@ -161,8 +161,8 @@ def test_pissa_adapter_holds_principal_components() -> None:
 def test_pissa_randomized_svd_matches_exact() -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g) @ torch.diag(torch.logspace(0, -2, 64)) @ torch.randn(64, 64, generator=g)
-    u, s, vh = randomized_svd(w, 8, niter=4, generator=torch.Generator().manual_seed(1))
-    ue, se, vhe = truncated_svd(w, 8)
+    u, s, _ = randomized_svd(w, 8, niter=4, generator=torch.Generator().manual_seed(1))
+    ue, se, _ = truncated_svd(w, 8)
     assert principal_cosines(u, ue).min() > 0.999
     assert torch.allclose(s, se, rtol=1e-3)
 

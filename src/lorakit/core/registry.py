@@ -42,6 +42,7 @@ class Method:
     low_rank: bool = True
     keeps_output: bool = True  # attach with the default init leaves the model's output unchanged
     moves_base: bool = False  # the init rewrites W0 (its offset factors are saved with the adapter)
+    set_rank: Callable[[nn.Module, int], None] | None = None  # serve at rank b (methods trained for all ranks)
 
 
 _REGISTRY: dict[str, Method] = {}

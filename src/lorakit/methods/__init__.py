@@ -1,3 +1,26 @@
 """One module per method; importing this package registers them all (see `lorakit.methods()`)."""
 
-from . import lora, lora_ga, lora_sb, lora_xs, olora, pissa  # noqa: F401
+from . import (  # noqa: F401
+    adalora,
+    alora,
+    ba_lora,
+    bone,
+    cola,
+    dora,
+    dylora,
+    flat_lora,
+    glora,
+    lora,
+    lora2,
+    lora_ga,
+    lora_plus,
+    lora_pro,
+    lora_rite,
+    lora_sb,
+    lora_xs,
+    olora,
+    pissa,
+    prilora,
+    sora,
+    xgblora,
+)

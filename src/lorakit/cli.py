@@ -1,0 +1,302 @@
+"""The ``lorakit`` command: train, eval, export, merge, methods, compare.
+
+Every option can also come from a YAML recipe (``--config recipe.yaml``, keys as the long option
+names with ``_``); flags given on the command line override the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LorakitError
+
+logger = logging.getLogger("lorakit")
+
+RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("model", {"help": "alias (smollm2-135m, minilm-l6), local dir, .gguf file or hub id (default: per task)"}),
+    ("task", {"help": "arith, gsm8k, sst2, trec, a .jsonl/.csv file, or a hub dataset name"}),
+    ("method", {"help": "a method name from `lorakit methods`, or 'full' for full fine-tuning"}),
+    ("data_dir", {"help": "folder holding sst2/, trec/, gsm8k/ (default: the Hugging Face Hub)"}),
+    ("steps", {"type": int, "help": "optimizer steps (default: per task)"}),
+    ("batch_size", {"type": int, "help": "examples per optimizer step (default: per task)"}),
+    ("grad_accum", {"type": int, "help": "micro-batches per step"}),
+    ("lr", {"type": float, "help": "peak learning rate (default: per method)"}),
+    ("weight_decay", {"type": float}),
+    ("warmup_steps", {"type": int}),
+    ("schedule", {"choices": ["linear", "cosine", "constant"]}),
+    ("max_grad_norm", {"type": float}),
+    ("max_length", {"type": int, "help": "tokens per example (default: per task)"}),
+    ("seed", {"type": int}),
+    ("eval_every", {"type": int, "help": "evaluate every N steps (0: only before and after)"}),
+    ("eval_limit", {"type": int, "help": "evaluation examples (default: per task)"}),
+    ("eval_split", {"help": "split to evaluate on"}),
+    ("metric", {"choices": ["exact_match", "accuracy", "nll"], "help": "default: the task's"}),
+    ("max_new_tokens", {"type": int, "help": "generation length for exact-match scoring"}),
+    ("init_samples", {"type": int, "help": "training examples fed to data-driven inits (LoRA-GA, LoRA-SB)"}),
+    ("dtype", {"choices": ["fp32", "bf16", "fp16"]}),
+    ("device", {"choices": ["cpu", "cuda", "auto"]}),
+    ("output_dir", {"help": "where checkpoints, logs, run.json and the adapter go"}),
+]
+
+
+def _defaults() -> dict[str, Any]:
+    from .train.run import RunConfig
+    return {f.name: f.default for f in dataclasses.fields(RunConfig)
+            if f.default is not dataclasses.MISSING}
+
+
+def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    defaults = _defaults()
+    for name, kw in RUN_FLAGS:
+        if name in skip:
+            continue
+        default = defaults.get(name)
+        shown = "per task" if default is None else default
+        help_text = kw.get("help", name.replace("_", " "))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       **{k: v for k, v in kw.items() if k != "help"}, help=f"{help_text} [default: {shown}]")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. -o r=16 -o alpha=32 (YAML values) [default: the method's]")
+    p.add_argument("--no-length-grouping", dest="group_by_length", action="store_false", default=None,
+                   help="random batches instead of length-grouped ones [default: grouped]")
+    p.add_argument("--chat-template", dest="chat_template", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the tokenizer's chat template [default: on for instruct models on arith]")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast [default: off]")
+    p.add_argument("--config", help="YAML recipe; flags override it")
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LorakitError(f"method option {pair!r} must look like KEY=VALUE (e.g. r=16)")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def run_config(args: argparse.Namespace, **overrides: Any) -> Any:
+    """Recipe values, then command-line flags, then ``overrides``, into a `RunConfig`."""
+    from .train.run import RunConfig
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise LorakitError(f"cannot read recipe {args.config}: {err}") from err
+        if not isinstance(recipe, dict):
+            raise LorakitError(f"recipe {args.config} must be a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(recipe) - known - {"methods"})
+        if unknown:
+            raise LorakitError(f"recipe {args.config} has unknown keys {unknown}; known: {', '.join(sorted(known))}")
+        values.update({k: v for k, v in recipe.items() if k in known})
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    options = parse_options(getattr(args, "option", []) or [])
+    if options:
+        values["method_options"] = {**values.get("method_options", {}), **options}
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+# -- commands --------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.run import run_training
+    cfg = run_config(args, resume=args.resume)
+    result = run_training(cfg)
+    r = result.config
+    print(f"model {r['model']}, task {r['task']}, method {r['method']}: "
+          f"{result.trainable_params:,} trainable parameters")
+    print(f"{result.metric} before: {result.score_before:.4f}   after: {result.score_after:.4f}")
+    if result.metric == "exact_match":
+        print("(exact match reads the final number of each completion, so the answer's format does not count)")
+    for sample in result.samples[:3]:
+        print(f"  sample completion: {sample!r}")
+    print(f"time {result.seconds:.0f} s ({result.train.seconds:.0f} s training); adapter saved to "
+          f"{result.adapter_dir or '(full fine-tuning: no adapter)'}")
+
+
+def _load_adapted(adapter: str, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """Base model (from the adapter's run.json or --model) with the adapter loaded."""
+    from . import load as load_adapter
+    from .io.persistence import read_adapter_config
+    from .models import load_model
+    meta = read_adapter_config(adapter)
+    run_json = Path(adapter).parent / "run.json"
+    run = json.loads(run_json.read_text())["config"] if run_json.is_file() else {}
+    model_spec = getattr(args, "model", None) or run.get("model") or meta.get("base_model")
+    if not model_spec:
+        raise LorakitError(f"{adapter} does not name its base model; pass --model")
+    task_type = "classification" if "classifier" in meta.get("modules_to_save", []) else "causal-lm"
+    num_labels = None
+    if task_type == "classification":
+        from safetensors import safe_open
+        with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
+            head = [k for k in f.keys() if k.startswith("modules_to_save.") and k.endswith("classifier.weight")]
+            num_labels = f.get_slice(head[0]).get_shape()[0] if head else None
+    model, tokenizer = load_model(model_spec, task_type, num_labels=num_labels,
+                                  device=getattr(args, "device", None) or "auto")
+    load_adapter(model, adapter)
+    return model, tokenizer, run
+
+
+def _set_rank(model: Any, rank: int | None) -> None:
+    if rank is None:
+        return
+    from .api import get_state
+    method = get_state(model).method
+    if method.set_rank is None:
+        raise LorakitError(f"--rank applies to methods trained for every rank (DyLoRA); {method.name} has a single "
+                           "rank")
+    method.set_rank(model, rank)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .train.data import load_task
+    from .train.run import RunConfig, encode, score
+    model, tokenizer, run = _load_adapted(args.adapter, args)
+    _set_rank(model, args.rank)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in run.items() if k in fields}) if run else RunConfig()
+    for name in ("task", "data_dir", "eval_limit", "eval_split", "metric", "max_new_tokens"):
+        if getattr(args, name, None) is not None:
+            cfg = dataclasses.replace(cfg, **{name: getattr(args, name)})
+    cfg = cfg.resolved()
+    spec, examples = load_task(cfg.task, cfg.eval_split, cfg.data_dir, seed=cfg.seed, limit=cfg.eval_limit)
+    metric = cfg.metric or spec.metric
+    value, samples = score(model, tokenizer, metric, examples, encode(spec, examples, tokenizer, cfg), cfg)
+    print(json.dumps({"adapter": args.adapter, "task": cfg.task, "split": cfg.eval_split, "metric": metric,
+                      "score": value, "rank": args.rank, "samples": samples[:3]}, indent=2))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .io.peft_export import export_peft
+    model, _, _ = _load_adapted(args.adapter, args)
+    _set_rank(model, args.rank)
+    out = export_peft(model, args.out, modules_to_save=args.modules_to_save, rank_pattern=args.rank_pattern)
+    print(f"PEFT LoRA adapter written to {out}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .api import merge_and_unload
+    model, tokenizer, _ = _load_adapted(args.adapter, args)
+    merged = merge_and_unload(model)
+    merged.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"merged model written to {args.out}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from .core.registry import methods
+    registry = methods()
+    counts: dict[str, int] = {}
+    if args.model:
+        from .core.inject import find_targets
+        from .core.layer import base_shape
+        from .models import load_model
+        task_type = "classification" if args.task in ("sst2", "trec") else "causal-lm"
+        model, _ = load_model(args.model, task_type, num_labels=2 if task_type == "classification" else None)
+        shapes = [base_shape(m) for _, m in find_targets(model, "all-linear")]
+        for name, m in registry.items():
+            cfg = m.config_class(r=args.r)
+            counts[name] = sum(m.params_per_matrix(d_out, d_in, cfg) for d_out, d_in in shapes)
+    rows = [("method", "paper", "trainable") + ((f"params (all-linear, r={args.r})",) if counts else ())]
+    for name, m in registry.items():
+        rows.append((name, m.paper, m.trainable) + ((f"{counts[name]:,}",) if counts else ()))
+    if args.markdown:
+        print("| " + " | ".join(rows[0]) + " |\n" + "| --- " * len(rows[0]) + "|")
+        for row in rows[1:]:
+            print("| " + " | ".join(row) + " |")
+    else:
+        for row in rows[1:]:
+            print(f"{row[0]:<12} {row[2]:<34} {row[3] if counts else ''}\n    {row[1]}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .train.compare import compare
+    base = run_config(args)
+    names = args.methods.split(",") if args.methods else None
+    if names is None and args.config:
+        names = (yaml.safe_load(Path(args.config).read_text()) or {}).get("methods")
+    if not names:
+        raise LorakitError("compare needs --methods (comma-separated), or a 'methods' list in the recipe")
+    report = compare(base, names, Path(args.out), target_loss=args.target_loss)
+    print(f"report written to {report}")
+
+
+# -- parser ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank fine-tuning, every method side by side.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune (no arguments: LoRA-SB on SmolLM2 with the arithmetic task)")
+    add_run_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, what in (("eval", cmd_eval, "score a saved adapter"),
+                             ("export", cmd_export, "write a PEFT LoRA adapter"),
+                             ("merge", cmd_merge, "write the full merged model")):
+        p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("adapter", help="adapter directory (lorakit format)")
+        p.add_argument("--model", help="base model, if the adapter's run.json does not name it")
+        p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+        if name in ("eval", "export"):
+            p.add_argument("--rank", type=int, help="evaluate/export at this rank (DyLoRA)")
+        if name == "eval":
+            for flag in ("task", "data_dir", "eval_split", "metric"):
+                p.add_argument("--" + flag.replace("_", "-"), dest=flag, help="default: the training run's")
+            p.add_argument("--eval-limit", type=int, help="default: the training run's")
+            p.add_argument("--max-new-tokens", type=int, help="default: the training run's")
+        else:
+            p.add_argument("--out", required=True, help="output directory")
+        if name == "export":
+            p.add_argument("--rank-pattern", action="store_true", help="per-layer ranks instead of zero padding")
+            p.add_argument("--modules-to-save", action="store_true", help="include trained heads")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("methods", help="list methods, with trainable-parameter counts for --model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="count trainable parameters on this model (all-linear)")
+    p.add_argument("--task", default="arith", help="decides the model head (sst2/trec: classifier)")
+    p.add_argument("--r", type=int, default=8, help="rank for the counts")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("compare", help="several methods on the same budget: report.md and plots")
+    add_run_flags(p, skip=("method", "output_dir"))
+    p.add_argument("--methods", help="comma-separated, e.g. lora,lora-sb,lora-ga,full")
+    p.add_argument("--out", default="lorakit-compare", help="report folder [default: lorakit-compare]")
+    p.add_argument("--target-loss", type=float, help="for 'steps to reach' [default: LoRA's final loss]")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "accelerate", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args.func(args)
+    except LorakitError as err:
+        print(f"lorakit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

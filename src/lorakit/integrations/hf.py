@@ -1,0 +1,224 @@
+"""lorakit in a Hugging Face ``transformers.Trainer`` (or TRL ``SFTTrainer``): the same training hooks as a callback.
+
+Plug and play, with the raw model::
+
+    callback = LorakitCallback(lorakit.LoraSbConfig(r=16), init_batches=8)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[callback])
+    trainer.train()
+    lorakit.save(model, "adapter")
+
+Where each piece happens, given transformers' own order (``Trainer.train`` builds the optimizer from the
+parameters that require grad *before* ``on_train_begin``):
+
+* ``on_init_end`` (end of ``Trainer.__init__``): `attach` the adapter, so the optimizer sees only its
+  parameters.  Data-driven methods (LoRA-GA, LoRA-SB) are attached without their init.
+* ``on_train_begin``: ``hooks.on_train_begin(max_steps)``, then the data-driven init on the first
+  ``init_batches`` batches of the trainer's own train dataloader (in place: the optimizer keeps the
+  same parameter objects; under DDP rank 0's result is broadcast).
+* ``on_step_begin``: ``before_forward``.  ``on_pre_optimizer_step``: ``after_backward`` (transformers
+  has already clipped here; `LorakitTrainerMixin` calls it before clipping instead).
+  ``on_optimizer_step``: ``after_step`` (gradients still present).  ``on_step_end``: a requested
+  optimizer reset clears the optimizer state (and adds parameters that became trainable).
+  ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.
+
+A callback cannot reach the loss or the optimizer's construction, so methods whose hooks define a
+regularizer (BA-LoRA, XGBLoRA, AdaLoRA) or their own optimizer (LoRA+, LoRA-Pro, LoRA-RITE) need
+`LorakitTrainerMixin` in the trainer class (``LorakitTrainer`` for the
+plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
+without it for those methods instead of silently training something else.
+
+A model that already carries an adapter works too (``LorakitCallback()`` without a config); for a
+data-driven method the callback then runs its init, unless ``init_batches=0`` (attached with data).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..api import STATE_ATTR, AdapterState, attach, get_state
+from ..config import AdapterConfig
+from ..core.hooks import TrainingHooks
+from ..core.registry import get_method
+from ..errors import LorakitError
+from ..io.persistence import adapter_tensors
+from ..train.trainer import load_adapter_tensors
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class LorakitCallback(TrainerCallback):
+    """Attach ``config``'s method to the Trainer's model and call its training hooks at every step.
+
+    ``init_batches``: how many batches of the trainer's train dataloader feed a data-driven init.
+    ``loss_fn(model, batch) -> loss`` for that init (default ``model(**batch).loss``).
+    """
+
+    def __init__(self, config: AdapterConfig | None = None, init_batches: int = 8,
+                 loss_fn: Callable[[nn.Module, Any], Tensor] | None = None) -> None:
+        if init_batches < 0:
+            raise LorakitError(f"init_batches must be >= 0, got {init_batches}")
+        self.config = config
+        self.init_batches = init_batches
+        self.loss_fn = loss_fn
+        self.pending_init = False  # a data-driven init still has to run (at train begin)
+        self.trainer_integrated = False  # set by LorakitTrainerMixin: it adds the regularizer, builds the optimizer
+
+    def _state(self, model: nn.Module | None) -> AdapterState:
+        if model is None or getattr(model, STATE_ATTR, None) is None:
+            raise LorakitError("the Trainer's model has no lorakit adapter: pass LorakitCallback(config) in "
+                               "Trainer(callbacks=[...]) (not trainer.add_callback, which comes after the "
+                               "optimizer's parameters are chosen), or attach the adapter before building the Trainer")
+        return get_state(model)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None:
+            return
+        if getattr(model, STATE_ATTR, None) is None:
+            if self.config is None:
+                raise LorakitError("LorakitCallback() without a config needs a model with a lorakit adapter "
+                                   "attached; pass LorakitCallback(config)")
+            needs_data = get_method(self.config.method).needs_data
+            attach(model, self.config, initialize=not needs_data)
+            self.pending_init = needs_data
+        elif self.config is not None:
+            raise LorakitError("the model already has a lorakit adapter; use LorakitCallback() without a config")
+        else:
+            self.pending_init = get_state(model).method.needs_data and self.init_batches > 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+        adapter = self._state(model)
+        self._check_integration(adapter)
+        adapter.hooks.on_train_begin(state.max_steps)
+        if not self.pending_init:
+            return
+        if self.init_batches == 0 or train_dataloader is None:
+            raise LorakitError(f"{adapter.method.name} initialises from gradients: give init_batches > 0 and a "
+                               "train_dataset, or attach the adapter with data= before building the Trainer")
+        batches = [dict(b) if isinstance(b, Mapping) else b
+                   for b in itertools.islice(train_dataloader, self.init_batches)]
+        logger.info("%s: gradient init on %d batches of the trainer's train dataloader", adapter.method.name,
+                    len(batches))
+        assert adapter.method.initialize is not None
+        adapter.method.initialize(model, adapter.layers, adapter.config, batches, self.loss_fn)
+        self._share_rank0_adapter(model)
+        self.pending_init = False
+
+    @staticmethod
+    def _share_rank0_adapter(model: nn.Module) -> None:
+        """Each rank initialised from its own batches: every rank takes rank 0's adapter."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        tensors = {k: v.detach().clone() for k, v in adapter_tensors(model).items()}
+        for tensor in tensors.values():
+            dist.broadcast(tensor, src=0)
+        load_adapter_tensors(model, tensors, "rank 0")
+
+    def _check_integration(self, adapter: AdapterState) -> None:
+        hooks = adapter.hooks
+        needs = []
+        if type(hooks).regularizer is not TrainingHooks.regularizer:
+            needs.append("a regularizer in the loss")
+        if type(hooks).build_optimizer is not TrainingHooks.build_optimizer:
+            needs.append("its own optimizer")
+        if needs and not self.trainer_integrated:
+            raise LorakitError(f"{adapter.method.name} needs {' and '.join(needs)}, which a callback cannot provide: "
+                               "train with lorakit.integrations.hf.LorakitTrainer, or put LorakitTrainerMixin first "
+                               "in your trainer's bases (class MyTrainer(LorakitTrainerMixin, SFTTrainer))")
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._state(model).hooks.before_forward(state.global_step)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              model: nn.Module | None = None, **kwargs: Any) -> None:
+        if not self.trainer_integrated:
+            self._state(model).hooks.after_backward(state.global_step)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._state(model).hooks.after_step(state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+        hooks = self._state(model).hooks
+        if not hooks.optimizer_reset_requested or optimizer is None:
+            return
+        inner = _unwrap(optimizer)
+        inner.state.clear()
+        known = {id(p) for group in inner.param_groups for p in group["params"]}
+        inner.param_groups[0]["params"].extend(p for p in model.parameters() if p.requires_grad and id(p) not in known)
+        hooks.optimizer_reset_requested = False
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               model: nn.Module | None = None, **kwargs: Any) -> None:
+        metrics = self._state(model).hooks.metrics()
+        if metrics and state.log_history:
+            state.log_history[-1].update({f"lorakit/{k}": v for k, v in metrics.items()})
+
+
+class LorakitTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (first in the bases) next to a `LorakitCallback`: adds the
+    method's regularizer to the training loss, builds the method's optimizer (``hooks.build_optimizer`` with
+    the Trainer's lr and weight decay; the method picks the rest), and calls ``after_backward`` before clipping."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LorakitCallback)]
+        if not callbacks:
+            raise LorakitError("LorakitTrainer needs a LorakitCallback: pass callbacks=[LorakitCallback(config)]")
+        for callback in callbacks:
+            callback.trainer_integrated = True
+
+    def _lorakit_hooks(self) -> TrainingHooks:
+        return get_state(self.model).hooks
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            params = [p for p in (model or self.model).parameters() if p.requires_grad]
+            self.optimizer = self._lorakit_hooks().build_optimizer(
+                params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None) -> Any:
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        reg = self._lorakit_hooks().regularizer() if model.training else None
+        if reg is None:
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        # The Trainer divides a per-batch mean by the accumulation steps itself, but not a loss already
+        # normalised over the whole accumulated batch; the regularizer must count once per optimizer step.
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                self.compute_loss_func is not None
+        if scaled:
+            reg = reg / self.current_gradient_accumulation_steps
+        loss = loss + reg.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the last micro-batch: the step's gradients are complete
+            self._lorakit_hooks().after_backward(self.state.global_step)
+        return loss
+
+
+class LorakitTrainer(LorakitTrainerMixin, Trainer):
+    """``transformers.Trainer`` with `LorakitTrainerMixin`: use it with a `LorakitCallback`."""

@@ -1,0 +1,171 @@
+"""BA-LoRA (Chang et al. 2024, arXiv 2408.04556): PiSSA plus three regularisers against "catastrophic
+inheritance" of pre-training noise and imbalance::
+
+    L = L_task + λ1 L_consistency + λ2 L_diversity + λ3 L_SVD
+
+on the logits of the fine-tuned model and of the frozen pre-trained model on the same batch (official
+code cyp-jlu-ai/BA-LoRA ``train.py``, ``compute_loss`` and ``svd_regularization``; defaults λ = 1e-4, 3e-4, 1e-4,
+k = 3 from there):
+
+* NLU (logits ``batch × classes``): consistency = MSE of the L2-normalised logits; diversity = the squared
+  off-diagonal covariance of the logits over the batch, ``Σ_{i≠j} C_ij² / d``; SVD = ``−Σ_{i≤k} σ_i / Σ σ_i`` of
+  the logit matrix.
+* NLG (logits ``batch × seq × vocab``): consistency = ``KL(p_pre ‖ p_ft)`` summed over positions and vocabulary,
+  divided by the batch size (``batchmean``); diversity = minus the mean token entropy of ``p_ft``; SVD = the same
+  top-k share per example (the ``seq × vocab`` matrix of each sequence), averaged.
+
+Documented choices: the pre-trained model is this model with the adapter switched off (`lorakit.disabled`: the
+original W0, no second copy in memory), run in eval mode without gradients; the KL uses log-softmax for both
+distributions (the official ``softmax(...).log()`` can hit log 0); the official code flattens NLG logits to
+``batch × (seq·vocab)`` and then indexes singular values per example, which fails, so the SVD term is taken per
+sequence as its indexing intends.  The batch and the logits are captured by forward hooks during training steps
+(armed by the first ``before_forward``); each captured forward gets one regulariser value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..api import disabled
+from ..core.hooks import TrainingHooks
+from ..core.layer import AdapterLayer
+from ..core.registry import Method, register
+from ..errors import ConfigError
+from .lora import lora_params
+from .pissa import PissaConfig, PissaLayer
+
+TASKS = ("nlg", "nlu")
+
+
+@dataclass(frozen=True)
+class BaLoraConfig(PissaConfig):
+    """BA-LoRA: PiSSA's fields plus the regulariser weights λ1-λ3, ``top_k`` for the SVD term and ``task``
+    (``"nlg"``: token distributions; ``"nlu"``: classification logits)."""
+
+    method: ClassVar[str] = "ba-lora"
+    lambda_consistency: float = 1e-4
+    lambda_diversity: float = 3e-4
+    lambda_svd: float = 1e-4
+    top_k: int = 3
+    task: str = "nlg"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+
+
+def consistency_loss(fine: Tensor, pre: Tensor, task: str) -> Tensor:
+    """NLU: MSE of L2-normalised logits.  NLG: ``KL(p_pre ‖ p_fine)``, ``batchmean``."""
+    if task == "nlu":
+        return F.mse_loss(F.normalize(fine, dim=-1), F.normalize(pre, dim=-1))
+    return F.kl_div(F.log_softmax(fine, dim=-1), F.log_softmax(pre, dim=-1), reduction="batchmean", log_target=True)
+
+
+def diversity_loss(fine: Tensor, task: str) -> Tensor:
+    """NLU: ``Σ_{i≠j} Cov_ij² / d`` over the batch.  NLG: minus the mean entropy of the token distributions."""
+    if task == "nlu":
+        logits = fine.reshape(-1, fine.shape[-1])
+        centered = logits - logits.mean(dim=0)
+        cov = centered.T @ centered / (logits.shape[0] - 1)
+        off = cov - torch.diag(torch.diag(cov))
+        return off.square().sum() / logits.shape[1]
+    probs = F.softmax(fine, dim=-1)
+    entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=-1).mean()
+    return -entropy
+
+
+def svd_loss(fine: Tensor, k: int) -> Tensor:
+    """``−mean(Σ_{i≤k} σ_i / Σ σ_i)``, per matrix (a 2-D logit tensor is one matrix; 3-D: one per sequence)."""
+    s = torch.linalg.svdvals(fine.float())
+    ratio = s[..., :k].sum(dim=-1) / (s.sum(dim=-1) + 1e-10)
+    return -ratio.mean()
+
+
+def _logits(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output.logits
+
+
+class BaLoraHooks(TrainingHooks):
+    """Captures each training forward (inputs and logits) and adds the three weighted regularisers.
+
+    The logits come from the model's own forward, or, when a trainer runs the decoder and the output head apart
+    (lorakit's supervised-positions loss), from the decoder's forward followed by the output head on every
+    position (the full logits BA-LoRA regularises)."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: BaLoraConfig) -> None:
+        super().__init__(model, layers, config)
+        self.armed = False
+        self.captured: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
+        self.captured_hidden: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
+        self._handles: list[Any] = []
+        self.last: dict[str, float] = {}
+
+    def _head(self) -> nn.Module | None:
+        get = getattr(self.model, "get_output_embeddings", None)
+        return get() if callable(get) else None
+
+    def before_forward(self, step: int) -> None:
+        if not self._handles:
+            self._handles.append(self.model.register_forward_hook(self._capture, with_kwargs=True))
+            decoder = getattr(self.model, "base_model", self.model)
+            if decoder is not self.model and self._head() is not None:
+                self._handles.append(decoder.register_forward_hook(self._capture_hidden, with_kwargs=True))
+        self.armed = True
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self.armed and module.training:
+            self.captured = (args, kwargs, _logits(output))
+
+    def _capture_hidden(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self.armed and module.training:
+            self.captured_hidden = (args, kwargs, output[0])
+
+    @torch.no_grad()
+    def pretrained_logits(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The frozen pre-trained model's logits on the captured batch (adapter off, eval mode)."""
+        was_training, self.armed = self.model.training, False
+        self.model.eval()
+        try:
+            with disabled(self.model):
+                return _logits(self.model(*args, **kwargs)).detach()
+        finally:
+            self.model.train(was_training)
+            self.armed = True
+
+    def regularizer(self) -> Tensor | None:
+        if self.captured is not None:
+            args, kwargs, fine = self.captured
+        elif self.captured_hidden is not None:
+            args, kwargs, hidden = self.captured_hidden
+            head = self._head()
+            assert head is not None
+            fine = head(hidden)
+        else:
+            return None
+        self.captured = self.captured_hidden = None
+        c = self.config
+        pre = self.pretrained_logits(args, kwargs)
+        fine32, pre32 = fine.float(), pre.float()
+        terms = {"consistency": consistency_loss(fine32, pre32, c.task), "diversity": diversity_loss(fine32, c.task),
+                 "svd": svd_loss(fine32, c.top_k)}
+        self.last = {f"ba_{k}": float(v.detach()) for k, v in terms.items()}
+        return (c.lambda_consistency * terms["consistency"] + c.lambda_diversity * terms["diversity"]
+                + c.lambda_svd * terms["svd"])
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.last)
+
+
+register(Method(
+    name="ba-lora", paper="Chang et al. 2024, BA-LoRA: Bias-Alleviating Low-Rank Adaptation to Mitigate "
+    "Catastrophic Inheritance in Large Language Models, arXiv 2408.04556", config_class=BaLoraConfig,
+    layer_class=PissaLayer, trainable="A, B (PiSSA init; W0 residual frozen)", params_per_matrix=lora_params,
+    hooks_class=BaLoraHooks, moves_base=True))
