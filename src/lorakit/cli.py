@@ -211,16 +211,22 @@ def cmd_methods(args: argparse.Namespace) -> None:
         for name, m in registry.items():
             cfg = m.config_class(r=args.r)
             counts[name] = sum(m.params_per_matrix(d_out, d_in, cfg) for d_out, d_in in shapes)
-    rows = [("method", "paper", "trainable") + ((f"params (all-linear, r={args.r})",) if counts else ())]
-    for name, m in registry.items():
-        rows.append((name, m.paper, m.trainable) + ((f"{counts[name]:,}",) if counts else ()))
+    def per_matrix(m: Any) -> str:
+        try:
+            return f"{m.params_per_matrix(4096, 4096, m.config_class(r=args.r)):,}"
+        except LorakitError:
+            return "n/a"
+    header = ("method", "paper", "trainable", f"params per 4096x4096 matrix (r={args.r})")
+    rows = [header + (("params on --model (all-linear)",) if counts else ())]
+    for name, m in sorted(registry.items()):
+        rows.append((name, m.paper, m.trainable, per_matrix(m)) + ((f"{counts[name]:,}",) if counts else ()))
     if args.markdown:
         print("| " + " | ".join(rows[0]) + " |\n" + "| --- " * len(rows[0]) + "|")
         for row in rows[1:]:
             print("| " + " | ".join(row) + " |")
     else:
         for row in rows[1:]:
-            print(f"{row[0]:<12} {row[2]:<34} {row[3] if counts else ''}\n    {row[1]}")
+            print(f"{row[0]:<12} {row[2]:<40} {row[3]:>12} {row[4] if counts else ''}\n    {row[1]}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
