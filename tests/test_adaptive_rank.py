@@ -71,7 +71,7 @@ def test_budget_follows_cubic_schedule_and_final_mask_is_frozen(method: str) -> 
         opt.zero_grad()
         total = sum(layer.rank for layer in lorakit.adapter_layers(model).values())
         if ti < step < T - tf:  # masked to the budget at this step (no ties with random data)
-            assert total == hooks.schedule(step)[0]
+            assert total == hooks.schedule(step)[0] == hooks.metrics()["total_rank"]
         if step == T - tf:
             final_ranks = {n: layer.lora_E.detach().ne(0).tolist() for n, layer in lorakit.adapter_layers(model).items()}
             assert total == bT
@@ -470,18 +470,18 @@ def test_export_rank_pattern_and_padding_load_in_peft(method: str, tmp_path: Pat
 
 # -- rank-allocation plots ---------------------------------------------------------------------------------------
 def test_rank_allocation_heatmap_and_evolution(tmp_path: Path) -> None:
-    model = attach("llama", lorakit.AdaLoraConfig(r=4, target_r=2, init_weights=False))
+    model = attach("llama", lorakit.SoraConfig(r=4))
     records = []
     for step, drop in ((10, 0), (20, 1), (30, 2)):
         with torch.no_grad():
             for layer in lorakit.adapter_layers(model).values():
-                layer.lora_E[:drop] = 0
+                layer.lora_gate[:drop] = 0
         records.append({"type": "train", "step": step, "loss": 1.0, **lorakit.hooks(model).metrics()})
     blocks, types, matrix = rank_grid({k[5:]: int(v) for k, v in records[-1].items() if k.startswith("rank/")})
     assert blocks == ["0", "1"] and "self_attn.q_proj" in types and "mlp.down_proj" in types
     assert all(v == 2 for row in matrix for v in row if not math.isnan(v))
-    files = draw_rank_allocation(records, tmp_path, prefix="adalora_", title="adalora")
-    assert files == ["adalora_rank_heatmap.png", "adalora_rank_evolution.png"]
+    files = draw_rank_allocation(records, tmp_path, prefix="sora_", title="sora")
+    assert files == ["sora_rank_heatmap.png", "sora_rank_evolution.png"]
     assert all((tmp_path / f).stat().st_size > 1000 for f in files)
     assert draw_rank_allocation([{"step": 1, "loss": 1.0}], tmp_path) == []
     hf_log = [{"step": 5, **{f"lorakit/{k}": v for k, v in records[0].items() if k.startswith("rank/")}}]

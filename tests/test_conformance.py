@@ -95,12 +95,14 @@ def test_03_training_changes_only_adapter(method_name: str, kind_name: str) -> N
     names = set(trainable(model))
     before = state_snapshot(model)
     assert names <= set(before)
-    # A tensor whose gradient is exactly zero on every batch cannot move (e.g. GLoRA's bias shift on an
+    # A tensor whose gradient is zero (to rounding) on every batch cannot move (e.g. GLoRA's bias shift on an
     # attention key: softmax ignores a shift shared by all keys); every other trainable tensor must.
     model.train()
     for batch in kind.batches():
         model(**batch).loss.backward()
-    inert = {n for n, p in trainable(model).items() if p.grad is None or not p.grad.any()}
+    largest = max(float(p.grad.abs().max()) for p in trainable(model).values() if p.grad is not None)
+    inert = {n for n, p in trainable(model).items()  # zero up to rounding
+             if p.grad is None or float(p.grad.abs().max()) <= 1e-6 * largest}
     model.zero_grad(set_to_none=True)
     assert len(inert) < len(names), "no trainable tensor receives a gradient"
     train_steps(model, kind.batches(), steps=3, lr=1.0)

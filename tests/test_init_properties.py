@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -188,3 +190,15 @@ def test_rslora_scale() -> None:
     assert cfg.scale == pytest.approx(8 / 4)
     assert lorakit.RsLoraConfig(r=16, alpha=8).scale == pytest.approx(2.0)
     assert lorakit.LoraConfig(r=16, alpha=8).scale == pytest.approx(0.5)
+
+
+def test_pissa_gram_svd_matches_exact() -> None:
+    """The Gram-matrix eigendecomposition gives PiSSA's exact principal components, wide or tall."""
+    for hidden in (32, 64):
+        model = tiny_llama(hidden=hidden)
+        exact = lorakit.attach(copy.deepcopy(model), lorakit.PissaConfig(r=4, alpha=8))
+        gram = lorakit.attach(model, lorakit.PissaConfig(r=4, alpha=8, svd="gram"))
+        for name, layer in lorakit.adapter_layers(gram).items():
+            reference = lorakit.adapter_layers(exact)[name]
+            assert torch.allclose(layer.delta_weight(), reference.delta_weight(), atol=1e-5), name
+            assert torch.allclose(layer.base.weight, reference.base.weight, atol=1e-5), name

@@ -54,7 +54,7 @@ from ..core.layer import AdapterLayer, init_skipped
 from ..core.linalg import seeded_generator
 from ..core.registry import Method, register
 from ..errors import ConfigError, TrainingError
-from .adaptive import keep_ranks, rank_metrics
+from .adaptive import RANK_PREFIX, keep_ranks
 
 INIT_STD = 0.02  # N(0, 0.02²) for the singular vectors (PEFT / original code)
 
@@ -160,6 +160,8 @@ class SvdBudgetHooks(TrainingHooks):
         super().__init__(model, layers, config)
         self.budget = self.initial_budget
         self.final_mask: dict[str, list[bool]] | None = None
+        # ranks kept by the last mask (reported by `metrics`)
+        self.allocation = {n: layer.lora_E.numel() for n, layer in self.svd_layers.items()}
         # Ī and Ū per "layer.tensor": tensors, which the trainer's checkpoint cannot carry (it warns on resume)
         self.ema: dict[str, Tensor] = {}
         self.unc: dict[str, Tensor] = {}
@@ -233,6 +235,7 @@ class SvdBudgetHooks(TrainingHooks):
         k = self.initial_budget - budget
         keep = {name: [True] * s.numel() for name, s in scores.items()}
         if k <= 0:
+            self.allocation = {name: len(kept) for name, kept in keep.items()}
             return keep
         device = next(iter(scores.values())).device
         threshold = torch.kthvalue(torch.cat([s.to(device) for s in scores.values()]), k).values.item()
@@ -240,6 +243,7 @@ class SvdBudgetHooks(TrainingHooks):
             mask = scores[name] <= threshold
             layer.lora_E.masked_fill_(mask.to(layer.lora_E.device), 0.0)
             keep[name] = (~mask).tolist()
+        self.allocation = {name: sum(k) for name, k in keep.items()}
         return keep
 
     @torch.no_grad()
@@ -274,7 +278,10 @@ class SvdBudgetHooks(TrainingHooks):
         return self.config.orth_reg_weight * torch.stack([t.float() for t in terms]).mean()
 
     def metrics(self) -> dict[str, float]:
-        return {"budget": float(self.budget), **rank_metrics(self.layers)}
+        """The budget and the ranks the last mask allocated (between masks, with ΔT > 1, masked λ may revive:
+        ``layer.rank`` and the export count those too)."""
+        ranks = {f"{RANK_PREFIX}{n}": float(k) for n, k in self.allocation.items()}
+        return {"budget": float(self.budget), "total_rank": float(sum(self.allocation.values())), **ranks}
 
 
 def adalora_params(d_out: int, d_in: int, config: AdapterConfig) -> int:

@@ -6,8 +6,9 @@ those ranks from ``as_lora``, so `lorakit.export_peft` writes per-layer ranks (`
 them to the largest (vLLM ignores ``rank_pattern``).  PEFT has no rank-0 LoRA layer, so a matrix whose ranks
 were all pruned exports one zero rank (its update is exactly zero either way).
 
-`rank_metrics` is what their hooks return from ``metrics()``: ``total_rank`` and ``rank/<layer name>``, which
-the trainer logs to ``log.jsonl`` and `lorakit.train.rank_plots` turns into the rank-allocation heatmaps.
+Their hooks' ``metrics()`` report ``total_rank`` and ``rank/<layer name>`` (`rank_metrics`; AdaLoRA and LoRA²
+report the ranks their last mask allocated), which the trainer logs to ``log.jsonl`` and
+`lorakit.train.rank_plots` turns into the rank-allocation heatmaps.
 """
 
 from __future__ import annotations

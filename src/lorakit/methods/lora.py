@@ -76,6 +76,20 @@ class LoraLayer(AdapterLayer):
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
         return F.linear(h * self.scale, self.lora_B)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if type(self).delta is not LoraLayer.delta:  # a subclass changed the update: the generic path
+            return super().forward(x)
+        out = self.base(x)
+        if self.merged or self.disabled:
+            return out
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        if out.dtype != h.dtype or not out.is_contiguous():
+            return out + F.linear(h * self.scale, self.lora_B).to(out.dtype)
+        # out += s · h Bᵀ in one BLAS call, in place: the base output is not needed by its own backward
+        flat = out.view(-1, self.out_features)
+        flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.T, alpha=self.scale)
+        return out
+
     def delta_weight(self) -> Tensor:
         return (self.lora_B * self.scale) @ self.lora_A
 

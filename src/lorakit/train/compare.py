@@ -2,7 +2,8 @@
 
 Writes ``report.md`` (method, trainable parameters, metric before/after, steps to reach a target loss,
 wall time, peak memory), ``results.json``, and PNG plots: loss curves, the eval metric over steps,
-and parameters against the final metric.  Each method's run (checkpoints, logs, adapter) lands in
+parameters against the final metric, and for adaptive-rank methods the final rank allocation (block x
+module type) and its evolution over steps.  Each method's run (checkpoints, logs, adapter) lands in
 ``<out>/<method>/``.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
+from .rank_plots import draw_rank_allocation, read_log
 from .run import RunConfig, run_training
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ def compare(base: RunConfig, methods: list[str], out: Path, target_loss: float |
         row["steps_to_target"] = steps_to_reach(row["train"]["losses"], target_loss)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     plots = draw(rows, out)
+    for row in rows:  # adaptive-rank methods log their ranks: heatmap + evolution per method
+        log = out / row["method"] / "log.jsonl"
+        if log.is_file():
+            plots += draw_rank_allocation(read_log(log), out, prefix=f"{row['method']}_", title=row["method"])
     report = out / "report.md"
     report.write_text(markdown(rows, base, target_loss, plots))
     return report
