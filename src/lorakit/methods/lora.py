@@ -87,7 +87,7 @@ class LoraLayer(AdapterLayer):
             return out + F.linear(h * self.scale, self.lora_B).to(out.dtype)
         # out += s · h Bᵀ in one BLAS call, in place: the base output is not needed by its own backward
         flat = out.view(-1, self.out_features)
-        flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.T, alpha=self.scale)
+        flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.T.to(h.dtype), alpha=self.scale)  # autocast: h bf16
         return out
 
     def delta_weight(self) -> Tensor:
