@@ -1,7 +1,7 @@
 """Speed and memory of lorakit against Hugging Face PEFT on the same work (run by hand, CPU or CUDA).
 
     python benchmarks/speed.py                      # everything (about 25 minutes on 2 CPU cores)
-    python benchmarks/speed.py --only minilm        # or smollm2, init, pissa
+    python benchmarks/speed.py --only minilm        # or smollm2, init, pissa, methods
     python benchmarks/speed.py --steps 6 --out /tmp/x
 
 Parts, each written to ``<out>/speed.json`` and ``<out>/speed.md``:
@@ -12,6 +12,9 @@ Parts, each written to ``<out>/speed.json`` and ``<out>/speed.md``:
   (batch 8 GSM8K, max length 256).  Peak RSS of each configuration in its own subprocess.
 * init: time and peak RSS of the LoRA-GA and LoRA-SB inits (same samples as one training batch)
   against one lorakit LoRA step and PEFT's ``preprocess_loraga`` + LoRA-GA init.
+* methods: the step part on MiniLM for DoRA and MiSS (lorakit's Bone ``variant="miss"``, r=64) against PEFT's
+  ``use_dora`` and ``MissConfig``, and LoRA-RITE and LoRA-Pro (each with its hooks and optimizer, as the trainer
+  runs them) against a LoRA r=8 step.
 * pissa: PiSSA init on SmolLM2 (all-linear, r=32): lorakit's randomized SVD against PEFT's
   ``"pissa"`` (full SVD) and ``"pissa_niter_4"``, with the principal-angle cosines to the exact SVD.
 
@@ -126,6 +129,18 @@ def peft_lora(model: torch.nn.Module, which: str) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, **extra))
 
 
+def peft_model(name: str, model: torch.nn.Module, which: str) -> torch.nn.Module:
+    from peft import LoraConfig, MissConfig, get_peft_model
+    if name == "peft-lora8":
+        return peft_lora(model, which)
+    targets = MINILM_TARGETS if which == "minilm" else SMOL_TARGETS
+    extra = {"modules_to_save": ["classifier"]} if which == "minilm" else {}
+    if name == "peft-dora8":
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
+                                                use_dora=True, **extra))
+    return get_peft_model(model, MissConfig(r=64, target_modules=targets, **extra))  # peft-miss
+
+
 def lorakit_config(method: str, which: str) -> lorakit.AdapterConfig:
     targets = tuple(MINILM_TARGETS if which == "minilm" else SMOL_TARGETS)
     common: dict[str, Any] = {"target_modules": targets}
@@ -137,6 +152,10 @@ def lorakit_config(method: str, which: str) -> lorakit.AdapterConfig:
         "lora-sb": lambda: lorakit.LoraSbConfig(r=core_rank, **common),
         "lora-xs": lambda: lorakit.LoraXsConfig(r=core_rank, **common),
         "lora-ga": lambda: lorakit.LoraGaConfig(r=8, alpha=16, **common),
+        "dora": lambda: lorakit.DoraConfig(r=8, alpha=16, **common),
+        "bone": lambda: lorakit.BoneConfig(r=64, **common),  # PEFT MissConfig's default r
+        "lora-rite": lambda: lorakit.LoraRiteConfig(r=8, alpha=16, **common),
+        "lora-pro": lambda: lorakit.LoraProConfig(r=8, alpha=16, **common),
     }[method]()
 
 
@@ -151,34 +170,51 @@ def build(name: str, model: torch.nn.Module, which: str, batches: list[dict]) ->
             loss.backward()
             return loss.item()
         return model, floor_step
-    if name == "peft-lora8":
-        model = peft_lora(model, which)
-        loss_fn: Callable = lambda m, b: m(**b).loss  # noqa: E731  (PEFT's usual loop)
-    else:
-        method = name.removeprefix("lorakit-")
-        data = batches[:1] if lorakit.get_method(method).needs_data else None
-        lorakit.attach(model, lorakit_config(method, which), data=data)
-        loss_fn = model_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    if name.startswith("peft-"):
+        model = peft_model(name, model, which)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def step(batch: dict) -> float:
-        loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def peft_step(batch: dict) -> float:  # PEFT's usual loop
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return model, peft_step
+    method = name.removeprefix("lorakit-")
+    data = batches[:1] if lorakit.get_method(method).needs_data else None
+    lorakit.attach(model, lorakit_config(method, which), data=data)
+    hooks = lorakit.hooks(model)
+    hooks.on_train_begin(1000)
+    optimizer = hooks.build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    counter = iter(range(10**9))
+
+    def step(batch: dict) -> float:  # the lorakit trainer's step: the method's hooks and optimizer
+        i = next(counter)
+        hooks.before_forward(i)
+        loss = model_loss(model, batch)
+        reg = hooks.regularizer()
+        (loss if reg is None else loss + reg).backward()
+        hooks.after_backward(i)
+        optimizer.step()
+        hooks.after_step(i)
+        optimizer.zero_grad(set_to_none=True)
         return loss.item()
     return model, step
 
 
 STEP_CONFIGS = ["peft-lora8", "lorakit-lora", "lorakit-lora-sb", "lorakit-lora-ga", "lorakit-lora-xs", "floor"]
+# issue 5: DoRA and MiSS against PEFT's own, LoRA-RITE and LoRA-Pro against a LoRA step (MiniLM)
+METHOD_CONFIGS = ["peft-lora8", "lorakit-lora", "peft-dora8", "lorakit-dora", "peft-miss", "lorakit-bone",
+                  "lorakit-lora-rite", "lorakit-lora-pro", "floor"]
 
 
-def bench_steps(which: str, steps: int) -> dict[str, Any]:
+def bench_steps(which: str, steps: int, configs: list[str] = STEP_CONFIGS) -> dict[str, Any]:
     base, batches = load(which)
-    runners = {name: build(name, copy.deepcopy(base), which, batches)[1] for name in STEP_CONFIGS}
+    runners = {name: build(name, copy.deepcopy(base), which, batches)[1] for name in configs}
     del base
-    times: dict[str, list[float]] = {name: [] for name in STEP_CONFIGS}
+    times: dict[str, list[float]] = {name: [] for name in configs}
     for i in range(steps + 1):  # the first round warms up
         for name, step in runners.items():
             t = time.perf_counter()
@@ -186,7 +222,7 @@ def bench_steps(which: str, steps: int) -> dict[str, Any]:
             if i:
                 times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(t) for name, t in times.items()}
-    memory = {name: memory_of(which, name) for name in STEP_CONFIGS}
+    memory = {name: memory_of(which, name) for name in configs}
     return {"median_step_s": med, "peak_rss_mib": memory,
             "step_ratio_vs_peft_lora8": {n: med[n] / med["peft-lora8"] for n in med},
             "overhead_vs_floor": {n: med[n] / med["floor"] - 1 for n in med},
@@ -295,14 +331,16 @@ def bench_pissa(r: int = 32) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Speed and memory: lorakit vs PEFT 0.21 (same process, same batches)", "",
              f"Machine: {results['machine']}. Command: `python benchmarks/speed.py`.", ""]
-    for which in ("minilm", "smollm2"):
+    for which in ("minilm", "smollm2", "methods"):
         if which not in results:
             continue
         r = results[which]
-        lines += [f"## Training step, {which}", "",
+        lines += [f"## Training step, {which}" if which != "methods" else
+                  "## Training step, other methods on MiniLM (issue 5: DoRA, MiSS vs PEFT's own; LoRA-RITE, LoRA-Pro "
+                  "vs a LoRA step)", "",
                   "| config | median s/step | vs PEFT LoRA r=8 | over frozen floor | peak RSS MiB | RSS vs PEFT |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for n in STEP_CONFIGS:
+        for n in r["median_step_s"]:
             lines.append(f"| {n} | {r['median_step_s'][n]:.3f} | {r['step_ratio_vs_peft_lora8'][n]:.3f}x | "
                          f"{100 * r['overhead_vs_floor'][n]:+.1f}% | {r['peak_rss_mib'][n]:.0f} | "
                          f"{r['rss_ratio_vs_peft_lora8'][n]:.3f}x |")
@@ -328,7 +366,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["minilm", "smollm2", "init", "pissa"], action="append")
+    parser.add_argument("--only", choices=["minilm", "smollm2", "init", "pissa", "methods"], action="append")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
@@ -339,7 +377,7 @@ def main() -> None:
         return memory_child(*args.memory)
     if args.init:
         return init_child(*args.init)
-    parts = args.only or ["minilm", "smollm2", "init", "pissa"]
+    parts = args.only or ["minilm", "smollm2", "init", "pissa", "methods"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "speed.json"
@@ -350,6 +388,8 @@ def main() -> None:
         print(f"== {part}", flush=True)
         if part in ("minilm", "smollm2"):
             results[part] = bench_steps(part, args.steps)
+        elif part == "methods":
+            results[part] = bench_steps("minilm", args.steps, METHOD_CONFIGS)
         elif part == "init":
             results["init-minilm"] = bench_init("minilm")
             results["init-smollm2"] = bench_init("smollm2")

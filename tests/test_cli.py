@@ -79,6 +79,32 @@ def test_train_eval_export_merge_on_a_local_model(tiny_lm: Path, tmp_path: Path)
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
+def test_dylora_eval_at_every_rank_from_one_training(tiny_lm: Path, tmp_path: Path) -> None:
+    """``lorakit eval ADAPTER --rank b`` after one DyLoRA training scores the rank-b truncation."""
+    from lorakit.cli import _load_adapted
+    from lorakit.methods.dylora import set_rank
+    from lorakit.train.data import load_task
+    from lorakit.train.evaluate import answer_nll
+    from lorakit.train.run import RunConfig, encode
+
+    out = tmp_path / "run"
+    result = lorakit(*train_args(tiny_lm, out, "--method", "dylora", "-o", "r=3", "--metric", "nll", "--lr", "0.05"))
+    assert result.returncode == 0, result.stderr
+    scores = {}
+    for rank in (1, 2, 3):
+        evaluated = lorakit("eval", str(out / "adapter"), "--rank", str(rank), "--device", "cpu")
+        assert evaluated.returncode == 0, evaluated.stderr
+        scores[rank] = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["score"]
+    assert scores[3] == pytest.approx(json.loads((out / "run.json").read_text())["score_after"], rel=1e-5)
+    assert len(set(scores.values())) == 3
+    model, tokenizer, run = _load_adapted(str(out / "adapter"), type("Args", (), {"model": None, "device": "cpu"})())
+    cfg = RunConfig(**{k: v for k, v in run.items() if k in RunConfig.__dataclass_fields__}).resolved()
+    spec, examples = load_task("arith", "test", None, seed=0, limit=4)
+    set_rank(model, 2)
+    assert answer_nll(model, encode(spec, examples, tokenizer, cfg), batch_size=16) == pytest.approx(scores[2],
+                                                                                                    rel=1e-5)
+
+
 def test_recipe_with_flag_override(tiny_lm: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"model": str(tiny_lm), "task": "arith", "method": "lora-xs", "steps": 5,

@@ -21,24 +21,24 @@ from .errors import LorakitError
 logger = logging.getLogger("lorakit")
 
 RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("model", {"help": "alias (smollm2-135m, minilm-l6), local dir, .gguf file or hub id (default: per task)"}),
+    ("model", {"help": "alias (smollm2-135m, minilm-l6), local dir, .gguf file or hub id", "shown": "per task"}),
     ("task", {"help": "arith, gsm8k, sst2, trec, a .jsonl/.csv file, or a hub dataset name"}),
     ("method", {"help": "a method name from `lorakit methods`, or 'full' for full fine-tuning"}),
-    ("data_dir", {"help": "folder holding sst2/, trec/, gsm8k/ (default: the Hugging Face Hub)"}),
-    ("steps", {"type": int, "help": "optimizer steps (default: per task)"}),
-    ("batch_size", {"type": int, "help": "examples per optimizer step (default: per task)"}),
+    ("data_dir", {"help": "folder holding sst2/, trec/, gsm8k/", "shown": "the Hugging Face Hub"}),
+    ("steps", {"type": int, "help": "optimizer steps", "shown": "per task"}),
+    ("batch_size", {"type": int, "help": "examples per optimizer step", "shown": "per task"}),
     ("grad_accum", {"type": int, "help": "micro-batches per step"}),
-    ("lr", {"type": float, "help": "peak learning rate (default: per method)"}),
+    ("lr", {"type": float, "help": "peak learning rate", "shown": "per method"}),
     ("weight_decay", {"type": float}),
     ("warmup_steps", {"type": int}),
     ("schedule", {"choices": ["linear", "cosine", "constant"]}),
     ("max_grad_norm", {"type": float}),
-    ("max_length", {"type": int, "help": "tokens per example (default: per task)"}),
+    ("max_length", {"type": int, "help": "tokens per example", "shown": "per task"}),
     ("seed", {"type": int}),
     ("eval_every", {"type": int, "help": "evaluate every N steps (0: only before and after)"}),
-    ("eval_limit", {"type": int, "help": "evaluation examples (default: per task)"}),
+    ("eval_limit", {"type": int, "help": "evaluation examples", "shown": "per task"}),
     ("eval_split", {"help": "split to evaluate on"}),
-    ("metric", {"choices": ["exact_match", "accuracy", "nll"], "help": "default: the task's"}),
+    ("metric", {"choices": ["exact_match", "accuracy", "nll"], "help": "evaluation metric", "shown": "the task's"}),
     ("max_new_tokens", {"type": int, "help": "generation length for exact-match scoring"}),
     ("init_samples", {"type": int, "help": "training examples fed to data-driven inits (LoRA-GA, LoRA-SB)"}),
     ("dtype", {"choices": ["fp32", "bf16", "fp16"]}),
@@ -59,10 +59,11 @@ def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
         if name in skip:
             continue
         default = defaults.get(name)
-        shown = "per task" if default is None else default
+        shown = kw.get("shown", "per task" if default is None else default)
         help_text = kw.get("help", name.replace("_", " "))
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                       **{k: v for k, v in kw.items() if k != "help"}, help=f"{help_text} [default: {shown}]")
+                       **{k: v for k, v in kw.items() if k not in ("help", "shown")},
+                       help=f"{help_text} [default: {shown}]")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -o r=16 -o alpha=32 (YAML values) [default: the method's]")
     p.add_argument("--no-length-grouping", dest="group_by_length", action="store_false", default=None,

@@ -17,6 +17,7 @@ XGBLoRA start each link/round with a fresh optimizer state).
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,3 +62,62 @@ class TrainingHooks:
     def metrics(self) -> dict[str, float]:
         """Numbers worth logging (current budget, sparsity, ...)."""
         return {}
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor], list[str]]:
+        """What a resumed run needs: ``(plain, tensors, unsupported)``.
+
+        ``plain``: the public attributes that survive a JSON round trip (counters, budgets, masks as lists);
+        ``tensors``: tensor attributes, alone or in str-keyed dicts of tensors or of tuples of tensors (EMAs,
+        moments), flattened to ``attr/key/i``; ``unsupported``: the names of anything else.
+        """
+        plain: dict[str, Any] = {}
+        tensors: dict[str, Tensor] = {}
+        layout: dict[str, str] = {}
+        unsupported: list[str] = []
+        for name, value in vars(self).items():
+            if name.startswith("_") or name in ("model", "layers", "config"):
+                continue
+            if isinstance(value, Tensor):
+                tensors[name], layout[name] = value, "tensor"
+            elif isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and all(
+                    isinstance(v, Tensor) for v in value.values()):
+                tensors.update({f"{name}/{key}": v for key, v in value.items()})
+                layout[name] = "dict"
+            elif isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and all(
+                    isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v) for v in value.values()):
+                tensors.update({f"{name}/{key}/{i}": t for key, v in value.items() for i, t in enumerate(v)})
+                layout[name] = "dict-tuple"
+            elif _survives_json(value):
+                plain[name] = value
+            else:
+                unsupported.append(name)
+        plain["__tensor_layout__"] = layout
+        return plain, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, unsupported
+
+    def load_state_dict(self, plain: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        """Restore `state_dict`'s output (tensors move to the device of the first adapter layer)."""
+        plain = dict(plain)
+        layout: dict[str, str] = plain.pop("__tensor_layout__", {})
+        for name, value in plain.items():
+            setattr(self, name, value)
+        device = next((p.device for layer in self.layers.values() for p in layer.parameters()), None)
+        for name, kind in layout.items():
+            own = {k[len(name) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(name + "/")}
+            if kind == "tensor":
+                setattr(self, name, tensors[name].to(device))
+            elif kind == "dict":
+                setattr(self, name, own)
+            else:
+                grouped: dict[str, dict[int, Tensor]] = {}
+                for key, t in own.items():
+                    base, _, index = key.rpartition("/")
+                    grouped.setdefault(base, {})[int(index)] = t
+                setattr(self, name, {k: tuple(v[i] for i in sorted(v)) for k, v in grouped.items()})
+
+
+def _survives_json(value: Any) -> bool:
+    """Whether ``value`` comes back equal from JSON (int dict keys or tuples would not)."""
+    try:
+        return json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        return False

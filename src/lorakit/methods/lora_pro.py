@@ -96,14 +96,14 @@ class LoraProHooks(TrainingHooks):
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: LoraProConfig) -> None:
         super().__init__(model, layers, config)
         self.adam_step = 0
-        self.moments: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (m, v)
+        self.moments: dict[str, tuple[Tensor, Tensor]] = {}  # layer or parameter name -> (m, v)
 
     def build_optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0,
                         **kwargs: Any) -> torch.optim.Optimizer:
         self.optimizer_reset_requested = False
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
-    def adam_direction(self, key: int, grad: Tensor) -> Tensor:
+    def adam_direction(self, key: str, grad: Tensor) -> Tensor:
         """``m̂ / (√v̂ + ε)`` with this hook's moments for ``key`` (the step counter is shared)."""
         beta1, beta2 = self.config.betas
         if key not in self.moments:
@@ -120,7 +120,7 @@ class LoraProHooks(TrainingHooks):
         if adam:
             self.adam_step += 1
         lora_ids: set[int] = set()
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             if not isinstance(layer, LoraLayer):
                 continue
             lora_ids.update((id(layer.lora_A), id(layer.lora_B)))
@@ -130,15 +130,15 @@ class LoraProHooks(TrainingHooks):
             g_A, g_B = layer.lora_A.grad.float(), layer.lora_B.grad.float()
             if adam:
                 g_A, g_B = adjusted_gradients(A, B, g_A, g_B, s, delta, sylvester=False)
-                direction = self.adam_direction(id(layer.lora_A), s * (B @ g_A + g_B @ A))
+                direction = self.adam_direction(name, s * (B @ g_A + g_B @ A))
                 g_A, g_B = s * B.T @ direction, s * direction @ A.T
             g_A, g_B = adjusted_gradients(A, B, g_A, g_B, s, delta)
             layer.lora_A.grad.copy_(g_A)
             layer.lora_B.grad.copy_(g_B)
         if adam:
-            for p in self.model.parameters():
+            for name, p in self.model.named_parameters():
                 if p.requires_grad and p.grad is not None and id(p) not in lora_ids:
-                    p.grad.copy_(self.adam_direction(id(p), p.grad.float()))
+                    p.grad.copy_(self.adam_direction(name, p.grad.float()))
 
 
 register(Method(

@@ -133,7 +133,7 @@ class PriLoraHooks(TrainingHooks):
 
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: PriLoraConfig) -> None:
         super().__init__(model, layers, config)
-        self.input_norm_ema: dict[str, Tensor] = {}  # tensors: not carried by the trainer's checkpoint (it warns)
+        self.input_norm_ema: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
     def prilora_layers(self) -> dict[str, PriLoraLayer]:

@@ -278,24 +278,6 @@ def _progress_bar(total: int, initial: int) -> Any:
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
 
-def _hook_state(hooks: TrainingHooks) -> tuple[dict[str, Any], list[str]]:
-    """The hooks' public attributes that survive a JSON round trip (round counters, EMAs, chosen layers), which a
-    resume restores, and the names of the others (tensors, generators, int-keyed dicts), which it cannot."""
-    state, other = {}, []
-    for key, value in vars(hooks).items():
-        if key.startswith("_") or key in ("model", "layers", "config"):
-            continue
-        try:
-            same = json.loads(json.dumps(value)) == value  # int dict keys or tuples would come back changed
-        except (TypeError, ValueError):
-            same = False
-        if same:
-            state[key] = value
-        else:
-            other.append(key)
-    return state, other
-
-
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``optimizer.state_dict()`` as tensors ``optimizer.{param}.{key}`` plus JSON for everything else.
 
@@ -652,7 +634,8 @@ class _Run:
         if self.adapter is None:
             tensors.update({f"params.{n}": p.detach().cpu().contiguous()
                             for n, p in self.model.named_parameters() if p.requires_grad})
-        hook_state, not_saved = _hook_state(self.hooks)
+        hook_state, hook_tensors, not_saved = self.hooks.state_dict()
+        tensors.update({f"hooks.{k}": v for k, v in hook_tensors.items()})
         if not_saved and not self.warned_hook_state:
             self.warned_hook_state = True
             logger.warning("the %s hooks hold state that the checkpoint cannot carry (%s): a resumed run will not "
@@ -704,8 +687,8 @@ class _Run:
         for name, p in self.model.named_parameters():
             p.requires_grad_(name in trainable)
         self.load_model_tensors(directory, tensors)
-        for key, value in meta["hooks"].items():
-            setattr(self.hooks, key, value)
+        self.hooks.load_state_dict(meta["hooks"], {k[len("hooks."):]: v for k, v in tensors.items()
+                                                   if k.startswith("hooks.")})
         self.optimizer = self.build_optimizer()
         try:
             self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
