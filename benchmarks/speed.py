@@ -10,7 +10,7 @@ Parts, each written to ``<out>/speed.json`` and ``<out>/speed.md``:
   frozen-base floor (forward + backward to the inputs, no weight gradients), INTERLEAVED in one
   process (one step of each in turn), on MiniLM-L6 (batch 32 SST-2, max length 64) and SmolLM2-135M
   (batch 8 GSM8K, max length 256).  Peak RSS of each configuration in its own subprocess.
-* init: time and peak RSS of the LoRA-GA and LoRA-SB inits (same samples as one training batch)
+* init: time and peak RSS of the LoRA-GA (sketched, and ``exact=True``) and LoRA-SB inits (same samples as one training batch)
   against one lorakit LoRA step and PEFT's ``preprocess_loraga`` + LoRA-GA init.
 * methods: the step part on MiniLM for DoRA and MiSS (lorakit's Bone ``variant="miss"``, r=64) against PEFT's
   ``use_dora`` and ``MissConfig``, and LoRA-RITE and LoRA-Pro (each with its hooks and optimizer, as the trainer
@@ -152,6 +152,7 @@ def lorakit_config(method: str, which: str) -> lorakit.AdapterConfig:
         "lora-sb": lambda: lorakit.LoraSbConfig(r=core_rank, **common),
         "lora-xs": lambda: lorakit.LoraXsConfig(r=core_rank, **common),
         "lora-ga": lambda: lorakit.LoraGaConfig(r=8, alpha=16, **common),
+        "lora-ga-exact": lambda: lorakit.LoraGaConfig(r=8, alpha=16, exact=True, **common),
         "dora": lambda: lorakit.DoraConfig(r=8, alpha=16, **common),
         "bone": lambda: lorakit.BoneConfig(r=64, **common),  # PEFT MissConfig's default r
         "lora-rite": lambda: lorakit.LoraRiteConfig(r=8, alpha=16, **common),
@@ -280,16 +281,16 @@ def init_child(which: str, what: str) -> None:
 
 def bench_init(which: str) -> dict[str, Any]:
     results = {}
-    for what in ["lora-step", "lora-ga", "lora-sb", "peft-lora-ga"]:
+    for what in ["lora-step", "lora-ga", "lora-ga-exact", "lora-sb", "peft-lora-ga"]:
         out = subprocess.run([sys.executable, __file__, "--init", which, what], capture_output=True, text=True,
                              check=True)
         results[what] = json.loads(out.stdout.strip().splitlines()[-1])
     step = results["lora-step"]
-    for what in ["lora-ga", "lora-sb", "peft-lora-ga"]:
+    for what in ["lora-ga", "lora-ga-exact", "lora-sb", "peft-lora-ga"]:
         results[what]["time_in_steps"] = results[what]["seconds"] / step["seconds"]
         results[what]["rss_vs_lora_step"] = results[what]["peak_rss_mib"] / step["peak_rss_mib"]
-    results["lora-ga"]["rss_vs_peft_lora_ga"] = results["lora-ga"]["peak_rss_mib"] / results["peft-lora-ga"][
-        "peak_rss_mib"]
+    for what in ["lora-ga", "lora-ga-exact"]:
+        results[what]["rss_vs_peft_lora_ga"] = results[what]["peak_rss_mib"] / results["peft-lora-ga"]["peak_rss_mib"]
     return results
 
 

@@ -113,3 +113,34 @@ def test_callback_without_config_needs_an_attached_model(tmp_path):
     with pytest.raises(LorakitError, match="without a config"):
         Trainer(model=KINDS["llama"].build(0), args=args(tmp_path, 1), train_dataset=dataset(4),
                 data_collator=default_data_collator, callbacks=[LorakitCallback()])
+
+
+def test_trl_sft_trainer_with_callback_runs_the_gradient_init_and_learns(tmp_path):
+    """TRL's ``SFTTrainer`` (pre-tokenized data, its own collator) with LoRA-GA attached by the callback."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from lorakit.models import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id))
+    rows = [{"input_ids": row["input_ids"].tolist()} for row in dataset(16)]
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2,
+                       lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                       disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    callback = LorakitCallback(lorakit.LoraGaConfig(r=2), init_batches=2)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[callback])
+    layers = lorakit.adapter_layers(model)
+    assert layers and all(not layer.lora_B.any() for layer in layers.values())  # init deferred to train()
+    trainer.train()
+    assert all(layer.lora_B.any() for layer in layers.values())  # LoRA-GA's init ran on SFTTrainer's batches
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < losses[0]

@@ -113,6 +113,20 @@ def test_train_learns_logs_evaluates_and_saves(tmp_path):
     assert torch.equal(output(fresh, inputs), output(model, inputs))
 
 
+def test_tensorboard_gets_the_jsonl_scalars(tmp_path):
+    """With ``tensorboard`` installed (the dev extra), the scalars of ``log.jsonl`` also go to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = llama_with(lorakit.LoraConfig(r=2))
+    train(model, lm_features(8), TrainConfig(steps=4, batch_size=4, lr=1e-2, log_every=2, progress=False,
+                                             output_dir=str(tmp_path)))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records]
+
+
 @pytest.mark.parametrize("method", ["lora", "xgblora"])
 def test_resume_after_a_kill_is_bitwise_identical(tmp_path, method):
     """Run 8 steps; separately run until step 5 with a checkpoint at 3 (then 'killed'), resume: same adapter.
