@@ -202,3 +202,18 @@ def test_pissa_gram_svd_matches_exact() -> None:
             reference = lorakit.adapter_layers(exact)[name]
             assert torch.allclose(layer.delta_weight(), reference.delta_weight(), atol=1e-5), name
             assert torch.allclose(layer.base.weight, reference.base.weight, atol=1e-5), name
+
+
+@pytest.mark.parametrize("method", ["lora-sb", "lora-ga"])
+def test_gradient_inits_leave_no_gradient_behind(method: str) -> None:
+    """The init passes must not leak into the first optimizer step: every trainable parameter, including a
+    ``modules_to_save`` head, keeps the ``.grad`` it had before attach (none)."""
+    from tests.tiny_models import KINDS
+
+    kind = KINDS["bert"]
+    model = kind.build(0)
+    config = lorakit.get_method(method).config_class(r=2, modules_to_save=("classifier",))
+    lorakit.attach(model, config, data=kind.batches(2))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("classifier" in n for n in trainable)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []

@@ -88,18 +88,27 @@ def _probing(model: nn.Module, layers: Mapping[str, AdapterLayer], on_grad: Grad
 def gradient_pass(model: nn.Module, layers: Mapping[str, AdapterLayer], batches: list[Any],
                   loss_fn: LossFn | None, on_grad: GradConsumer, seed: int = 0,
                   probe: Iterable[str] | None = None) -> None:
-    """One forward+backward over every batch; ``on_grad`` sees each probed layer's share of each batch's G."""
+    """One forward+backward over every batch; ``on_grad`` sees each probed layer's share of each batch's G.
+
+    The ``.grad`` of every trainable parameter (e.g. a ``modules_to_save`` head) is left as it was, so the init
+    passes never leak into the first optimizer step.
+    """
     loss_fn = loss_fn or model_loss
     device = next(iter(layers.values())).base.weight.device
     devices = [device] if device.type == "cuda" else []
+    grads_before = {p: None if p.grad is None else p.grad.clone() for p in model.parameters() if p.requires_grad}
     with _probing(model, layers, on_grad, layers if probe is None else probe), torch.enable_grad():
-        for i, batch in enumerate(batches):
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed + i)
-                loss = loss_fn(model, _to_device(batch, device))
-                if not torch.isfinite(loss):
-                    raise LorakitError(f"the loss of init batch {i} is {loss.item()}: cannot initialise from it")
-                loss.backward()
+        try:
+            for i, batch in enumerate(batches):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed + i)
+                    loss = loss_fn(model, _to_device(batch, device))
+                    if not torch.isfinite(loss):
+                        raise LorakitError(f"the loss of init batch {i} is {loss.item()}: cannot initialise from it")
+                    loss.backward()
+        finally:
+            for p, grad in grads_before.items():
+                p.grad = grad
 
 
 def materialize(data: Iterable[Any] | None, method: str) -> list[Any]:
