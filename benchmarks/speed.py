@@ -10,8 +10,8 @@ Parts, each written to ``<out>/speed.json`` and ``<out>/speed.md``:
   frozen-base floor (forward + backward to the inputs, no weight gradients), INTERLEAVED in one
   process (one step of each in turn), on MiniLM-L6 (batch 32 SST-2, max length 64) and SmolLM2-135M
   (batch 8 GSM8K, max length 256).  Peak RSS of each configuration in its own subprocess.
-* init: time and peak RSS of the LoRA-GA (sketched, and ``exact=True``) and LoRA-SB inits (same samples as one training batch)
-  against one lorakit LoRA step and PEFT's ``preprocess_loraga`` + LoRA-GA init.
+* init: time and peak RSS of the LoRA-GA (sketched, and ``exact=True``) and LoRA-SB inits (same samples as
+  one training batch) against one lorakit LoRA step and PEFT's ``preprocess_loraga`` + LoRA-GA init.
 * methods: the step part on MiniLM for DoRA and MiSS (lorakit's Bone ``variant="miss"``, r=64) against PEFT's
   ``use_dora`` and ``MissConfig``, and LoRA-RITE and LoRA-Pro (each with its hooks and optimizer, as the trainer
   runs them) against a LoRA r=8 step.
@@ -369,11 +369,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["minilm", "smollm2", "init", "pissa", "methods"], action="append")
     parser.add_argument("--steps", type=int, default=10)
+    threads = int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1)))
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="torch threads on CPU (default: $OMP_NUM_THREADS, else 2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--init", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1) if not torch.cuda.is_available() else torch.get_num_threads())
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory/init subprocesses too
     if args.memory:
         return memory_child(*args.memory)
     if args.init:
@@ -383,7 +388,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "speed.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = (f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
+    results["machine"] = (f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
+                          f"torch {torch.__version__}, "
                           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     for part in parts:
         print(f"== {part}", flush=True)
