@@ -242,6 +242,55 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"report written to {report}")
 
 
+def cmd_fed(args: argparse.Namespace) -> None:
+    try:
+        from .fed import runner
+        from .fed.config import FedConfig
+    except ImportError as err:
+        raise LorakitError(f"lorakit fed needs Flower and Opacus: pip install 'lorakit[fed]' ({err})") from err
+    values = {k: getattr(args, k) for k in FedConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
+    result = runner.run(FedConfig(**values))
+    for row in result["history"]:
+        shown = {k: v for k, v in row.items() if k not in ("bytes_per_client", "excluded")}
+        print(json.dumps(shown))
+        for client, reason in row.get("excluded", {}).items():
+            print(f"  round {row['round']}: excluded client {client}: {reason}")
+    print(f"bytes up {result['totals']['up']:,}, down {result['totals']['down']:,}; results and checkpoint in "
+          f"{values.get('output_dir', FedConfig.output_dir)}")
+
+
+def add_fed_flags(p: argparse.ArgumentParser) -> None:
+    from .fed.config import MODES, PARTITIONS, STRATEGY_NAMES, FedConfig
+    helps = {"strategy": "aggregation", "clients": "clients (simulated SuperNodes, or loopback SuperNodes)",
+             "rounds": "server rounds", "model": "alias, local dir or hub id",
+             "task": "built-in task (sst2, trec, ...)",
+             "data_dir": "folder holding sst2/, trec/", "partition": "how the training data is split",
+             "alpha": "Dirichlet concentration (partition dirichlet)", "r": "adapter rank",
+             "lora_alpha": "LoRA alpha of fedit/ffa-lora/fedex-lora", "lr": "local learning rate",
+             "local_steps": "optimizer steps per client per round", "train_limit": "first N training examples",
+             "eval_limit": "evaluation examples (server side)", "init_samples": "examples per client for Fed-SB's init",
+             "fraction": "share of clients sampled per round",
+             "round_timeout": "seconds to wait for a round's client replies",
+             "init_timeout": "seconds to wait for Fed-SB's gradient sums (includes the clients starting up)",
+             "max_update_norm": "reject updates farther than this from the broadcast",
+             "norm_factor": "reject updates this many times the round's median distance",
+             "dp_epsilon": "DP-SGD target epsilon per client over the run (off when unset)",
+             "dp_delta": "DP delta (default: 1/examples per client)", "dp_max_grad_norm": "per-sample clipping norm",
+             "output_dir": "checkpoints and fed_result.json", "resume": "continue after the last checkpointed round",
+             "mode": "simulation (Flower simulation engine) or deployment (loopback SuperLink + SuperNodes)"}
+    choices = {"strategy": STRATEGY_NAMES, "partition": PARTITIONS, "mode": MODES}
+    shown = {"lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off", "dp_delta": "1/n", "data_dir": "the hub",
+             "train_limit": "all"}
+    for name, f in FedConfig.__dataclass_fields__.items():
+        flag = "--" + name.replace("_", "-")
+        text = f"{helps.get(name, name.replace('_', ' '))} [default: {shown.get(name, f.default)}]"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        p.add_argument(flag, dest=name, type=kind, choices=choices.get(name), default=None, help=text)
+
+
 # -- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank fine-tuning, every method side by side.",
@@ -289,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lorakit-compare", help="report folder [default: lorakit-compare]")
     p.add_argument("--target-loss", type=float, help="for 'steps to reach' [default: LoRA's final loss]")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("fed", help="federated fine-tuning on Flower (Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA)")
+    try:
+        add_fed_flags(p)
+    except ImportError:  # the fed extra is not installed: `lorakit fed` says how to install it
+        pass
+    p.set_defaults(func=cmd_fed)
     return parser
 
 

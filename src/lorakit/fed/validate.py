@@ -1,0 +1,67 @@
+"""Screening of client updates before aggregation: keys, shape, dtype, finiteness and a plausible size.
+
+A rejected update is excluded from its round with the reason logged; the others are aggregated.
+The size test measures how far an update moved from the tensors the server broadcast (the L2 norm of
+the difference over all its tensors): beyond ``max_norm`` it is implausible outright, and with three or
+more updates, beyond ``factor`` times the round's median distance it is an outlier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+def check_update(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> str | None:
+    """Why ``update`` cannot be aggregated against ``reference`` (the broadcast tensors), or None."""
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"wrong keys: missing {missing[:3]}, unexpected {extra[:3]}"
+    for key, ref in reference.items():
+        got = update[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"wrong shape for {key}: {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"wrong dtype for {key}: {got.dtype}, expected {ref.dtype}"
+        if not torch.isfinite(got).all():
+            return f"non-finite values (NaN or inf) in {key}"
+    return None
+
+
+def update_distance(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
+    """L2 norm of ``update − reference`` over all tensors (in float64)."""
+    total = 0.0
+    for key, ref in reference.items():
+        total += float((update[key].double() - ref.double()).pow(2).sum())
+    return math.sqrt(total)
+
+
+def screen(updates: Mapping[str, Mapping[str, Tensor]], reference: Mapping[str, Tensor], max_norm: float,
+           factor: float) -> dict[str, str]:
+    """``client -> reason`` for every update to exclude; the rest pass (see the module docstring)."""
+    rejected: dict[str, str] = {}
+    distances: dict[str, float] = {}
+    for client, update in updates.items():
+        reason = check_update(update, reference)
+        if reason is None:
+            distance = update_distance(update, reference)
+            if distance > max_norm:
+                reason = f"implausible update norm {distance:.3g} > max_update_norm {max_norm:.3g}"
+            else:
+                distances[client] = distance
+        if reason is not None:
+            rejected[client] = reason
+    if len(distances) >= 3:
+        median = statistics.median(distances.values())
+        for client, distance in distances.items():
+            if median > 0 and distance > factor * median:
+                rejected[client] = (f"implausible update norm {distance:.3g} > {factor:g} x the round's median "
+                                    f"{median:.3g}")
+    return rejected

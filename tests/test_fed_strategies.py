@@ -1,0 +1,305 @@
+"""Federated pieces without a network: aggregation (hand-computed), Fed-SB's exactness against centralised
+LoRA-SB, communication accounting, partitions, update screening, checkpoints and DP-SGD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+pytest.importorskip("opacus")
+
+from lorakit import api
+from lorakit.fed import checkpoint, comm, dp, local, partition, validate
+from lorakit.fed.errors import CheckpointError, FedConfigError, FedError
+from lorakit.fed.strategies import STRATEGIES, aggregate, fed_sb, fedex_lora, fedit, fedsb_shared_init, ffa_lora
+from lorakit.io.persistence import adapter_tensors
+from lorakit.models import load_model
+from lorakit.train.data import Example, collate
+from lorakit.train.trainer import TrainConfig, train
+from tests.test_fed_common import needs_data, save_tiny_classifier, tiny_config
+
+# Two clients, one layer "l" (d_out = d_in = 2, r = 1), sample counts 1 and 3 (weights 1/4, 3/4).
+A1, B1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
+A2, B2 = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [1.0]])
+COUNTS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def test_fedit_averages_each_factor() -> None:
+    out = fedit([{"l.lora_A": A1, "l.lora_B": B1}, {"l.lora_A": A2, "l.lora_B": B2}], COUNTS)
+    assert torch.equal(out.tensors["l.lora_A"], torch.tensor([[0.25, 0.75]]))
+    assert torch.equal(out.tensors["l.lora_B"], torch.tensor([[0.25], [0.75]]))
+    assert out.residuals == {}
+
+
+def test_ffa_lora_averages_b_only_and_refuses_a() -> None:
+    head1, head2 = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0])
+    out = ffa_lora([{"l.lora_B": B1, "modules_to_save.classifier.bias": head1},
+                    {"l.lora_B": B2, "modules_to_save.classifier.bias": head2}], COUNTS)
+    assert torch.equal(out.tensors["l.lora_B"], torch.tensor([[0.25], [0.75]]))
+    assert torch.equal(out.tensors["modules_to_save.classifier.bias"], torch.tensor([0.5, 3.0]))
+    with pytest.raises(FedError, match="freezes A"):
+        ffa_lora([{"l.lora_A": A1, "l.lora_B": B1}], [1])
+
+
+def test_fedex_lora_folds_the_exact_residual() -> None:
+    scale = 2.0
+    out = fedex_lora([{"l.lora_A": A1, "l.lora_B": B1}, {"l.lora_A": A2, "l.lora_B": B2}], COUNTS, scale)
+    # mean(B_i A_i) = diag(1/4, 3/4); mean(B) mean(A) = [[1/16, 3/16], [3/16, 9/16]]
+    expected = scale * torch.tensor([[0.1875, -0.1875], [-0.1875, 0.1875]])
+    assert torch.allclose(out.residuals["l"], expected, atol=1e-7)
+    # folded into W, the model equals the exact weighted average of the clients' updates
+    exact = scale * (0.25 * B1 @ A1 + 0.75 * B2 @ A2)
+    folded = scale * out.tensors["l.lora_B"] @ out.tensors["l.lora_A"] + out.residuals["l"]
+    assert torch.allclose(folded, exact, atol=1e-7)
+
+
+def test_fed_sb_average_of_r_equals_average_of_full_updates() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g)
+    Rs = [torch.randn(3, 3, generator=g) for _ in range(4)]
+    counts = [5, 1, 2, 8]
+    out = fed_sb([{"l.lora_R": R} for R in Rs], counts)
+    w = [c / sum(counts) for c in counts]
+    full = sum(wi * B @ R @ A for wi, R in zip(w, Rs))
+    assert torch.allclose(B @ out.tensors["l.lora_R"] @ A, full, atol=1e-6)
+    assert aggregate(STRATEGIES["fed-sb"], [{"l.lora_R": R} for R in Rs], counts).tensors.keys() == {"l.lora_R"}
+
+
+def test_aggregation_refuses_mismatched_keys_and_counts() -> None:
+    with pytest.raises(FedError):
+        fedit([{"l.lora_A": A1}, {"l.lora_B": B1}], [1, 1])
+    with pytest.raises(FedError):
+        fedit([{"l.lora_A": A1}], [0])
+
+
+@needs_data
+def test_fed_sb_one_step_equals_centralised_lora_sb(tiny_dir, tmp_path) -> None:
+    """Full participation, identical data on each client, one local step: the Fed-SB aggregate (init from the
+    sum of the clients' gradient sums, R averaged) is centralised LoRA-SB training, within 1e-6."""
+    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", local_steps=1, lr=1e-2)
+    ws = local.workspace(cfg)
+    features = local.client_features(cfg, 0, cfg.clients)
+    clients = cfg.clients
+
+    model, tokenizer = load_model(str(tiny_dir), "classification", num_labels=2)
+    init_batches = [collate(features[:cfg.init_samples][i:i + cfg.batch_size], tokenizer.pad_token_id).inputs
+                    for i in range(0, cfg.init_samples, cfg.batch_size)]
+    api.attach(model, api.get_state(ws.model).config, data=init_batches)
+    head = {k: v.detach().clone() for k, v in adapter_tensors(model).items() if k.startswith("modules_to_save.")}
+    train(model, features, TrainConfig(steps=1, batch_size=cfg.batch_size, lr=1e-2, schedule="constant", warmup_steps=0,
+                                       seed=local.local_seed(cfg, 1, 0), log_every=0, progress=False, save_adapter=False),
+          pad_token_id=tokenizer.pad_token_id)
+    central = adapter_tensors(model)
+
+    init = fedsb_shared_init([local.gradient_sum(ws, features) for _ in range(clients)], api.get_state(ws.model).config)
+    leaked = [name for name, p in ws.model.named_parameters() if p.grad is not None]
+    assert not leaked, f"the gradient-sum passes left .grad on {leaked[:3]}"  # it would enter the local step
+    updates = []
+    for _ in range(clients):
+        local.load_tensors(ws, {**init, **head})
+        local.train_round(ws, features, 1, 0)
+        updates.append(local.select(ws, "trainable"))
+    federated = fed_sb(updates, [len(features)] * clients).tensors
+    for key in init:  # the server-built init is LoRA-SB's centralised init (B, A; R before the step)
+        if not key.endswith("lora_R"):
+            assert torch.allclose(central[key], init[key], atol=1e-6), key
+    assert set(federated) == {k for k in central if STRATEGIES["fed-sb"].is_trainable(k)}
+    for key, value in federated.items():
+        assert torch.allclose(central[key], value, atol=1e-6), key
+    moved = max(float((federated[k] - init[k]).abs().max()) for k in init if k.endswith("lora_R"))
+    assert moved > 1e-4  # the step did change R: the comparison is not between two untouched inits
+
+
+def test_comm_accounting_and_fed_sb_upload_formula() -> None:
+    ledger = comm.CommLedger()
+    ledger.add(1, 7, down=100, what="trainable")
+    ledger.add(1, 7, up=40)
+    ledger.add(1, 8, up=40, down=100)
+    ledger.add(2, 7, up=40, down=60)
+    assert ledger.per_round() == {1: {"up": 80, "down": 200}, 2: {"up": 40, "down": 60}}
+    assert ledger.per_client(1) == {"7": {"up": 40, "down": 100}, "8": {"up": 40, "down": 100}}
+    assert ledger.totals() == {"up": 120, "down": 260} and ledger.totals(1) == {"up": 80, "down": 200}
+    assert comm.CommLedger.from_json(ledger.to_json()).per_round() == ledger.per_round()
+    assert comm.core_upload_bytes(16, 36) == 16 * 16 * 36 * 4
+    assert comm.lora_upload_bytes(8, [(384, 384), (1536, 384)]) == 8 * (768 + 1920) * 4
+
+
+@needs_data
+def test_fed_sb_upload_is_r_squared_per_matrix_whatever_the_client_count(tiny_dir, tmp_path) -> None:
+    for clients in (2, 5):
+        cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=clients)
+        ws = local.workspace(cfg)
+        cores = {k: v for k, v in local.select(ws, "trainable").items() if k.endswith("lora_R")}
+        matrices = len(ws.layers)
+        assert comm.payload_bytes(cores) == comm.core_upload_bytes(cfg.r, matrices, 4) == 4 * 4 * matrices * 4
+    lora = local.select(local.workspace(tiny_config(tiny_dir, tmp_path, strategy="fedit")), "trainable")
+    shapes = [(layer.out_features, layer.in_features) for layer in ws.layers.values()]
+    assert comm.payload_bytes({k: v for k, v in lora.items() if "lora_" in k}) == comm.lora_upload_bytes(4, shapes)
+
+
+def _examples(labels: list[int]) -> list[Example]:
+    return [Example(text=f"s{i}", label=y) for i, y in enumerate(labels)]
+
+
+def test_iid_partition_is_a_balanced_deterministic_cover() -> None:
+    shards = partition.iid(103, 10, seed=3)
+    assert sorted(i for s in shards for i in s) == list(range(103))
+    assert {len(s) for s in shards} <= {10, 11}
+    assert partition.iid(103, 10, seed=3) == shards and partition.iid(103, 10, seed=4) != shards
+
+
+def test_dirichlet_partition_skews_labels_and_covers_everything() -> None:
+    labels = [i % 2 for i in range(2000)]
+    examples = _examples(labels)
+    skewed = partition.partition(examples, 10, "dirichlet", 0.1, seed=0)
+    flat = partition.partition(examples, 10, "dirichlet", 1000.0, seed=0)
+    for shards in (skewed, flat):
+        assert sorted(i for s in shards for i in s) == list(range(2000)) and min(map(len, shards)) >= 1
+
+    def mean_skew(shards: list[list[int]]) -> float:
+        counts = partition.label_counts(examples, shards, 2)
+        return sum(abs(a - b) / (a + b) for a, b in counts) / len(counts)
+    assert mean_skew(skewed) > 0.6 > 0.1 > mean_skew(flat)
+    assert partition.partition(examples, 10, "dirichlet", 0.1, seed=0) == skewed
+    with pytest.raises(FedConfigError, match="no labels"):
+        partition.partition([Example(prompt="p", completion="c")] * 4, 2, "dirichlet", 0.5, 0)
+    with pytest.raises(FedConfigError):
+        partition.iid(3, 5, 0)
+
+
+def test_screen_excludes_each_kind_of_malformed_update_with_a_reason() -> None:
+    ref = {"l.lora_R": torch.zeros(2, 2)}
+    good = {"l.lora_R": torch.full((2, 2), 0.1)}
+    updates = {
+        "ok1": good, "ok2": {"l.lora_R": torch.full((2, 2), 0.12)}, "ok3": {"l.lora_R": torch.full((2, 2), 0.09)},
+        "shape": {"l.lora_R": torch.zeros(3, 2)},
+        "dtype": {"l.lora_R": torch.zeros(2, 2, dtype=torch.float64)},
+        "nan": {"l.lora_R": torch.tensor([[float("nan"), 0.0], [0.0, 0.0]])},
+        "inf": {"l.lora_R": torch.tensor([[float("inf"), 0.0], [0.0, 0.0]])},
+        "keys": {"l.lora_A": torch.zeros(2, 2)},
+        "huge": {"l.lora_R": torch.full((2, 2), 1e6)},
+        "outlier": {"l.lora_R": torch.full((2, 2), 50.0)},
+    }
+    rejected = validate.screen(updates, ref, max_norm=1e3, factor=10.0)
+    assert set(rejected) == {"shape", "dtype", "nan", "inf", "keys", "huge", "outlier"}
+    assert "wrong shape" in rejected["shape"] and "wrong dtype" in rejected["dtype"]
+    assert "non-finite" in rejected["nan"] and "non-finite" in rejected["inf"] and "wrong keys" in rejected["keys"]
+    assert "max_update_norm" in rejected["huge"] and "median" in rejected["outlier"]
+
+
+class _SilentGrid:
+    """A Flower grid with two connected nodes that never answer (as when every client is slower than the limit)."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 22]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        self.sent, self.timeout = list(messages), timeout
+        return []
+
+
+@needs_data
+def test_shared_init_without_gradient_sums_names_every_client_and_the_time_limit(tiny_dir, tmp_path, caplog,
+                                                                                 monkeypatch) -> None:
+    """Fed-SB's shared init waits init_timeout (not round_timeout); if nothing usable arrives, the error and the
+    log name each client left out and why."""
+    from lorakit.fed import server
+    # outside a Flower run a Message cannot be built (no run id): the grid above only counts what it is sent
+    monkeypatch.setattr(server, "Message", lambda content, message_type, dst_node_id: (message_type, dst_node_id))
+    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=2, round_timeout=5.0, init_timeout=77.0)
+    grid = _SilentGrid()
+    with caplog.at_level("WARNING", logger="lorakit.fed.server"), pytest.raises(FedError) as err:
+        server.shared_init(grid, cfg, local.workspace(cfg), checkpoint.ServerState())  # type: ignore[arg-type]
+    assert grid.timeout == 77.0 and len(grid.sent) == 2
+    for node in ("11", "22"):
+        assert f"client {node}: no gradient sum within init_timeout (77 s)" in str(err.value)
+    logged = [r.getMessage() for r in caplog.records if "excluded client" in r.getMessage()]
+    assert len(logged) == 2 and all("init_timeout (77 s)" in m for m in logged), logged
+
+
+@needs_data
+def test_checkpoint_round_trip_and_refusals(tiny_dir, tmp_path) -> None:
+    cfg = tiny_config(tiny_dir, tmp_path)
+    ledger = comm.CommLedger()
+    ledger.add(1, 5, up=10, down=20)
+    state = checkpoint.ServerState(3, {"l.lora_R": torch.randn(2, 2)}, {"l.lora_B": torch.randn(4, 2)},
+                                   {"l": torch.randn(4, 4)}, 2, ledger, [{"round": 3, "loss": 0.5}])
+    where = checkpoint.save(tmp_path, state, cfg)
+    assert sorted(p.name for p in where.iterdir()) == ["state.json", "state.safetensors"]
+    back = checkpoint.load(tmp_path, cfg)
+    assert back is not None and back.round == 3 and back.offsets_version == 2 and back.history == state.history
+    for group in ("tensors", "frozen", "offsets"):
+        for k, v in getattr(state, group).items():
+            assert torch.equal(getattr(back, group)[k], v)
+    assert back.ledger.per_round() == ledger.per_round()
+    assert checkpoint.load(tmp_path / "nothing", cfg) is None
+    with pytest.raises(CheckpointError, match="differ"):
+        checkpoint.load(tmp_path, cfg.replace(strategy="fedit"))
+    (where / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(tmp_path, cfg)
+
+
+@needs_data
+@pytest.mark.parametrize("strategy", ["fed-sb", "fedit"])
+def test_dp_grad_samplers_match_autograd(tiny_dir, tmp_path, strategy) -> None:
+    """The per-sample gradients lorakit registers with Opacus sum to the batch gradient."""
+    from opacus import GradSampleModule
+    cfg = tiny_config(tiny_dir, tmp_path, strategy=strategy)
+    ws = local.workspace(cfg)
+    features = local.client_features(cfg, 0, cfg.clients)
+    if strategy == "fed-sb":
+        local.load_tensors(ws, fedsb_shared_init([local.gradient_sum(ws, features)], api.get_state(ws.model).config))
+    dp._register_grad_samplers()
+    inputs = collate(features[:4], ws.pad_id).inputs
+    wrapped = GradSampleModule(ws.model, batch_first=True, loss_reduction="sum", strict=False)
+    ws.model.train()
+    try:
+        ws.model.zero_grad(set_to_none=True)
+        logits = wrapped(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits, inputs["labels"], reduction="sum").backward()
+        checked = 0
+        for name, p in ws.model.named_parameters():
+            if p.requires_grad and ".lora_" in name:
+                assert p.grad_sample.shape == (4, *p.shape)
+                assert torch.allclose(p.grad_sample.sum(0), p.grad, atol=1e-5, rtol=1e-4), name
+                checked += 1
+        assert checked == len(ws.layers) * (1 if strategy == "fed-sb" else 2)
+    finally:
+        ws.model.eval()
+        wrapped.remove_hooks()
+        for p in ws.model.parameters():
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+
+
+@needs_data
+def test_dp_training_reports_epsilon_each_round_within_budget(tiny_dir, tmp_path) -> None:
+    """DP-SGD over two rounds; the accountant travels between rounds as the client keeps it (a ConfigRecord)."""
+    from flwr.app import ConfigRecord
+    cfg = tiny_config(tiny_dir, tmp_path, strategy="fedit", dp_epsilon=3.0, rounds=2, local_steps=3)
+    ws = local.workspace(cfg)
+    features = local.client_features(cfg, 0, cfg.clients)
+    start = local.select(ws, "trainable")
+    state = dp.calibrate(3.0, None, len(features), cfg.batch_size, cfg.rounds * cfg.local_steps, cfg.dp_max_grad_norm)
+    eps = []
+    for round_ in (1, 2):
+        local.load_tensors(ws, start)
+        metrics = local.train_round(ws, features, round_, 0, state)
+        eps.append(metrics["epsilon"])
+        state = dp.PrivacyState.from_record(ConfigRecord(state.to_record()))
+        moved = max(float((local.select(ws, "trainable")[k] - start[k]).abs().max()) for k in start)
+        assert moved > 0
+    assert 0 < eps[0] < eps[1] <= 3.0 * 1.01
+    assert state.noise_multiplier > 0 and sum(h[2] for h in state.history) == 2 * cfg.local_steps
+    assert abs(state.epsilon() - eps[1]) < 1e-9
+    with pytest.raises(FedConfigError):
+        dp.calibrate(3.0, 1.5, 10, 2, 4, 1.0)
