@@ -115,9 +115,16 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     for ax, partition in zip(axes, ("iid", "dirichlet")):
         for strategy in STRATEGIES:
             run = runs.get(f"{strategy}/{partition}")
-            if run:
-                xs = [max(p["total_bytes"], 1) for p in run["points"]]
-                ax.plot(xs, [100 * p["accuracy"] for p in run["points"]], marker="o", label=strategy)
+            if not run:
+                continue
+            points = [p for p in run["points"] if p["total_bytes"] > 0]  # 0 bytes: off a log axis
+            line, = ax.plot([p["total_bytes"] for p in points], [100 * p["accuracy"] for p in points], marker="o",
+                            label=strategy)
+            if run["init_upload_bytes"]:
+                rounds = [p for p in points if p["round"] > 0]
+                ax.plot([p["total_bytes"] - run["init_upload_bytes"] for p in rounds],
+                        [100 * p["accuracy"] for p in rounds], marker="o", ls="--", color=line.get_color(),
+                        label=f"{strategy} without its one-time init upload")
         if "central" in runs:
             ax.axhline(100 * runs["central"]["final_accuracy"], color="k", ls="--", label="central LoRA-SB")
         ax.set_xscale("log")

@@ -5,6 +5,7 @@
 
 * sst2: MiniLM-L6 (mean-pooling head, trained as modules_to_save) on SST-2, 400 steps of 32, max length
   64, test accuracy (1821 sentences), as the PEFT anchor (`../shared/anchors/peft_anchor_sst2.py`).
+* trec: the same set-up on TREC (6 coarse classes, test accuracy on 500 questions).
 * gsm8k: SmolLM2-135M-Instruct on GSM8K, 30 steps of 8, max length 256, answer NLL on the first 64 test
   items, as the PEFT anchor (`peft_anchor_gsm8k.py`); plus the same LoRA run without length grouping,
   for real against padded tokens per second.
@@ -48,18 +49,33 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "adalora": ("adalora", {"r": 12, "target_r": 8, "tinit": 40, "tfinal": 240, "delta_t": 10}, 1e-3),
     "lora2": ("lora2", {"r": 12, "target_r": 8, "inner_r": 7, "tinit": 40, "tfinal": 240, "delta_t": 10}, 1e-3),
     "dylora": ("dylora", {"r": 8, "alpha": 16}, 1e-3),
+    "dylora-updating": ("dylora", {"r": 8, "alpha": 16, "mode": "updating"}, 1e-3),
+    # ALoRA re-allocates a constant budget of 8 ranks per matrix; PRILoRA rises 4 -> 12 with depth (8 on average);
+    # SoRA starts at 8 and its gates only remove ranks
+    "alora": ("alora", {"r": 8, "alpha": 16}, 1e-3),
+    "prilora": ("prilora", {"r": 12, "r_min": 4, "alpha": 16}, 1e-3),
+    "sora": ("sora", {"r": 8, "alpha": 16}, 1e-3),
     "lora-r2": ("lora", {"r": 2, "alpha": 4}, 1e-3),
     "lora-r4": ("lora", {"r": 4, "alpha": 8}, 1e-3),
     # issue 5: rank-1 boosters, 20 rounds of 20 steps (trains LoRA r=1's parameters at a time)
     "xgblora": ("xgblora", {"r": 1, "alpha": 2, "kappa": 20}, 2e-3),
+    # issue 5, at LoRA r=8's settings where the method has a rank (Bone/MiSS: PEFT's default r=64; COLA: 4 links)
+    "dora": ("dora", {"r": 8, "alpha": 16}, 1e-3),
+    "bone": ("bone", {"r": 64}, 1e-3),
+    "lora-plus": ("lora-plus", {"r": 8, "alpha": 16}, 1e-3),
+    "lora-pro": ("lora-pro", {"r": 8, "alpha": 16}, 1e-3),
+    "lora-rite": ("lora-rite", {"r": 8, "alpha": 16}, 1e-3),
+    "flat-lora": ("flat-lora", {"r": 8, "alpha": 16}, 1e-3),
+    "ba-lora": ("ba-lora", {"r": 8, "alpha": 16}, 1e-3),
+    "cola": ("cola", {"r": 8, "alpha": 16, "num_links": 4}, 1e-3),
 }
 DYLORA_RANKS = range(1, 9)
 GSM8K_OVERRIDES = {"lora-sb": {"r": 32}, "lora-xs": {"r": 32}}
 
 
 def base_config(part: str) -> RunConfig:
-    if part == "sst2":
-        return RunConfig(model="minilm-l6", task="sst2", data_dir=str(DATA), steps=400, batch_size=32, max_length=64,
+    if part in ("sst2", "trec"):
+        return RunConfig(model="minilm-l6", task=part, data_dir=str(DATA), steps=400, batch_size=32, max_length=64,
                          warmup_steps=20, schedule="linear", eval_split="test", eval_limit=None, seed=0)
     return RunConfig(model="smollm2-135m", task="gsm8k", data_dir=str(DATA), steps=30, batch_size=8, max_length=256,
                      warmup_steps=0, schedule="constant", metric="nll", eval_split="test", eval_limit=64, seed=0,
@@ -127,10 +143,10 @@ def summary(parts: dict[str, dict[str, Any]]) -> str:
                          f"{t['seconds'] / t['steps']:.3f} | {t['tokens_per_second']:.0f} | "
                          f"{t['padded_tokens_per_second']:.0f} |")
         lines.append("")
-        if "dylora" in rows and "score_at_rank" in rows["dylora"]:
-            lines += ["DyLoRA (one training, r_max = 8) evaluated at every rank b vs LoRA trained at rank b:", "",
+        for dyname in [n for n, r in rows.items() if "score_at_rank" in r]:
+            lines += [f"{dyname} (one training, r_max = 8) evaluated at every rank b vs LoRA trained at rank b:", "",
                       "| b | DyLoRA at b | LoRA r=b | gap (points) |", "| --- | --- | --- | --- |"]
-            for b, score in rows["dylora"]["score_at_rank"].items():
+            for b, score in rows[dyname]["score_at_rank"].items():
                 own = rows.get("lora" if int(b) == 8 else f"lora-r{b}")
                 gap = f"{100 * (score - own['score_after']):+.1f}" if own else "not trained"
                 lines.append(f"| {b} | {score:.4f} | {own['score_after']:.4f} | {gap} |" if own else
@@ -173,16 +189,16 @@ def targets(parts: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"{name} at LoRA r=8's final budget reaches >= LoRA r=8's accuracy (ours "
                        f"{lora['score_after']:.2%}, PEFT's 87.6%): {r['score_after']:.2%}: "
                        f"{verdict(r['score_after'] >= max(anchor, lora['score_after']))}")
-    if "dylora" in sst2 and "score_at_rank" in sst2["dylora"]:
-        dy = sst2["dylora"]
+    for dyname in [n for n, r in sst2.items() if "score_at_rank" in r]:
+        dy = sst2[dyname]
         gaps = {b: 100 * (s - sst2["lora" if int(b) == 8 else f"lora-r{b}"]["score_after"])
                 for b, s in dy["score_at_rank"].items() if ("lora" if int(b) == 8 else f"lora-r{b}") in sst2}
         worst = min(gaps.values())
         lora_runs = [sst2[k]["train"]["seconds"] for k in ("lora-r1", "lora-r2", "lora-r4", "lora") if k in sst2]
         eight = 8 * sum(lora_runs) / len(lora_runs)
-        out.append(f"DyLoRA within 1 point of per-rank LoRA at every trained rank ({', '.join(map(str, gaps))}): worst "
-                   f"gap {worst:+.1f} points: {verdict(worst >= -1)}")
-        out.append(f"DyLoRA training time vs eight LoRA trainings (estimated as 8 x the mean of the {len(lora_runs)} "
+        out.append(f"{dyname} within 1 point of per-rank LoRA at every trained rank ({', '.join(map(str, gaps))}): "
+                   f"worst gap {worst:+.1f} points: {verdict(worst >= -1)}")
+        out.append(f"{dyname} training time vs eight LoRA trainings (estimated as 8 x the mean of the {len(lora_runs)} "
                    f"measured LoRA runs): {dy['train']['seconds']:.0f} s vs {eight:.0f} s = "
                    f"{eight / dy['train']['seconds']:.1f}x less: {verdict(eight >= 4 * dy['train']['seconds'])}")
     if "xgblora" in sst2 and "lora-r1" in sst2:
@@ -196,13 +212,13 @@ def targets(parts: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["sst2", "gsm8k"], action="append")
+    parser.add_argument("--only", choices=["sst2", "trec", "gsm8k"], action="append")
     parser.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     args = parser.parse_args()
     names = args.methods.split(",")
-    parts = {part: run_part(part, names) for part in (args.only or ["sst2", "gsm8k"])}
+    parts = {part: run_part(part, names) for part in (args.only or ["sst2", "trec", "gsm8k"])}
     existing = {p: json.loads((RESULTS / f"quality-{p}" / "results.json").read_text())
-                for p in ("sst2", "gsm8k") if (RESULTS / f"quality-{p}" / "results.json").exists()}
+                for p in ("sst2", "trec", "gsm8k") if (RESULTS / f"quality-{p}" / "results.json").exists()}
     merged = {p: {r["name"]: r for r in rows} for p, rows in existing.items()}
     merged.update(parts)
     (RESULTS / "quality.md").write_text(summary(merged))
