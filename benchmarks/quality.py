@@ -37,7 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "lora-r1": ("lora", {"r": 1, "alpha": 2}, 1e-3),
     "lora": ("lora", {"r": 8, "alpha": 16}, 1e-3),
-    "lora-sb": ("lora-sb", {"r": 16, "init_lr": 1e-3}, 5e-3),
+    "lora-sb": ("lora-sb", {"r": 16}, 5e-3),
+    "lora-sb-eta1e-3": ("lora-sb", {"r": 16, "init_lr": 1e-3}, 5e-3),  # the first measurement: a large initial R
     "lora-ga": ("lora-ga", {"r": 8, "alpha": 16}, 1e-3),
     "lora-xs": ("lora-xs", {"r": 16}, 5e-3),
     "olora": ("olora", {"r": 8, "alpha": 16}, 1e-3),
@@ -63,6 +64,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "dora": ("dora", {"r": 8, "alpha": 16}, 1e-3),
     "bone": ("bone", {"r": 64}, 1e-3),
     "lora-plus": ("lora-plus", {"r": 8, "alpha": 16}, 1e-3),
+    # LoRA+ at η_A = 2.5e-4: η_B = 16 η_A = 4e-3 (at 1e-3 B's rate is 1.6e-2, which the first run shows is too large)
+    "lora-plus-lr2.5e-4": ("lora-plus", {"r": 8, "alpha": 16}, 2.5e-4),
     "lora-pro": ("lora-pro", {"r": 8, "alpha": 16}, 1e-3),
     "lora-rite": ("lora-rite", {"r": 8, "alpha": 16}, 1e-3),
     "flat-lora": ("flat-lora", {"r": 8, "alpha": 16}, 1e-3),

@@ -113,6 +113,27 @@ def test_train_learns_logs_evaluates_and_saves(tmp_path):
     assert torch.equal(output(fresh, inputs), output(model, inputs))
 
 
+def test_hooks_see_clipped_gradients_and_lora_pro_learns_under_clipping(monkeypatch):
+    """Clipping acts on the raw gradients before ``after_backward`` (as transformers.Trainer clips before
+    ``on_pre_optimizer_step``): LoRA-Pro's Adam direction is not shrunk by the clip of its own output."""
+    from lorakit.methods.lora_pro import LoraProHooks
+
+    seen = []
+    original = LoraProHooks.after_backward
+
+    def recording(self, step):
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        original(self, step)
+
+    monkeypatch.setattr(LoraProHooks, "after_backward", recording)
+    model = llama_with(lorakit.LoraProConfig(r=4))
+    feats = lm_features(8)
+    result = train(model, feats, TrainConfig(steps=12, batch_size=4, lr=2e-2, max_grad_norm=0.01, progress=False))
+    assert len(seen) == 12 and max(seen) <= 0.01 * (1 + 1e-4)
+    assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.5
+
+
 def test_tensorboard_gets_the_jsonl_scalars(tmp_path):
     """With ``tensorboard`` installed (the dev extra), the scalars of ``log.jsonl`` also go to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

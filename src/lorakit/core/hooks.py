@@ -5,7 +5,8 @@ The lorakit trainer and the Hugging Face Trainer callback call these in this ord
     hooks.before_forward(step)                    # Flat-LoRA perturbation, DyLoRA rank sampling, ...
     loss = task_loss + hooks.regularizer()        # AdaLoRA/LoRA² orthogonality, BA-LoRA, ...
     loss.backward()
-    hooks.after_backward(step)                    # importance scores, gradient adjustment (LoRA-Pro)
+    clip_grad_norm_(trainable, max_grad_norm)     # on the raw gradients, as transformers.Trainer does
+    hooks.after_backward(step)                    # gradient adjustment (LoRA-Pro), end of perturbation
     optimizer.step()
     hooks.after_step(step)                        # rank masks, proximal steps, boosting merges
     optimizer.zero_grad()

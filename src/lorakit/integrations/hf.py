@@ -16,7 +16,7 @@ parameters that require grad *before* ``on_train_begin``):
   ``init_batches`` batches of the trainer's own train dataloader (in place: the optimizer keeps the
   same parameter objects; under DDP rank 0's result is broadcast).
 * ``on_step_begin``: ``before_forward``.  ``on_pre_optimizer_step``: ``after_backward`` (transformers
-  has already clipped here; `LorakitTrainerMixin` calls it before clipping instead).
+  has clipped the gradients here, as the lorakit trainer does before this hook).
   ``on_optimizer_step``: ``after_step`` (gradients still present).  ``on_step_end``: a requested
   optimizer reset clears the optimizer state (and adds parameters that became trainable).
   ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.
@@ -146,8 +146,7 @@ class LorakitCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               model: nn.Module | None = None, **kwargs: Any) -> None:
-        if not self.trainer_integrated:
-            self._state(model).hooks.after_backward(state.global_step)
+        self._state(model).hooks.after_backward(state.global_step)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -174,7 +173,7 @@ class LorakitCallback(TrainerCallback):
 class LorakitTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (first in the bases) next to a `LorakitCallback`: adds the
     method's regularizer to the training loss, builds the method's optimizer (``hooks.build_optimizer`` with
-    the Trainer's lr and weight decay; the method picks the rest), and calls ``after_backward`` before clipping."""
+    the Trainer's lr and weight decay; the method picks the rest)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -211,13 +210,6 @@ class LorakitTrainerMixin:
             reg = reg / self.current_gradient_accumulation_steps
         loss = loss + reg.to(loss.device)
         return (loss, outputs) if return_outputs else loss
-
-    def training_step(self, model: nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:  # the last micro-batch: the step's gradients are complete
-            self._lorakit_hooks().after_backward(self.state.global_step)
-        return loss
 
 
 class LorakitTrainer(LorakitTrainerMixin, Trainer):

@@ -42,7 +42,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {"batch_size": 8, "max_length": 256, "steps":
 ENCODER_TARGETS = ("query", "key", "value", "dense")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # LoRA-SB trains only r x r cores: the paper uses high ranks and a larger learning rate than LoRA.
-    "lora-sb": {"r": 32, "init_lr": 1e-3},
+    "lora-sb": {"r": 32},
     "lora-xs": {"r": 32},
 }
 DEFAULT_LR = {FULL: 5e-5, "lora-sb": 1e-2, "lora-xs": 1e-2}

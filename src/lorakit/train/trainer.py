@@ -8,7 +8,7 @@ hooks exactly where `lorakit.core.hooks` says::
     every step:  hooks.before_forward(step)
                  for each of grad_accum micro-batches: (task loss + hooks.regularizer()).backward()
                  [under torchrun: gradients summed across ranks, see `_Distributed`]
-                 hooks.after_backward(step); clip; set this step's lr; optimizer.step()
+                 clip; hooks.after_backward(step); set this step's lr; optimizer.step()
                  hooks.after_step(step); optimizer.zero_grad()
                  a fresh optimizer from hooks.build_optimizer if hooks.optimizer_reset_requested
                  log, evaluate, checkpoint
@@ -545,11 +545,11 @@ class _Run:
                                 "(max_grad_norm) or check the data.")
         if ddp.active:
             ddp.sum_grads(params)
-        hooks.after_backward(step)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
         if not math.isfinite(grad_norm):
             raise TrainingError(f"the gradient norm is {grad_norm} at step {step + 1}; stopped before the optimizer "
                                 f"step. {self.checkpoint_note()} Lower the lr or check the data.")
+        hooks.after_backward(step)
         factor = lr_factor(step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
