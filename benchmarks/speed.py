@@ -331,7 +331,7 @@ def bench_pissa(r: int = 32) -> dict[str, Any]:
 # -- report ------------------------------------------------------------------------------------------
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Speed and memory: lorakit vs PEFT 0.21 (same process, same batches)", "",
-             f"Machine: {results['machine']}. Command: `python benchmarks/speed.py`.", ""]
+             f"Machine: {results['machine']}. Command: `{results.get('command', 'python benchmarks/speed.py')}`.", ""]
     for which in ("minilm", "smollm2", "methods"):
         if which not in results:
             continue
@@ -362,7 +362,51 @@ def markdown(results: dict[str, Any]) -> str:
         for what, v in results["pissa"].items():
             lines.append(f"| {what} | {v['seconds']:.2f} | {v['speedup_vs_peft_full_svd']:.1f}x | "
                          f"{v['min_cosine']:.5f} | {v['median_cosine']:.5f} |")
+        lines.append("")
+    lines += ["## Targets", ""] + [f"- {line}" for line in targets(results)]
     return "\n".join(lines) + "\n"
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """The issues' speed and memory targets that ``results`` holds, each with its figure and held / not held."""
+    def verdict(ok: bool) -> str:
+        return "**held**" if ok else "**not held**"
+
+    out = []
+    for which in ("minilm", "smollm2"):
+        if which in results:
+            ratio = results[which]["step_ratio_vs_peft_lora8"]["lorakit-lora"]
+            out.append(f"{which}: lorakit LoRA r=8 step <= 0.95x PEFT LoRA r=8: {ratio:.3f}x: {verdict(ratio <= 0.95)}")
+    if "minilm" in results:
+        over, peft = (results["minilm"]["overhead_vs_floor"][k] for k in ("lorakit-lora", "peft-lora8"))
+        out.append(f"minilm: lorakit LoRA r=8 overhead over the frozen floor <= 5%: {100 * over:+.1f}% "
+                   f"(PEFT: {100 * peft:+.1f}%): {verdict(over <= 0.05)}")
+    for key in (k for k in results if k.startswith("init-")):
+        r = results[key]
+        for what in ("lora-ga", "lora-ga-exact", "lora-sb"):
+            if what in r:
+                steps = r[what]["time_in_steps"]
+                out.append(f"{key[5:]}: {what} init <= 4 training steps: {steps:.2f}: {verdict(steps <= 4)}")
+        for what in ("lora-ga", "lora-ga-exact"):
+            if what in r:
+                rss, peft = r[what]["rss_vs_lora_step"], r[what]["rss_vs_peft_lora_ga"]
+                out.append(f"{key[5:]}: {what} init peak RSS <= 1.1x a LoRA step and below PEFT's LoRA-GA init: "
+                           f"{rss:.3f}x a step, {peft:.3f}x PEFT's: {verdict(rss <= 1.1 and peft < 1.0)}")
+    if "pissa" in results:
+        for what, v in results["pissa"].items():
+            if what.startswith("lorakit"):
+                ok = v["speedup_vs_peft_full_svd"] >= 5 and v["min_cosine"] >= 0.999
+                out.append(f"PiSSA {what} >= 5x faster than PEFT's full SVD with cosines >= 0.999: "
+                           f"{v['speedup_vs_peft_full_svd']:.1f}x, min cosine {v['min_cosine']:.4f}: {verdict(ok)}")
+    if "methods" in results:
+        step = results["methods"]["median_step_s"]
+        for ours, theirs in (("lorakit-dora", "peft-dora8"), ("lorakit-bone", "peft-miss")):
+            ratio = step[ours] / step[theirs]
+            out.append(f"{ours} no slower than {theirs}: {ratio:.3f}x: {verdict(ratio <= 1.0)}")
+        for ours in ("lorakit-lora-rite", "lorakit-lora-pro"):
+            ratio = step[ours] / step["lorakit-lora"]
+            out.append(f"{ours} step <= 1.5x a LoRA step: {ratio:.3f}x: {verdict(ratio <= 1.5)}")
+    return out
 
 
 def main() -> None:
@@ -375,7 +419,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--init", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true", help="only rewrite speed.md from <out>/speed.json")
     args = parser.parse_args()
+    if args.report:
+        out = Path(args.out)
+        (out / "speed.md").write_text(markdown(json.loads((out / "speed.json").read_text())))
+        return
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory/init subprocesses too
@@ -391,6 +440,7 @@ def main() -> None:
     results["machine"] = (f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
                           f"torch {torch.__version__}, "
                           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    results["command"] = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     for part in parts:
         print(f"== {part}", flush=True)
         if part in ("minilm", "smollm2"):

@@ -29,9 +29,8 @@ Step numbering, the order of operations and the tie rule follow PEFT's ``RankAll
 ``AdaLoraModel.update_and_allocate`` (which the original code shares), so the same seed, data and schedule give the
 same masks (``tests/test_parity_adalora.py``).  Documented choices: the scale is α/r (PEFT divides by r + 1e-5);
 γ = 0.1 by default (the paper's GLUE value; PEFT's default is 0.5); ``target_r=None`` means ⌊2r/3⌋ (the paper's
-b(0) = 1.5·b(T); with r = 12 this is PEFT's init_r = 12, target_r = 8).  The EMAs live in the hooks as tensors, which
-the trainer's checkpoint cannot carry (it warns; a resumed run restarts them); the final mask is kept as JSON in the
-hooks, so a resume keeps it.
+b(0) = 1.5·b(T); with r = 12 this is PEFT's init_r = 12, target_r = 8).  The EMAs live in the hooks as tensors and
+the mask state as JSON; the trainer's checkpoint carries both, so a resumed run continues bit for bit.
 A layer's rank is its number of nonzero λ; `as_lora` returns exactly those triplets.
 
 `SvdBudgetHooks` is shared with LoRA² (`lorakit.methods.lora2`): the layer says which tensors are scored
@@ -162,7 +161,7 @@ class SvdBudgetHooks(TrainingHooks):
         self.final_mask: dict[str, list[bool]] | None = None
         # ranks kept by the last mask (reported by `metrics`)
         self.allocation = {n: layer.lora_E.numel() for n, layer in self.svd_layers.items()}
-        # Ī and Ū per "layer.tensor": tensors, which the trainer's checkpoint cannot carry (it warns on resume)
+        # Ī and Ū per "layer.tensor" (carried by the trainer's checkpoint)
         self.ema: dict[str, Tensor] = {}
         self.unc: dict[str, Tensor] = {}
 

@@ -20,7 +20,7 @@ or pads to r_max.
 Choices where the paper could not be checked ([unconfirmed]): ``r_min = None`` means ⌊r_max/3⌋ (the paper's
 4 -> 12); ``prune_ratio = 0.1`` per row; ``prune_interval = 1``; EMA factor 0.9.  The input norms are collected by
 forward pre-hooks that the training hooks register in ``on_train_begin`` (train mode with gradients only); they
-are training statistics, saved neither with the adapter nor in the trainer's checkpoint (it warns on resume).
+are training statistics: not saved with the adapter, carried by the trainer's checkpoint.
 """
 
 from __future__ import annotations
