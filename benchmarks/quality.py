@@ -71,9 +71,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "flat-lora": ("flat-lora", {"r": 8, "alpha": 16}, 1e-3),
     "ba-lora": ("ba-lora", {"r": 8, "alpha": 16}, 1e-3),
     "cola": ("cola", {"r": 8, "alpha": 16, "num_links": 4}, 1e-3),
+    # learning-rate sensitivity of the budget methods against LoRA at the same rate (the targets above are at 1e-3)
+    "lora-lr2e-3": ("lora", {"r": 8, "alpha": 16}, 2e-3),
+    "adalora-lr2e-3": ("adalora", {"r": 12, "target_r": 8, "tinit": 40, "tfinal": 240, "delta_t": 10}, 2e-3),
+    "lora2-lr2e-3": ("lora2", {"r": 12, "target_r": 8, "inner_r": 7, "tinit": 40, "tfinal": 240, "delta_t": 10}, 2e-3),
+    "xgblora-lr5e-3": ("xgblora", {"r": 1, "alpha": 2, "kappa": 20}, 5e-3),
+    # GLoRA, the fixed adapter (all paths at their largest, as PEFT's glora tuner), rank 4 on A, B and C:
+    # 1.4x LoRA r=8's count on MiniLM
+    "glora": ("glora", {"r": 4}, 1e-3),
 }
 DYLORA_RANKS = range(1, 9)
-GSM8K_OVERRIDES = {"lora-sb": {"r": 32}, "lora-xs": {"r": 32}}
+# GSM8K runs 30 steps: XGBLoRA boosts 6 rounds of 5 steps, Chain of LoRA 3 links of 10
+GSM8K_OVERRIDES = {"lora-sb": {"r": 32}, "lora-xs": {"r": 32}, "xgblora": {"kappa": 5}, "cola": {"num_links": 3}}
 
 
 def base_config(part: str) -> RunConfig:
@@ -130,8 +139,9 @@ def summary(parts: dict[str, dict[str, Any]]) -> str:
     lines = ["# Quality of the methods (lorakit compare)", "",
              "Command: `python benchmarks/quality.py`. PEFT 0.21 anchors measured on this machine: SST-2 LoRA r=8 "
              "87.6% (0.655 s/step), r=1 86.3%, full fine-tuning 88.3%; GSM8K LoRA r=8 NLL 1.63 -> 0.93 at "
-             "10.4 s/step. Wall times were taken while other work shared the 2 cores (the benchmark ran at nice 19), "
-             "so compare seconds only within one table; step-time claims live in speed.md.", ""]
+             "10.4 s/step. Wall times were taken while other work shared the 2 cores (runs at nice 19 or pinned to "
+             "one core with one thread), so compare seconds only within one table; step-time claims live in "
+             "speed.md.", ""]
     for part, rows in parts.items():
         metric = next(iter(rows.values()))["metric"] if rows else ""
         target = _final(rows["lora"]) if "lora" in rows else None

@@ -11,7 +11,10 @@ Procedure (official code, ``peft/src/peft/tuners/lora/layer.py::lora_ga_init`` i
 
 lorakit never materialises G by default: `sketched_svd` recovers the top-2r singular vectors from
 products with thin matrices (see `lorakit.core.gradients`); ``exact=True`` forms G per layer group
-(bounded by ``grad_memory_mb``) and takes its exact SVD.
+(bounded by ``grad_memory_mb``) and takes its exact SVD.  The sketch costs 2 + 2·niter passes over the init
+batches against the exact path's one: on models whose targeted weights fit the memory bound in one group it is
+the slower choice (SmolLM2-135M, one batch of 8: 4.05 vs 2.18 training steps at the same peak memory,
+``benchmarks/results/speed.md``); it pays off where dense gradients of all targeted layers do not fit.
 
 ``peft_compat=True`` reproduces Hugging Face PEFT 0.21's variant instead of the official code: PEFT
 multiplies B by ``S[r:2r]`` and applies the stable factor to B only.  Default False (faithful).
