@@ -34,6 +34,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 # name in the report -> (method, options, learning rate); the anchors' learning rates: 1e-3 for
 # adapters, 5e-5 for full fine-tuning.  Cores (LoRA-SB/XS) get rank 16 on MiniLM (33x fewer parameters
 # than LoRA r=8) and a larger rate, as r x r cores need.
+# issue 4 budget schedule (AdaLoRA, LoRA^2) over 400 steps: 12 -> 8 ranks, 40 warm steps, pruning every 10 steps
+# until step 160, then the final mask for the last 240 (t_final)
+SVD_BUDGET = {"r": 12, "target_r": 8, "tinit": 40, "tfinal": 240, "delta_t": 10}
+LORA2 = {**SVD_BUDGET, "inner_r": 7}
+XGBLORA = {"r": 1, "alpha": 2, "kappa": 20}
 VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "lora-r1": ("lora", {"r": 1, "alpha": 2}, 1e-3),
     "lora": ("lora", {"r": 8, "alpha": 16}, 1e-3),
@@ -46,9 +51,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "full": ("full", {}, 5e-5),
     # issue 4 (adaptive rank) at LoRA r=8's final budget: AdaLoRA 12 -> 8 ranks per matrix on average (its final
     # count adds the 8 kept lambdas per matrix, +0.13%), LoRA^2 12 -> 8 singular values with inner rank 7 (its
-    # trainable count stays below LoRA r=8's), schedule: 40 warm steps, pruning over the next 120, every 10 steps
-    "adalora": ("adalora", {"r": 12, "target_r": 8, "tinit": 40, "tfinal": 240, "delta_t": 10}, 1e-3),
-    "lora2": ("lora2", {"r": 12, "target_r": 8, "inner_r": 7, "tinit": 40, "tfinal": 240, "delta_t": 10}, 1e-3),
+    # trainable count stays below LoRA r=8's), schedule `SVD_BUDGET`
+    "adalora": ("adalora", SVD_BUDGET, 1e-3),
+    "lora2": ("lora2", LORA2, 1e-3),
     "dylora": ("dylora", {"r": 8, "alpha": 16}, 1e-3),
     "dylora-updating": ("dylora", {"r": 8, "alpha": 16, "mode": "updating"}, 1e-3),
     # ALoRA re-allocates a constant budget of 8 ranks per matrix; PRILoRA rises 4 -> 12 with depth (8 on average);
@@ -59,7 +64,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "lora-r2": ("lora", {"r": 2, "alpha": 4}, 1e-3),
     "lora-r4": ("lora", {"r": 4, "alpha": 8}, 1e-3),
     # issue 5: rank-1 boosters, 20 rounds of 20 steps (trains LoRA r=1's parameters at a time)
-    "xgblora": ("xgblora", {"r": 1, "alpha": 2, "kappa": 20}, 2e-3),
+    "xgblora": ("xgblora", XGBLORA, 2e-3),
     # issue 5, at LoRA r=8's settings where the method has a rank (Bone/MiSS: PEFT's default r=64; COLA: 4 links)
     "dora": ("dora", {"r": 8, "alpha": 16}, 1e-3),
     "bone": ("bone", {"r": 64}, 1e-3),
@@ -73,9 +78,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "cola": ("cola", {"r": 8, "alpha": 16, "num_links": 4}, 1e-3),
     # learning-rate sensitivity of the budget methods against LoRA at the same rate (the targets above are at 1e-3)
     "lora-lr2e-3": ("lora", {"r": 8, "alpha": 16}, 2e-3),
-    "adalora-lr2e-3": ("adalora", {"r": 12, "target_r": 8, "tinit": 40, "tfinal": 240, "delta_t": 10}, 2e-3),
-    "lora2-lr2e-3": ("lora2", {"r": 12, "target_r": 8, "inner_r": 7, "tinit": 40, "tfinal": 240, "delta_t": 10}, 2e-3),
-    "xgblora-lr5e-3": ("xgblora", {"r": 1, "alpha": 2, "kappa": 20}, 5e-3),
+    "adalora-lr2e-3": ("adalora", SVD_BUDGET, 2e-3),
+    "lora2-lr2e-3": ("lora2", LORA2, 2e-3),
+    "xgblora-lr5e-3": ("xgblora", XGBLORA, 5e-3),
     # GLoRA, the fixed adapter (all paths at their largest, as PEFT's glora tuner), rank 4 on A, B and C:
     # 1.4x LoRA r=8's count on MiniLM
     "glora": ("glora", {"r": 4}, 1e-3),
