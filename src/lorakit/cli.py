@@ -11,12 +11,13 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import LorakitError
+from .errors import LorakitError, TrainingError
 
 logger = logging.getLogger("lorakit")
 
@@ -44,6 +45,8 @@ RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("dtype", {"choices": ["fp32", "bf16", "fp16"]}),
     ("device", {"choices": ["cpu", "cuda", "auto"]}),
     ("output_dir", {"help": "where checkpoints, logs, run.json and the adapter go"}),
+    ("save_every", {"type": int, "help": "checkpoint every N steps, and at the end (0: never)",
+                    "shown": "steps/10"}),
 ]
 
 
@@ -80,13 +83,19 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise LorakitError(f"method option {pair!r} must look like KEY=VALUE (e.g. r=16)")
-        options[key.replace("-", "_")] = yaml.safe_load(value)
+        try:
+            options[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise LorakitError(f"method option -o {pair!r}: the value must be a YAML value such as 16, 0.5, "
+                               f"text or [a, b] ({problem})") from None
     return options
 
 
 def run_config(args: argparse.Namespace, **overrides: Any) -> Any:
-    """Recipe values, then command-line flags, then ``overrides``, into a `RunConfig`."""
-    from .train.run import RunConfig
+    """Recipe values, then command-line flags, then ``overrides``, into a `RunConfig`; every value is checked
+    (`lorakit.train.run.check_field`) and named by its flag or recipe key when it is wrong."""
+    from .train.run import RunConfig, check_field
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         try:
@@ -99,11 +108,11 @@ def run_config(args: argparse.Namespace, **overrides: Any) -> Any:
         unknown = sorted(set(recipe) - known - {"methods"})
         if unknown:
             raise LorakitError(f"recipe {args.config} has unknown keys {unknown}; known: {', '.join(sorted(known))}")
-        values.update({k: v for k, v in recipe.items() if k in known})
+        values.update({k: check_field(k, v, f"recipe {args.config}: {k}") for k, v in recipe.items() if k in known})
     for f in dataclasses.fields(RunConfig):
         value = getattr(args, f.name, None)
         if value is not None:
-            values[f.name] = value
+            values[f.name] = check_field(f.name, value, "--" + f.name.replace("_", "-"))
     options = parse_options(getattr(args, "option", []) or [])
     if options:
         values["method_options"] = {**values.get("method_options", {}), **options}
@@ -113,8 +122,9 @@ def run_config(args: argparse.Namespace, **overrides: Any) -> Any:
 
 # -- commands --------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train.run import run_training
+    from .train.run import check_method_options, run_training
     cfg = run_config(args, resume=args.resume)
+    check_method_options(cfg.method, cfg.method_options)
     result = run_training(cfg)
     r = result.config
     print(f"model {r['model']}, task {r['task']}, method {r['method']}: "
@@ -135,7 +145,15 @@ def _load_adapted(adapter: str, args: argparse.Namespace) -> tuple[Any, Any, dic
     from .models import load_model
     meta = read_adapter_config(adapter)
     run_json = Path(adapter).parent / "run.json"
-    run = json.loads(run_json.read_text())["config"] if run_json.is_file() else {}
+    run: dict[str, Any] = {}
+    if run_json.is_file():
+        try:
+            run = json.loads(run_json.read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+            raise LorakitError(f"{run_json} is corrupt ({type(err).__name__}: {err}); expected the JSON that "
+                               "`lorakit train` writes, with a 'config' object. Delete it and pass --model") from None
+        if not isinstance(run, dict):
+            raise LorakitError(f"{run_json}: 'config' must be an object, found {type(run).__name__}")
     model_spec = getattr(args, "model", None) or run.get("model") or meta.get("base_model")
     if not model_spec:
         raise LorakitError(f"{adapter} does not name its base model; pass --model")
@@ -165,15 +183,18 @@ def _set_rank(model: Any, rank: int | None) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .train.data import load_task
-    from .train.run import RunConfig, encode, score
+    from .train.run import RunConfig, check_field, encode, score
+    flags = {name: check_field(name, getattr(args, name), "--" + name.replace("_", "-"))
+             for name in ("task", "data_dir", "eval_limit", "eval_split", "metric", "max_new_tokens")
+             if getattr(args, name, None) is not None}
     model, tokenizer, run = _load_adapted(args.adapter, args)
     _set_rank(model, args.rank)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in run.items() if k in fields}) if run else RunConfig()
-    for name in ("task", "data_dir", "eval_limit", "eval_split", "metric", "max_new_tokens"):
-        if getattr(args, name, None) is not None:
-            cfg = dataclasses.replace(cfg, **{name: getattr(args, name)})
-    cfg = cfg.resolved()
+    try:
+        cfg = RunConfig(**{k: v for k, v in run.items() if k in fields}) if run else RunConfig()
+    except LorakitError as err:
+        raise LorakitError(f"{Path(args.adapter).parent / 'run.json'}: {err}") from None
+    cfg = dataclasses.replace(cfg, **flags).resolved()
     spec, examples = load_task(cfg.task, cfg.eval_split, cfg.data_dir, seed=cfg.seed, limit=cfg.eval_limit)
     metric = cfg.metric or spec.metric
     value, samples = score(model, tokenizer, metric, examples, encode(spec, examples, tokenizer, cfg), cfg)
@@ -183,6 +204,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .io.peft_export import export_peft
+    from .train.run import check_output_dir
+    check_output_dir(args.out, "--out")
     model, _, _ = _load_adapted(args.adapter, args)
     _set_rank(model, args.rank)
     out = export_peft(model, args.out, modules_to_save=args.modules_to_save, rank_pattern=args.rank_pattern)
@@ -191,6 +214,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from .api import merge_and_unload
+    from .train.run import check_output_dir
+    check_output_dir(args.out, "--out")
     model, tokenizer, _ = _load_adapted(args.adapter, args)
     merged = merge_and_unload(model)
     merged.save_pretrained(args.out)
@@ -232,12 +257,17 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from .train.compare import compare
+    from .train.run import FULL, check_method_options, check_output_dir
     base = run_config(args)
     names = args.methods.split(",") if args.methods else None
     if names is None and args.config:
         names = (yaml.safe_load(Path(args.config).read_text()) or {}).get("methods")
-    if not names:
-        raise LorakitError("compare needs --methods (comma-separated), or a 'methods' list in the recipe")
+    if not names or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise LorakitError("compare needs --methods (comma-separated), or a 'methods' list of names in the recipe")
+    for name in names:
+        if name != FULL:  # full fine-tuning ignores the adapters' shared options
+            check_method_options(name, base.method_options)
+    check_output_dir(args.out, "--out")
     report = compare(base, names, Path(args.out), target_loss=args.target_loss)
     print(f"report written to {report}")
 
@@ -313,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("eval", "export"):
             p.add_argument("--rank", type=int, help="evaluate/export at this rank (DyLoRA)")
         if name == "eval":
-            for flag in ("task", "data_dir", "eval_split", "metric"):
+            for flag in ("task", "data_dir", "eval_split"):
                 p.add_argument("--" + flag.replace("_", "-"), dest=flag, help="default: the training run's")
+            p.add_argument("--metric", choices=["exact_match", "accuracy", "nll"], help="default: the training run's")
             p.add_argument("--eval-limit", type=int, help="default: the training run's")
             p.add_argument("--max-new-tokens", type=int, help="default: the training run's")
         else:
@@ -355,9 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args.func(args)
-    except LorakitError as err:
+    except LorakitError as err:  # bad input (exit 2) or a run that cannot go on (exit 1): one line, no traceback
+        if args.verbose:
+            traceback.print_exc()
         print(f"lorakit: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, TrainingError) else 2
+    except Exception as err:  # a bug: one line, the traceback under -v
+        if args.verbose:
+            raise
+        print(f"lorakit: internal error: {type(err).__name__}: {err} (rerun with -v for the traceback and please "
+              "report it)", file=sys.stderr)
+        return 1
     return 0
 
 

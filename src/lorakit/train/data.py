@@ -185,7 +185,11 @@ def _file_rows(path: Path) -> list[Row]:
     text = _read(path)
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        return [(reader.line_num, row) for row in reader]
+        try:
+            return [(reader.line_num, row) for row in reader]
+        except csv.Error as err:
+            raise LorakitError(f"{path} line {reader.line_num} is not valid CSV ({err}); expected a header row, "
+                               f"then rows of fields under {csv.field_size_limit():,} characters each") from None
     rows: list[Row] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -193,7 +197,7 @@ def _file_rows(path: Path) -> list[Row]:
         if path.suffix == ".jsonl":
             try:
                 rows.append((number, json.loads(line)))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply to be a row
                 rows.append((number, None))
         else:
             label, _, sentence = line.partition(" ")
@@ -215,6 +219,9 @@ def _hub_rows(dataset: str, config: str | None, split: str) -> list[Row]:
     return list(enumerate(rows, 1))
 
 
+MAX_CLASSES = 10_000  # a sane bound on a classification head (a label of 10**12 would exhaust memory)
+
+
 def _label(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -223,12 +230,16 @@ def _label(value: Any) -> int | None:
     return None
 
 
-def _parse(row: Any, kind: str, num_labels: int | None) -> Example | None:
-    """One row as an `Example`, or None when it is malformed."""
+def _parse(row: Any, kind: str, num_labels: int | None, where: str) -> Example | None:
+    """One row as an `Example`, or None when it is malformed.  A label beyond `MAX_CLASSES` is an error: the
+    classification head has one output per class up to the largest label."""
     if not isinstance(row, dict) or not all(isinstance(row.get(k), (str, int)) for k in _KINDS[kind]):
         return None
     if kind == "label":
         label, text = _label(row["label"]), str(row["text"]).strip()
+        if label is not None and label >= MAX_CLASSES:
+            raise LorakitError(f"{where}: label {label} is out of range; labels are class numbers 0, 1, 2, ... "
+                               f"below {MAX_CLASSES} (lorakit's maximum number of classes)")
         if label is None or label < 0 or (num_labels is not None and label >= num_labels) or not text:
             return None
         return Example(text=text, label=label)
@@ -249,7 +260,7 @@ def _collect(rows: list[Row], kind: str, source: str, num_labels: int | None = N
     good: list[Example] = []
     bad: list[int] = []
     for number, row in rows:
-        example = _parse(row, kind, num_labels)
+        example = _parse(row, kind, num_labels, f"{source} line {number}")
         if example is None:
             bad.append(number)
         else:

@@ -8,23 +8,29 @@ no arguments is the main job: LoRA-SB on SmolLM2-135M-Instruct with the built-in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
+import tempfile
 import time
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import nn
 
 from .. import api
 from ..core.registry import get_method
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..models import load_model
 from . import evaluate
 from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, load_task
-from .trainer import TrainConfig, TrainResult, train
+from .trainer import SCHEDULES, TrainConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,29 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora-xs": {"r": 32},
 }
 DEFAULT_LR = {FULL: 5e-5, "lora-sb": 1e-2, "lora-xs": 1e-2}
+SEED_MAX = 2**32 - 1  # numpy's and torch's generators all take seeds up to here
+
+# The values a `RunConfig` field may take beyond its type (checked by `check_field`): one line per field.
+CHOICES: dict[str, tuple[str, ...]] = {"schedule": SCHEDULES, "metric": ("exact_match", "accuracy", "nll"),
+                                       "dtype": ("fp32", "bf16", "fp16"), "device": ("cpu", "cuda", "auto")}
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (lambda v: v >= 1, "a positive integer"),
+    "batch_size": (lambda v: v >= 1, "a positive integer"),
+    "grad_accum": (lambda v: v >= 1, "a positive integer"),
+    "lr": (lambda v: v > 0, "a positive finite number"),
+    "weight_decay": (lambda v: v >= 0, "a finite number >= 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "max_grad_norm": (lambda v: v > 0, "a positive finite number (or null: no clipping)"),
+    "max_length": (lambda v: v >= 2, "an integer >= 2 (tokens per example)"),
+    "seed": (lambda v: 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]"),
+    "eval_every": (lambda v: v >= 0, "an integer >= 0 (0: only before and after)"),
+    "eval_limit": (lambda v: v >= 1, "a positive integer"),
+    "max_new_tokens": (lambda v: v >= 1, "a positive integer"),
+    "init_samples": (lambda v: v >= 1, "a positive integer"),
+    "save_every": (lambda v: v >= 0, "an integer >= 0 (0: no checkpoints)"),
+    "task": (lambda v: v.strip() != "", "a task name or a .jsonl/.csv path"),
+    "output_dir": (lambda v: v.strip() != "", "a directory path"),
+}
 
 
 @dataclass
@@ -79,7 +108,12 @@ class RunConfig:
     bf16: bool = False
     device: str = "auto"
     output_dir: str = "lorakit-runs/run"
+    save_every: int | None = None
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name), f.name))
 
     def resolved(self) -> RunConfig:
         """A copy with every task default filled in."""
@@ -91,10 +125,115 @@ class RunConfig:
             raise ConfigError(f"task {self.task!r} has no default model: pass --model")
         if self.lr is None:
             changes["lr"] = DEFAULT_LR.get(self.method, 1e-3)
-        out = dataclasses.replace(self, **changes)
-        if out.steps < 1 or out.batch_size < 1:
-            raise ConfigError(f"steps and batch_size must be positive, got {out.steps} and {out.batch_size}")
-        return out
+        if self.save_every is None:  # about ten checkpoints a run, and always one at the end
+            changes["save_every"] = max(1, (self.steps or changes["steps"]) // 10)
+        return dataclasses.replace(self, **changes)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON/YAML ``value`` fits the annotation ``hint`` (floats must be finite; lists pass as tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if isinstance(value, bool):
+        return False
+    if hint is int:
+        return isinstance(value, int)
+    if hint is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if origin is Literal:
+        return value in args
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+        return all(_type_ok(v, args[0]) for v in value) if args else True
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+                                                            for k, v in value.items()))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` in words, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0])}s" if args else "a list"
+    if origin is dict:
+        return "a mapping of key: value"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_field(name: str, value: Any, where: str) -> Any:
+    """``value`` for the `RunConfig` field ``name`` checked against its type, `CHOICES` and `RULES` (an int
+    given for a float becomes a float); ``where`` names the value in the error (a flag, a recipe key)."""
+    hint = _hints(RunConfig)[name]
+    if not _type_ok(value, hint):
+        raise ConfigError(f"{where} must be {_describe(hint)}, got {value!r}")
+    if value is None:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and float in (*typing.get_args(hint), hint):
+        value = float(value)
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{where} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    test, expected = RULES.get(name, (None, ""))
+    if test is not None and not test(value):
+        raise ConfigError(f"{where} must be {expected}, got {value!r}")
+    return value
+
+
+def check_method_options(method: str, options: dict[str, Any], where: str = "method option") -> None:
+    """Check a run's method options against the method's config class (names, types, the class's own
+    checks), before any model is loaded; ``full`` fine-tuning takes none."""
+    if method == FULL:
+        if options:
+            raise ConfigError(f"--method full trains every weight and takes no method options; got "
+                              f"{', '.join(sorted(options))}")
+        return
+    config_class = get_method(method).config_class
+    hints = _hints(config_class)
+    for key, value in options.items():
+        if key not in hints:
+            raise ConfigError(f"{where} {key!r} is not an option of {method}; its options are "
+                              f"{', '.join(f.name for f in dataclasses.fields(config_class))}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{where} {key} must be {_describe(hints[key])}, got {value!r}")
+    try:
+        config_class(**{**METHOD_DEFAULTS.get(method, {}), **options})
+    except TypeError as err:
+        raise ConfigError(f"bad option for {method}: {err}") from err
+
+
+def check_output_dir(path: str | Path, where: str = "--output-dir") -> Path:
+    """Create ``path`` if needed and make sure files can be written in it."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where} {out} is a file; expected a directory (existing or to be created)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{where} {out} is not a writable directory ({err.strerror or err}); pass one you "
+                          "can write to") from None
+    return out
 
 
 @dataclass
@@ -157,7 +296,14 @@ def score(model: nn.Module, tokenizer: Any, metric: str, examples: list[Example]
 def prepare(run: RunConfig) -> tuple[nn.Module, Any, TaskSpec, list[dict], list[Example], list[dict]]:
     """Model, tokenizer, task spec, training features, evaluation examples and features."""
     spec, train_examples = load_task(run.task, "train", run.data_dir, seed=run.seed)
-    _, eval_examples = load_task(run.task, run.eval_split, run.data_dir, seed=run.seed, limit=run.eval_limit)
+    eval_spec, eval_examples = load_task(run.task, run.eval_split, run.data_dir, seed=run.seed,
+                                         limit=run.eval_limit)
+    if spec.num_labels is not None and (eval_spec.num_labels or 0) > spec.num_labels:
+        raise ConfigError(f"task {run.task}: the {run.eval_split} split has labels up to {eval_spec.num_labels - 1}"
+                          f" but the train split only 0..{spec.num_labels - 1}; every class must occur in training")
+    if run.metric is not None and (run.metric == "accuracy") != (spec.type == "classification"):
+        raise ConfigError(f"metric {run.metric!r} does not fit task {run.task} ({spec.type}); use "
+                          f"{'accuracy' if spec.type == 'classification' else 'exact_match or nll'}")
     torch.manual_seed(run.seed)
     model, tokenizer = load_model(run.model, spec.type, num_labels=spec.num_labels, dtype=run.dtype,
                                   device=run.device)
@@ -183,6 +329,9 @@ def attach_method(model: nn.Module, run: RunConfig, spec: TaskSpec, features: li
 def run_training(run: RunConfig) -> RunResult:
     """Do the whole run and write ``run.json`` (and the adapter) into ``run.output_dir``."""
     run = run.resolved()
+    if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
+        check_method_options(run.method, run.method_options)
+    out = check_output_dir(run.output_dir)
     start = time.perf_counter()
     model, tokenizer, spec, features, eval_examples, eval_features = prepare(run)
     metric = run.metric or spec.metric
@@ -194,18 +343,20 @@ def run_training(run: RunConfig) -> RunResult:
     def eval_fn(m: nn.Module) -> float:
         return score(m, tokenizer, metric, eval_examples, eval_features, run)[0]
 
-    out = Path(run.output_dir)
     config = TrainConfig(steps=run.steps, batch_size=run.batch_size, grad_accum=run.grad_accum, lr=run.lr,
                          weight_decay=run.weight_decay, warmup_steps=run.warmup_steps, schedule=run.schedule,
                          max_grad_norm=run.max_grad_norm, seed=run.seed, eval_every=run.eval_every,
-                         output_dir=str(out), bf16=run.bf16, group_by_length=run.group_by_length,
-                         resume=run.resume, save_adapter=run.method != FULL)
+                         output_dir=str(out), save_every=run.save_every, bf16=run.bf16,
+                         group_by_length=run.group_by_length, resume=run.resume, save_adapter=run.method != FULL)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)
     adapter_dir = str(out / "adapter") if run.method != FULL else None
     outcome = RunResult(dataclasses.asdict(run), metric, before, after, trainable, result, samples[:5],
                         time.perf_counter() - start, adapter_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(outcome.summary(), indent=2) + "\n")
+    try:
+        (out / "run.json").write_text(json.dumps(outcome.summary(), indent=2) + "\n")
+    except OSError as err:
+        raise TrainingError(f"could not write {out / 'run.json'} ({err}); the adapter is saved in {adapter_dir}; "
+                            "free disk space and rerun with --resume to write it") from None
     return outcome

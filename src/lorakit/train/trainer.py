@@ -39,13 +39,14 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..api import STATE_ATTR, AdapterState
 from ..core.hooks import TrainingHooks
 from ..core.loss import model_loss
-from ..errors import ConfigError, TrainingError
+from ..errors import AdapterFileError, ConfigError, TrainingError
 from ..io.persistence import SAVED_PREFIX, _atomic_write, adapter_tensors, read_adapter_tensors, save
 from . import data
 from .data import IGNORE_INDEX, Batch
@@ -310,6 +311,23 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], meta: Mapping[str, Any])
     return {"state": state, "param_groups": [dict(g) for g in meta["param_groups"]]}
 
 
+def _fsync_tree(directory: Path, files: bool = True) -> None:
+    """Flush ``directory``'s files (with ``files``) and the directory entry itself to disk."""
+    if files:
+        for path in directory.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @torch.no_grad()
 def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
     """Copy a saved adapter's tensors (``lorakit.save``'s names) into the adapter attached to ``model``,
@@ -358,6 +376,25 @@ class _StepStats(NamedTuple):
     seconds: float
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``; a line that is not a JSON object (a torn tail after a crash, power loss
+    or a full disk) is dropped with a warning."""
+    records, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            torn.append(number)
+    if torn:
+        logger.warning("%s: dropped %d unreadable line(s) (%s), e.g. a record torn by a crash", path, len(torn),
+                       ", ".join(map(str, torn[:5])))
+    return records
+
+
 class _Log:
     """Where a run reports: ``log.jsonl`` and TensorBoard (with an output directory), a progress bar (tqdm if
     installed) or else a logging line every ``log_every`` steps.  Silent on ranks other than 0."""
@@ -369,8 +406,7 @@ class _Log:
             out.mkdir(parents=True, exist_ok=True)
             self.jsonl = out / LOG_FILE
             if config.resume and self.jsonl.exists():  # records written after the checkpoint will be replayed
-                kept = [line for line in self.jsonl.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                kept = [json.dumps(r) for r in read_log(self.jsonl) if r.get("step", 0) <= start_step]
                 _atomic_write(self.jsonl, lambda p: Path(p).write_text("".join(line + "\n" for line in kept)))
             elif self.jsonl.exists():
                 self.jsonl.unlink()
@@ -400,8 +436,12 @@ class _Log:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.jsonl is not None:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.jsonl, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise TrainingError(f"could not append to {self.jsonl} ({err}); the checkpoints are unaffected: "
+                                    "free disk space and rerun with resume") from None
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("type", "step") and isinstance(value, (int, float)):
@@ -499,7 +539,11 @@ class _Run:
         adapter_dir = None
         if p.step >= config.steps and self.out is not None and self.adapter is not None and config.save_adapter \
                 and self.is_main:
-            adapter_dir = str(save(model, self.out / ADAPTER_DIR))
+            try:
+                adapter_dir = str(save(model, self.out / ADAPTER_DIR))
+            except (OSError, SafetensorError) as err:
+                raise TrainingError(f"could not write the adapter to {self.out / ADAPTER_DIR} ({err}); free disk "
+                                    f"space and resume. {self.checkpoint_note()}") from None
         return TrainResult(
             losses=list(p.losses), evals=list(p.evals), seconds=time.perf_counter() - start,
             peak_memory_mib=_peak_memory_mib(self.device),
@@ -611,10 +655,14 @@ class _Run:
         return None
 
     def checkpoint_note(self) -> str:
-        if self.out is None or self.checkpoint_dir() is None:
+        directory = None if self.out is None else self.checkpoint_dir()
+        if directory is None:
             return "No checkpoint was written."
-        step = json.loads((self.checkpoint_dir() / STATE_JSON).read_text())["step"]
-        return f"The last good checkpoint (step {step}) in {self.checkpoint_dir()} is intact."
+        try:
+            step = json.loads((directory / STATE_JSON).read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"The last checkpoint is in {directory}."
+        return f"The last good checkpoint (step {step}) in {directory} is intact."
 
     def save_checkpoint(self) -> None:
         """Write the checkpoint into a fresh directory, then swap it in (rank 0; all ranks send RNG states)."""
@@ -648,16 +696,23 @@ class _Run:
                 "progress": dataclasses.asdict(self.progress)}
         final, tmp, old = (self.out / CHECKPOINT_DIR, self.out / f".{CHECKPOINT_DIR}-tmp",
                            self.out / f".{CHECKPOINT_DIR}-old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if self.adapter is not None:
-            save(self.model, tmp)
-        save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
-        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if self.adapter is not None:
+                save(self.model, tmp)
+            save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
+            (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+            _fsync_tree(tmp)
+        except (OSError, SafetensorError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f"could not write the checkpoint of step {self.progress.step} in {tmp} ({err}); "
+                                f"free disk space and resume. {self.checkpoint_note()}") from None
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_tree(self.out, files=False)
         shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint at step %d in %s", self.progress.step, final)
 
@@ -668,11 +723,18 @@ class _Run:
         if directory is None:
             logger.info("resume=True but %s holds no checkpoint: starting from step 0", self.out)
             return
-        meta = json.loads((directory / STATE_JSON).read_text())
-        if meta.get("format") != "lorakit-trainer" or meta.get("version", STATE_VERSION + 1) > STATE_VERSION:
-            raise TrainingError(f"{directory / STATE_JSON} is not a lorakit trainer state this version reads "
-                                f"(format {meta.get('format')!r}, version {meta.get('version')!r}); upgrade lorakit")
-        tensors = load_file(str(directory / STATE_TENSORS))
+        try:
+            meta = json.loads((directory / STATE_JSON).read_text())
+            tensors = load_file(str(directory / STATE_TENSORS))
+        except (OSError, ValueError, RecursionError, SafetensorError) as err:
+            raise AdapterFileError(f"the checkpoint in {directory} is corrupt ({type(err).__name__}: {err}); "
+                                   "delete it to start over, or pass another output directory") from None
+        if not isinstance(meta, dict) or meta.get("format") != "lorakit-trainer" \
+                or not isinstance(meta.get("version"), int) or meta["version"] > STATE_VERSION:
+            found = meta if not isinstance(meta, dict) else (meta.get("format"), meta.get("version"))
+            raise AdapterFileError(f"{directory / STATE_JSON} is not a lorakit trainer state this version reads "
+                                   f"(expected format 'lorakit-trainer', version <= {STATE_VERSION}; found "
+                                   f"{found!r}); delete it or upgrade lorakit")
         changed = {k: (meta["config"][k], getattr(self.config, k)) for k in _RESUME_FIXED
                    if meta["config"].get(k) != getattr(self.config, k)}
         if changed:
