@@ -138,22 +138,28 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"{result.adapter_dir or '(full fine-tuning: no adapter)'}")
 
 
+def _run_json(adapter: str) -> dict[str, Any]:
+    """The training run's configuration from the ``run.json`` beside ``adapter`` ({} when there is none)."""
+    run_json = Path(adapter).parent / "run.json"
+    if not run_json.is_file():
+        return {}
+    try:
+        run = json.loads(run_json.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise LorakitError(f"{run_json} is corrupt ({type(err).__name__}: {err}); expected the JSON that "
+                           "`lorakit train` writes, with a 'config' object. Delete it and pass --model") from None
+    if not isinstance(run, dict):
+        raise LorakitError(f"{run_json}: 'config' must be an object, found {type(run).__name__}")
+    return run
+
+
 def _load_adapted(adapter: str, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """Base model (from the adapter's run.json or --model) with the adapter loaded."""
     from . import load as load_adapter
     from .io.persistence import read_adapter_config
     from .models import load_model
     meta = read_adapter_config(adapter)
-    run_json = Path(adapter).parent / "run.json"
-    run: dict[str, Any] = {}
-    if run_json.is_file():
-        try:
-            run = json.loads(run_json.read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
-            raise LorakitError(f"{run_json} is corrupt ({type(err).__name__}: {err}); expected the JSON that "
-                               "`lorakit train` writes, with a 'config' object. Delete it and pass --model") from None
-        if not isinstance(run, dict):
-            raise LorakitError(f"{run_json}: 'config' must be an object, found {type(run).__name__}")
+    run = _run_json(adapter)
     model_spec = getattr(args, "model", None) or run.get("model") or meta.get("base_model")
     if not model_spec:
         raise LorakitError(f"{adapter} does not name its base model; pass --model")
@@ -183,12 +189,11 @@ def _set_rank(model: Any, rank: int | None) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .train.data import load_task
-    from .train.run import RunConfig, check_field, encode, score
+    from .train.run import RunConfig, check_field, check_metric, encode, score
     flags = {name: check_field(name, getattr(args, name), "--" + name.replace("_", "-"))
              for name in ("task", "data_dir", "eval_limit", "eval_split", "metric", "max_new_tokens")
              if getattr(args, name, None) is not None}
-    model, tokenizer, run = _load_adapted(args.adapter, args)
-    _set_rank(model, args.rank)
+    run = _run_json(args.adapter)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     try:
         cfg = RunConfig(**{k: v for k, v in run.items() if k in fields}) if run else RunConfig()
@@ -196,6 +201,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise LorakitError(f"{Path(args.adapter).parent / 'run.json'}: {err}") from None
     cfg = dataclasses.replace(cfg, **flags).resolved()
     spec, examples = load_task(cfg.task, cfg.eval_split, cfg.data_dir, seed=cfg.seed, limit=cfg.eval_limit)
+    check_metric(cfg.metric, spec)
+    model, tokenizer, _ = _load_adapted(args.adapter, args)
+    _set_rank(model, args.rank)
     metric = cfg.metric or spec.metric
     value, samples = score(model, tokenizer, metric, examples, encode(spec, examples, tokenizer, cfg), cfg)
     print(json.dumps({"adapter": args.adapter, "task": cfg.task, "split": cfg.eval_split, "metric": metric,

@@ -188,8 +188,9 @@ def _file_rows(path: Path) -> list[Row]:
         try:
             return [(reader.line_num, row) for row in reader]
         except csv.Error as err:
-            raise LorakitError(f"{path} line {reader.line_num} is not valid CSV ({err}); expected a header row, "
-                               f"then rows of fields under {csv.field_size_limit():,} characters each") from None
+            raise LorakitError(f"{path}: the row after line {reader.line_num} is not valid CSV ({err}); expected a "
+                               f"header row, then rows of fields under {csv.field_size_limit():,} characters each"
+                               ) from None
     rows: list[Row] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

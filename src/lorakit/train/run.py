@@ -30,7 +30,7 @@ from ..errors import ConfigError, TrainingError
 from ..models import load_model
 from . import evaluate
 from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, load_task
-from .trainer import SCHEDULES, TrainConfig, TrainResult, train
+from .trainer import SCHEDULES, TrainConfig, TrainResult, find_checkpoint, read_checkpoint_meta, train
 
 logger = logging.getLogger(__name__)
 
@@ -185,15 +185,15 @@ def check_field(name: str, value: Any, where: str) -> Any:
     """``value`` for the `RunConfig` field ``name`` checked against its type, `CHOICES` and `RULES` (an int
     given for a float becomes a float); ``where`` names the value in the error (a flag, a recipe key)."""
     hint = _hints(RunConfig)[name]
+    test, expected = RULES.get(name, (None, _describe(hint)))
     if not _type_ok(value, hint):
-        raise ConfigError(f"{where} must be {_describe(hint)}, got {value!r}")
+        raise ConfigError(f"{where} must be {expected}, got {value!r}")
     if value is None:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and float in (*typing.get_args(hint), hint):
         value = float(value)
     if name in CHOICES and value not in CHOICES[name]:
         raise ConfigError(f"{where} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    test, expected = RULES.get(name, (None, ""))
     if test is not None and not test(value):
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
     return value
@@ -219,6 +219,13 @@ def check_method_options(method: str, options: dict[str, Any], where: str = "met
         config_class(**{**METHOD_DEFAULTS.get(method, {}), **options})
     except TypeError as err:
         raise ConfigError(f"bad option for {method}: {err}") from err
+
+
+def check_metric(metric: str | None, spec: TaskSpec) -> None:
+    """Classification tasks are scored by accuracy; generation tasks by exact match or NLL."""
+    if metric is not None and (metric == "accuracy") != (spec.type == "classification"):
+        raise ConfigError(f"metric {metric!r} does not fit task {spec.name} ({spec.type}); use "
+                          f"{'accuracy' if spec.type == 'classification' else 'exact_match or nll'}")
 
 
 def check_output_dir(path: str | Path, where: str = "--output-dir") -> Path:
@@ -301,9 +308,7 @@ def prepare(run: RunConfig) -> tuple[nn.Module, Any, TaskSpec, list[dict], list[
     if spec.num_labels is not None and (eval_spec.num_labels or 0) > spec.num_labels:
         raise ConfigError(f"task {run.task}: the {run.eval_split} split has labels up to {eval_spec.num_labels - 1}"
                           f" but the train split only 0..{spec.num_labels - 1}; every class must occur in training")
-    if run.metric is not None and (run.metric == "accuracy") != (spec.type == "classification"):
-        raise ConfigError(f"metric {run.metric!r} does not fit task {run.task} ({spec.type}); use "
-                          f"{'accuracy' if spec.type == 'classification' else 'exact_match or nll'}")
+    check_metric(run.metric, spec)
     torch.manual_seed(run.seed)
     model, tokenizer = load_model(run.model, spec.type, num_labels=spec.num_labels, dtype=run.dtype,
                                   device=run.device)
@@ -332,6 +337,8 @@ def run_training(run: RunConfig) -> RunResult:
     if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
         check_method_options(run.method, run.method_options)
     out = check_output_dir(run.output_dir)
+    if run.resume and (checkpoint := find_checkpoint(out)) is not None:
+        read_checkpoint_meta(checkpoint)  # a corrupt checkpoint fails here, before the model is loaded
     start = time.perf_counter()
     model, tokenizer, spec, features, eval_examples, eval_features = prepare(run)
     metric = run.metric or spec.metric

@@ -63,6 +63,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 # A resumed run must draw the same batches: these fields may not change between the two runs; changing the
 # others (but the free ones, which do not touch the trajectory) makes it differ from an uninterrupted run.
 _RESUME_FIXED = ("batch_size", "grad_accum", "seed", "group_by_length")
+_STATE_KEYS = ("step", "batches_drawn", "world_size", "config", "optimizer", "hooks", "trainable", "progress")
 _RESUME_FREE = ("resume", "stop_after", "progress", "output_dir", "log_every", "eval_every", "save_every",
                 "save_adapter")
 
@@ -309,6 +310,36 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], meta: Mapping[str, Any])
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = tensor
     return {"state": state, "param_groups": [dict(g) for g in meta["param_groups"]]}
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The last complete checkpoint in ``out``: ``checkpoint/``, or the previous one if a swap was interrupted."""
+    for directory in (out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}-old"):
+        if (directory / STATE_JSON).is_file():
+            return directory
+    return None
+
+
+def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``, checked (format, version, keys) so that a corrupt one is one clear
+    error, before any model is built."""
+    path = directory / STATE_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise AdapterFileError(f"the checkpoint file {path} is corrupt ({type(err).__name__}: {err}); delete "
+                               f"{directory} to start over, or pass another output directory") from None
+    if not isinstance(meta, dict) or meta.get("format") != "lorakit-trainer" \
+            or not isinstance(meta.get("version"), int) or meta["version"] > STATE_VERSION:
+        found = meta if not isinstance(meta, dict) else (meta.get("format"), meta.get("version"))
+        raise AdapterFileError(f"{path} is not a lorakit trainer state this version reads (expected format "
+                               f"'lorakit-trainer', version <= {STATE_VERSION}; found {found!r}); delete it or "
+                               "upgrade lorakit")
+    missing = [k for k in _STATE_KEYS if k not in meta]
+    if missing or not isinstance(meta["config"], dict) or not isinstance(meta["progress"], dict):
+        raise AdapterFileError(f"{path} is incomplete or damaged (missing {missing or 'valid config/progress'}); "
+                               f"delete {directory} to start over")
+    return meta
 
 
 def _fsync_tree(directory: Path, files: bool = True) -> None:
@@ -647,12 +678,8 @@ class _Run:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path | None:
-        """The last complete checkpoint: ``checkpoint/``, or the previous one if a swap was interrupted."""
         assert self.out is not None
-        for directory in (self.out / CHECKPOINT_DIR, self.out / f".{CHECKPOINT_DIR}-old"):
-            if (directory / STATE_JSON).is_file():
-                return directory
-        return None
+        return find_checkpoint(self.out)
 
     def checkpoint_note(self) -> str:
         directory = None if self.out is None else self.checkpoint_dir()
@@ -723,18 +750,12 @@ class _Run:
         if directory is None:
             logger.info("resume=True but %s holds no checkpoint: starting from step 0", self.out)
             return
+        meta = read_checkpoint_meta(directory)
         try:
-            meta = json.loads((directory / STATE_JSON).read_text())
             tensors = load_file(str(directory / STATE_TENSORS))
-        except (OSError, ValueError, RecursionError, SafetensorError) as err:
+        except (OSError, SafetensorError) as err:
             raise AdapterFileError(f"the checkpoint in {directory} is corrupt ({type(err).__name__}: {err}); "
                                    "delete it to start over, or pass another output directory") from None
-        if not isinstance(meta, dict) or meta.get("format") != "lorakit-trainer" \
-                or not isinstance(meta.get("version"), int) or meta["version"] > STATE_VERSION:
-            found = meta if not isinstance(meta, dict) else (meta.get("format"), meta.get("version"))
-            raise AdapterFileError(f"{directory / STATE_JSON} is not a lorakit trainer state this version reads "
-                                   f"(expected format 'lorakit-trainer', version <= {STATE_VERSION}; found "
-                                   f"{found!r}); delete it or upgrade lorakit")
         changed = {k: (meta["config"][k], getattr(self.config, k)) for k in _RESUME_FIXED
                    if meta["config"].get(k) != getattr(self.config, k)}
         if changed:
