@@ -101,7 +101,7 @@ def run_config(args: argparse.Namespace, **overrides: Any) -> Any:
         try:
             recipe = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
-            raise LorakitError(f"cannot read recipe {args.config}: {err}") from err
+            raise LorakitError(f"cannot read recipe {args.config}: {' '.join(str(err).split())}") from err
         if not isinstance(recipe, dict):
             raise LorakitError(f"recipe {args.config} must be a mapping of option: value")
         known = {f.name for f in dataclasses.fields(RunConfig)}
@@ -233,6 +233,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_methods(args: argparse.Namespace) -> None:
     from .core.registry import methods
+    if args.r < 1:
+        raise LorakitError(f"--r must be a positive integer (the rank for the counts), got {args.r}")
     registry = methods()
     counts: dict[str, int] = {}
     if args.model:
