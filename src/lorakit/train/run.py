@@ -185,6 +185,8 @@ def check_field(name: str, value: Any, where: str) -> Any:
     """``value`` for the `RunConfig` field ``name`` checked against its type, `CHOICES` and `RULES` (an int
     given for a float becomes a float); ``where`` names the value in the error (a flag, a recipe key)."""
     hint = _hints(RunConfig)[name]
+    if isinstance(value, Path):  # model, data_dir, output_dir given as paths
+        value = str(value)
     test, expected = RULES.get(name, (None, _describe(hint)))
     if not _type_ok(value, hint):
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
