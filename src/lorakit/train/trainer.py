@@ -15,8 +15,9 @@ hooks exactly where `lorakit.core.hooks` says::
 
 Checkpoints (``output_dir/checkpoint``: safetensors + JSON, never pickle) hold the adapter, the
 optimizer state, the step, the RNG states, the batcher position and the hooks' counters; the whole
-directory is written beside the old one and swapped in, so ``resume=True`` always finds a complete
-checkpoint and continues bit for bit (on CPU) as if the run had never stopped.
+directory is written beside the old one, flushed to disk (fsync) and swapped in, so ``resume=True`` always
+finds a complete checkpoint and continues bit for bit (on CPU) as if the run had never stopped; a write that
+fails (disk full) is a `TrainingError` that leaves the last checkpoint in place.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ SCHEDULES = ("linear", "cosine", "constant")
 # A resumed run must draw the same batches: these fields may not change between the two runs; changing the
 # others (but the free ones, which do not touch the trajectory) makes it differ from an uninterrupted run.
 _RESUME_FIXED = ("batch_size", "grad_accum", "seed", "group_by_length")
-_STATE_KEYS = ("step", "batches_drawn", "world_size", "config", "optimizer", "hooks", "trainable", "progress")
 _RESUME_FREE = ("resume", "stop_after", "progress", "output_dir", "log_every", "eval_every", "save_every",
                 "save_adapter")
+# What every trainer_state.json holds.
+_STATE_KEYS = ("step", "batches_drawn", "world_size", "config", "optimizer", "hooks", "trainable", "progress")
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 EvalFn = Callable[[nn.Module], float | Mapping[str, float]]
