@@ -194,22 +194,36 @@ def verdict(code: int, stderr: str) -> str:
 # ---------------------------------------------------------------------------------------------- kill -9
 
 
+def adapter_content(directory: Path) -> tuple[bytes, dict[str, object], bytes]:
+    """adapter_config.json's bytes, the safetensors header (as JSON) and the tensor bytes.  The header is compared
+    parsed: safetensors writes its metadata map in a per-process random order (a Rust HashMap)."""
+    raw = (directory / "adapter_model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return (directory / "adapter_config.json").read_bytes(), json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def start_training(args: list[str], out: Path) -> tuple[subprocess.Popen, float]:
+    """A ``lorakit train`` process and the moment it created ``out`` (imports and validation done)."""
+    process = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *args, "--output-dir", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    while not out.exists() and process.poll() is None:
+        time.sleep(0.01)
+    return process, time.monotonic()
+
+
 def kill_and_resume(model: Path, tmp: Path, kills: int, seed: int) -> list[dict[str, object]]:
     args = ["train", "--model", str(model), "--task", "arith", "--steps", "60", "--batch-size", "4", "--eval-limit",
             "2", "--max-new-tokens", "2", "--method", "lora", "-o", "r=2", "--warmup-steps", "2"]
-    start = time.monotonic()
-    reference = run_cli([*args, "--output-dir", str(tmp / "reference")])
-    duration = time.monotonic() - start
-    assert reference.returncode == 0, reference.stderr
-    expected = {n: (tmp / "reference" / "adapter" / n).read_bytes()
-                for n in ("adapter_model.safetensors", "adapter_config.json")}
+    reference, started = start_training(args, tmp / "reference")
+    assert reference.wait() == 0
+    span = time.monotonic() - started  # model load, eval, 60 steps with 10 checkpoints, eval, save
+    expected = adapter_content(tmp / "reference" / "adapter")
     rng = random.Random(seed)
     rows = []
     for i in range(kills):
         out = tmp / f"killed-{i}"
-        delay = rng.uniform(0.3, 0.97) * duration  # the first ~30% is imports: kills land in eval/train/saves
-        victim = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *args, "--output-dir", str(out)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        delay = rng.uniform(0, span)
+        victim, _ = start_training(args, out)
         time.sleep(delay)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
@@ -221,10 +235,10 @@ def kill_and_resume(model: Path, tmp: Path, kills: int, seed: int) -> list[dict[
             with open(out / "log.jsonl", "a") as log:
                 log.write('{"type": "train", "st')
         resumed = run_cli([*args, "--output-dir", str(out), "--resume"])
-        same = resumed.returncode == 0 and all((out / "adapter" / n).read_bytes() == data
-                                               for n, data in expected.items())
-        rows.append({"kill": i + 1, "after_s": round(delay, 1), "killed": victim.returncode == -signal.SIGKILL,
-                     "checkpoint_step": at, "finished_before_kill": finished, "torn_log": torn,
+        same = resumed.returncode == 0 and adapter_content(out / "adapter") == expected
+        rows.append({"kill": i + 1, "after_s": round(delay, 1), "span_s": round(span, 1),
+                     "killed": victim.returncode == -signal.SIGKILL, "checkpoint_step": at,
+                     "finished_before_kill": finished, "torn_log": torn,
                      "resume_exit": resumed.returncode, "bit_exact": same,
                      "error": "" if resumed.returncode == 0 else resumed.stderr.strip().splitlines()[-1]})
         print(rows[-1], flush=True)
@@ -299,8 +313,13 @@ def write_report(outcomes: dict[str, tuple[str, str]], real: dict[str, tuple[str
     lines += [f"| {case} | {v} | {line.replace('|', '/')} |" for case, (v, line) in outcomes.items()]
     lines += ["", "## kill -9 and --resume", "",
               f"{len(kills)} kills at random moments of a tiny-model `lorakit train` (60 steps, checkpoint every 6 "
-              f"by default), each resumed with `--resume` (odd kills after tearing the last log line): "
-              f"**{exact} of {len(kills)}** final adapters byte-identical to the uninterrupted run's.", "",
+              f"by default) at a uniform random moment after its imports ({kills[0]['span_s'] if kills else 0} s "
+              "for the reference run: model load, eval, training, checkpoints, eval, save), each resumed with "
+              f"`--resume` (odd kills after tearing the last log line): **{exact} of {len(kills)}** final adapters "
+              "identical to the uninterrupted run's: adapter_config.json byte for byte, every tensor byte for byte "
+              "(the safetensors data section), the safetensors header equal as JSON (safetensors writes its "
+              "metadata map in a random order per process, so whole-file bytes differ between any two processes, "
+              "killed or not).", "",
               "| kill | after (s) | last checkpoint step | torn log | resume exit | bit-exact |",
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {k['kill']} | {k['after_s']} | {k['checkpoint_step']}"
