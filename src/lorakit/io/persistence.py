@@ -359,7 +359,7 @@ def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], path: 
 @torch.no_grad()
 def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tuple[nn.Module, nn.Module]],
                   path: Path) -> None:
-    """Each loaded update ΔW and base offset is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
+    """Every loaded tensor, update ΔW and base offset is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
     def check(what: str, value: Tensor, reference: Tensor) -> None:
         limit = MAX_UPDATE_RATIO * max(1.0, float(reference.detach().abs().max()) if reference.numel() else 1.0)
         top = float(value.detach().abs().max()) if value.numel() else 0.0
@@ -370,6 +370,8 @@ def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tupl
 
     for name, layer in layers.items():
         w0 = layer.original_weight if layer.original_weight is not None else layer.base.weight
+        for key, tensor in layer.adapter_state().items():
+            check(f"tensor '{name}.{key}'", tensor, w0)
         check(f"update of layer '{name}'", layer.delta_weight(), w0)
         if layer.base_offset_B is not None:
             check(f"base offset of layer '{name}'", layer.base_offset_B @ layer.base_offset_A, w0)
