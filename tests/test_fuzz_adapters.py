@@ -130,7 +130,7 @@ IN_TYPE: dict[type, list[Any]] = {  # values of the right type, possibly out of 
     str: ["", "x", "all-linear", "a" * 5000],
     tuple: [[], ["q_proj"], ["x"], [""]],
 }
-HOSTILE_REGEXES = ["(.*)*X", "(a|aa)+$" + "a" * 40, "a{1000000}", "((a{100}){100}){100}", "(", "[a-", "(?P<x>a)(?P=y)",
+HOSTILE_REGEXES = ["(.*)*X", "(.|.)*q", "a{1000000}", "((a{100}){100}){100}", "(", "[a-", "(?P<x>a)(?P=y)",
                    "\\", "a" * 2000]
 
 
