@@ -338,6 +338,23 @@ def _check_offsets(layers: dict[str, AdapterLayer], offsets: dict[str, int | Non
                                    + (f" at the recorded rank {rank}" if rank is not None else ""))
 
 
+def check_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """``tensors`` (``save``'s names) fit the adapter attached to ``model`` exactly: the same names and shapes,
+    and base offsets only where its method owns them (every layer for W0-moving inits; any layer for merged
+    boosting rounds, whose record is in the JSON that `load` reads).  For checkpoints and rank-0 broadcasts."""
+    state = get_state(model)
+    path = Path(source)
+    if state.method.base_offsets == "every-layer":
+        offsets: dict[str, int | None] = dict.fromkeys(state.layers)
+    elif state.method.base_offsets == "merged-rounds":
+        offsets = {k.rsplit(".", 1)[0]: None for k in tensors if k.endswith(".base_offset_B")
+                   and k.rsplit(".", 1)[0] in state.layers}
+    else:
+        offsets = {}
+    _check_tensors(adapter_tensors(model), tensors, path)
+    _check_offsets(state.layers, offsets, tensors, path)
+
+
 def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path) -> None:
     """Exactly the tensors the attached adapter has (base offsets aside: `_check_offsets`), same shapes."""
     offsets = {k for k in found if k.rsplit(".", 1)[-1] in ("base_offset_B", "base_offset_A")
