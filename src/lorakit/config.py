@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -97,6 +98,11 @@ def check_schema(cls: type[AdapterConfig], values: dict[str, Any]) -> dict[str, 
             for name, value in values.items()}
 
 
+def _show(value: Any) -> str:
+    """A short repr, safe on deeply nested or huge values."""
+    return reprlib.repr(value)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -114,32 +120,32 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
                 return _check_value(where, value, option)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r:.80}")
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {_show(value)}")
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{where} must be null, got {value!r:.80}")
+            raise ConfigError(f"{where} must be null, got {_show(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r:.80}")
+            raise ConfigError(f"{where} must be true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r:.80}")
+            raise ConfigError(f"{where} must be an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r:.80}")
+            raise ConfigError(f"{where} must be a number, got {_show(value)}")
         if abs(value) > 1e308 or not math.isfinite(value):
-            raise ConfigError(f"{where} must be a finite number, got {value!r:.80}")
+            raise ConfigError(f"{where} must be a finite number, got {_show(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r:.80}")
+            raise ConfigError(f"{where} must be a string, got {_show(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r:.80}")
+            raise ConfigError(f"{where} must be a list, got {_show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_check_value(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
@@ -147,7 +153,7 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
         return tuple(_check_value(f"{where}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be an object, got {value!r:.80}")
+            raise ConfigError(f"{where} must be an object, got {_show(value)}")
         return {_check_value(f"{where} key", k, args[0]): _check_value(f"{where}[{k!r}]", v, args[1])
                 for k, v in value.items()}
     raise TypeError(f"{where}: check_schema does not know the type {tp!r}")  # a lorakit bug, not bad input

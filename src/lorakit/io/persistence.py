@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ SAVED_PREFIX = "modules_to_save."
 PROBES = 16
 MAX_CONFIG_BYTES = 64 << 20
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# A loaded update (or base offset) with entries beyond MAX_UPDATE_RATIO * max(1, max|W0|) is refused: no
+# A loaded tensor, update or base offset with entries beyond MAX_UPDATE_RATIO * max(1, max|W0|) is refused: no
 # training produces one, and it overflows the activations (e.g. alpha = 1e30 in a hand-edited config).
 MAX_UPDATE_RATIO = 1e3
 
@@ -144,7 +145,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
                                "with peft.PeftModel.from_pretrained")
     version = data["lorakit_format_version"]
     if not _is_int(version) or version > FORMAT_VERSION:
-        raise AdapterFileError(f"{path} has format version {version!r:.40}; this lorakit reads up to "
+        raise AdapterFileError(f"{path} has format version {reprlib.repr(version)}; this lorakit reads up to "
                                f"{FORMAT_VERSION}: upgrade lorakit")
     if version < 1:
         raise _bad(path, "'lorakit_format_version'", f"an integer from 1 to {FORMAT_VERSION}", version)
@@ -179,7 +180,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _bad(path: Path, item: str, expected: str, found: Any) -> AdapterFileError:
-    return AdapterFileError(f"{path}: {item} must be {expected}, found {found!r:.80}")
+    return AdapterFileError(f"{path}: {item} must be {expected}, found {reprlib.repr(found)}")
 
 
 def _expect(path: Path, key: str, value: Any, kind: type, expected: str) -> None:
@@ -284,11 +285,11 @@ def _check_targets(path: Path, data: dict[str, Any], config: AdapterConfig, targ
     for name, module in targets.items():
         if not fingerprints_match(saved_fp[name], weight_fingerprint(_original_weight(module))):
             raise AdapterFileError(
-                f"base weights differ at '{name}': this adapter was trained on "
+                f"{path}: base weights differ at '{name}': this adapter was trained on "
                 f"{data.get('base_model') or 'another model'!r}; load it on that base model")
         d_out, d_in = base_shape(module)
         if [d_out, d_in] != saved_fp[name]["shape"]:
-            raise AdapterFileError(f"layer '{name}' is {d_out}x{d_in} here but {saved_fp[name]['shape']} "
+            raise AdapterFileError(f"{path}: layer '{name}' is {d_out}x{d_in} here but {saved_fp[name]['shape']} "
                                    "in the adapter")
     largest = max(max(base_shape(m)) for m in targets.values())
     if config.r > largest:  # checked before attach allocates r-wide factors
