@@ -229,7 +229,7 @@ def mutations(directory: Path, rng: random.Random) -> list[Mutation]:
         add("base_offsets record dropped", "neutral" if method.moves_base else "error",
             edit_json(_delete(["base_offsets"])))
         add("base_offsets record: another rank", "error",
-            edit_json(_set(["base_offsets", pair], data["base_offsets"][pair] + 1)))
+            edit_json(_set(["base_offsets", pair], data.get("base_offsets", {}).get(pair, 4) + 1)))
 
     # tensor values, dtypes, shapes, names
     for _ in range(3):
