@@ -94,7 +94,7 @@ def _delete(path: list[Any]) -> Callable[[dict[str, Any]], None]:
         node = data
         for key in path[:-1]:
             node = node[key]
-        del node[path[-1]]
+        node.pop(path[-1], None)
     return edit
 
 
