@@ -21,6 +21,7 @@ import math
 import os
 import reprlib
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,14 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _largest(tensor: Tensor) -> float:
+    """``max |x|`` in one pass (no ``|x|`` copy): inf if an entry is infinite, nan if one is NaN."""
+    if not tensor.numel():
+        return 0.0
+    low, high = (float(v) for v in torch.aminmax(tensor.detach()))
+    return max(-low, high) if not (math.isnan(low) or math.isnan(high)) else math.nan
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -215,7 +224,7 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
         if tensor.dtype not in FLOAT_DTYPES:
             raise AdapterFileError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected float "
                                    "(float16, bfloat16, float32 or float64)")
-        if not torch.isfinite(tensor).all():
+        if not math.isfinite(_largest(tensor)):
             raise AdapterFileError(f"{path}: tensor '{key}' holds NaN or inf values; the adapter is corrupt")
     return tensors
 
@@ -258,7 +267,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             for name, (_, trainable) in state.saved_modules.items():
                 for key, tensor in trainable.state_dict().items():
                     tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
-        _check_loaded(state.layers, state.saved_modules, path)
+        _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
     except BaseException:
         detach(model)
         raise
@@ -376,24 +385,39 @@ def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], path: 
 
 @torch.no_grad()
 def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tuple[nn.Module, nn.Module]],
-                  path: Path) -> None:
+                  low_rank: bool, path: Path) -> None:
     """Every loaded tensor, update ΔW and base offset is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
-    def check(what: str, value: Tensor, reference: Tensor) -> None:
-        limit = MAX_UPDATE_RATIO * max(1.0, float(reference.detach().abs().max()) if reference.numel() else 1.0)
-        top = float(value.detach().abs().max()) if value.numel() else 0.0
+    def limit_of(reference: Tensor) -> float:
+        return MAX_UPDATE_RATIO * max(1.0, _largest(reference))
+
+    def check(what: str, value: Tensor, limit: float) -> None:
+        top = _largest(value)
         if not math.isfinite(top) or top > limit:
             raise AdapterFileError(f"{path}: the loaded {what} has entries up to {top:.3g}, expected at most "
                                    f"{limit:.3g} ({MAX_UPDATE_RATIO:g} x max(1, max|W0|)): the adapter's tensors "
                                    "or its config (alpha, scales) were corrupted")
 
+    def check_product(what: str, factors: tuple[Tensor, Tensor] | None, dense: Callable[[], Tensor],
+                      limit: float) -> None:
+        """``B @ A`` (or ``dense()``) within ``limit``; the dense product only when the factor bound
+        ``max|(BA)_ij| <= max_i ‖B_i,:‖ · max_j ‖A_:,j‖`` (Cauchy-Schwarz) does not already show it."""
+        if factors is not None:
+            B, A = factors
+            bound = float(B.norm(dim=1).max() * A.norm(dim=0).max()) if B.numel() and A.numel() else 0.0
+            if bound <= limit:
+                return
+        check(what, dense(), limit)
+
     for name, layer in layers.items():
-        w0 = layer.original_weight if layer.original_weight is not None else layer.base.weight
+        limit = limit_of(layer.original_weight if layer.original_weight is not None else layer.base.weight)
         for key, tensor in layer.adapter_state().items():
-            check(f"tensor '{name}.{key}'", tensor, w0)
-        check(f"update of layer '{name}'", layer.delta_weight(), w0)
+            check(f"tensor '{name}.{key}'", tensor, limit)
+        # as_lora() is the update itself for low-rank methods (the PEFT export relies on it)
+        check_product(f"update of layer '{name}'", layer.as_lora() if low_rank else None, layer.delta_weight, limit)
         if layer.base_offset_B is not None:
-            check(f"base offset of layer '{name}'", layer.base_offset_B @ layer.base_offset_A, w0)
+            offset = (layer.base_offset_B, layer.base_offset_A)
+            check_product(f"base offset of layer '{name}'", offset, lambda o=offset: o[0] @ o[1], limit)
     for name, (original, trainable) in saved_modules.items():
         reference = dict(original.state_dict())
         for key, tensor in trainable.state_dict().items():
-            check(f"modules_to_save tensor '{name}.{key}'", tensor, reference[key])
+            check(f"modules_to_save tensor '{name}.{key}'", tensor, limit_of(reference[key]))
