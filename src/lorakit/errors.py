@@ -22,5 +22,9 @@ class AdapterFileError(LorakitError):
     """An adapter directory is missing, corrupt, foreign, or does not fit the model."""
 
 
+class AdapterConfigError(AdapterFileError, ConfigError):
+    """The config stored in an adapter file breaks the method's config schema (a type, a range)."""
+
+
 class TrainingError(LorakitError):
     """Training cannot continue (non-finite loss, impossible budget, ...)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
+import regex
 from torch import nn
 
 from ..errors import TargetError
@@ -13,6 +14,13 @@ from .layer import SUPPORTED_BASES
 # Output heads that "all-linear" leaves alone (as PEFT does): they are trained in full through
 # `modules_to_save` when a task needs them.
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_out", "output"})
+# A target_modules regex may come from a hostile adapter file: it is matched with the `regex` module's
+# timeout, against every module name within one time budget, so catastrophic backtracking cannot hang `load`.
+# Counted repeats are expanded when compiled (``a{10000000}`` takes seconds): the product of their bounds is capped.
+MAX_PATTERN_LENGTH = 1000
+MAX_REPEAT_PRODUCT = 10_000
+MATCH_BUDGET_S = 1.0
+_COUNTED_REPEAT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 
 def _suffix_match(name: str, suffix: str) -> bool:
@@ -45,14 +53,7 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str],
                  and n.rsplit(".", 1)[-1] not in HEAD_NAMES]
     else:
         if isinstance(target_modules, str):
-            try:
-                pattern = re.compile(target_modules)
-            except re.error as err:
-                raise TargetError(f"target_modules {target_modules!r} is not a valid regular expression: "
-                                  f"{err}") from err
-
-            def matches(n: str) -> bool:
-                return pattern.fullmatch(n) is not None
+            matches = regex_matcher(target_modules)
         else:
             suffixes = list(target_modules)
 
@@ -73,6 +74,33 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str],
     if not found:
         raise TargetError(f"target_modules={target_modules!r} matched no module; {_hint(model)}")
     return found
+
+
+def regex_matcher(pattern: str, budget_s: float = MATCH_BUDGET_S) -> Callable[[str], bool]:
+    """``name -> bool``: ``pattern`` must match the whole name; all calls together may take ``budget_s``."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise TargetError(f"target_modules regex is {len(pattern)} characters long; at most "
+                          f"{MAX_PATTERN_LENGTH} are accepted: {pattern[:60]!r}...")
+    product = 1
+    for low, high in _COUNTED_REPEAT.findall(pattern):
+        product *= max(int(low or 0), int(high or 0), 1)
+    if product > MAX_REPEAT_PRODUCT:
+        raise TargetError(f"target_modules regex {pattern!r:.120} has counted repeats ({{n}}) whose bounds multiply "
+                          f"to {product}; at most {MAX_REPEAT_PRODUCT} are accepted")
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, OverflowError, RecursionError, ValueError) as err:
+        raise TargetError(f"target_modules {pattern!r} is not a valid regular expression: {err}") from err
+    deadline = time.monotonic() + budget_s
+
+    def matches(name: str) -> bool:
+        try:
+            return compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 1e-3)) is not None
+        except TimeoutError as err:
+            raise TargetError(f"target_modules regex {pattern!r:.120} took over {budget_s} s to match the "
+                              "module names (catastrophic backtracking); simplify it or list the module "
+                              "names instead") from err
+    return matches
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -27,7 +27,10 @@ class Method:
     trainable: which tensors train.  params_per_matrix: count for a ``d_out x d_in`` matrix at rank r.
     initialize: a whole-model init (data-driven inits), or ``None`` when layers init themselves.
     needs_data: ``attach`` requires ``data=`` batches.  low_rank: the update exports as a PEFT LoRA.
-    keeps_output: the default init leaves the output unchanged.  moves_base: the init rewrites W0.
+    keeps_output: the default init leaves the output unchanged.
+    base_offsets: which layers carry low-rank base offsets (``base_offset_B``/``base_offset_A``) in a saved
+    adapter: ``"none"``, ``"every-layer"`` (inits that move W0) or ``"merged-rounds"`` (the layers whose
+    boosting rounds were merged, listed in the adapter's JSON); `load` refuses any other set.
     """
 
     name: str
@@ -41,8 +44,13 @@ class Method:
     needs_data: bool = False
     low_rank: bool = True
     keeps_output: bool = True  # attach with the default init leaves the model's output unchanged
-    moves_base: bool = False  # the init rewrites W0 (its offset factors are saved with the adapter)
     set_rank: Callable[[nn.Module, int], None] | None = None  # serve at rank b (methods trained for all ranks)
+    base_offsets: Literal["none", "every-layer", "merged-rounds"] = "none"
+
+    @property
+    def moves_base(self) -> bool:
+        """The init rewrites W0 (its offset factors are saved with the adapter)."""
+        return self.base_offsets == "every-layer"
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -1,19 +1,27 @@
 """Save and load adapters: ``adapter_config.json`` + ``adapter_model.safetensors``, never pickle.
 
-The JSON holds the method, its config, the lorakit format version, the base model's name and a
+The JSON holds the method, its config, the lorakit format version, the base model's name, a
 fingerprint of every targeted base weight (its norm and 16 sampled values, compared with a 1%
-tolerance so a bf16 copy of the same base still matches).  The safetensors file holds each adapter
-layer's tensors under ``{layer}.{tensor}`` (frozen factors and base-offset factors included) and the
-trained copies of ``modules_to_save`` under ``modules_to_save.{module}.{param}``.
-Every check runs before the model is touched, so a bad file never leaves a partial load behind.
+tolerance so a bf16 copy of the same base still matches) and the rank of each layer's base offset.
+The safetensors file holds each adapter layer's tensors under ``{layer}.{tensor}`` (frozen factors and
+base-offset factors included) and the trained copies of ``modules_to_save`` under
+``modules_to_save.{module}.{param}``.
+
+Adapter files may be hostile: `load` checks the JSON against its schema and the method's config schema
+before anything else, refuses any tensor the method does not declare (base offsets included), any
+non-float or non-finite tensor, and any loaded update too large for the base weights; every failure is
+a `LorakitError` naming the file and the item, and leaves the model as it was.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import reprlib
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..api import STATE_ATTR, attach, detach, get_state
+from ..config import AdapterConfig
 from ..core.inject import find_targets
-from ..core.layer import base_shape, skip_init
-from ..core.registry import get_method
-from ..errors import AdapterFileError, LorakitError
+from ..core.layer import AdapterLayer, base_shape, skip_init
+from ..core.registry import Method, get_method
+from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError, TargetError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +44,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SAVED_PREFIX = "modules_to_save."
 PROBES = 16
+MAX_CONFIG_BYTES = 64 << 20
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A loaded tensor, update or base offset with entries beyond MAX_UPDATE_RATIO * max(1, max|W0|) is refused: no
+# training produces one, and it overflows the activations (e.g. alpha = 1e30 in a hand-edited config).
+MAX_UPDATE_RATIO = 1e3
 
 
 def weight_fingerprint(weight: Tensor) -> dict[str, Any]:
@@ -101,6 +115,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "base_model": state.base_model_name,
         "fingerprint": {n: weight_fingerprint(_original_weight(layer)) for n, layer in state.layers.items()},
         "modules_to_save": list(state.saved_modules),
+        "base_offsets": {n: int(layer.base_offset_B.shape[1]) for n, layer in state.layers.items()
+                         if layer.base_offset_B is not None},
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model).items()}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(
@@ -110,77 +126,140 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Parse and validate ``adapter_config.json`` (format, version, required keys)."""
+    """Parse ``adapter_config.json`` and check its schema (format, version, keys and their types)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"no {CONFIG_NAME} in {directory}: not an adapter directory")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{path} is {path.stat().st_size} bytes; an adapter config is at most "
+                               f"{MAX_CONFIG_BYTES} bytes")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path} is not valid JSON ({err}); the file is corrupt") from err
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise AdapterFileError(f"{path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); "
+                               "the file is corrupt") from err
     if not isinstance(data, dict):
-        raise AdapterFileError(f"{path} must hold a JSON object")
+        raise AdapterFileError(f"{path} must hold a JSON object, found {type(data).__name__}")
     if "lorakit_format_version" not in data:
         kind = "a PEFT adapter" if "peft_type" in data else "not a lorakit adapter"
         raise AdapterFileError(f"{path} is {kind} (no 'lorakit_format_version'); load PEFT adapters "
                                "with peft.PeftModel.from_pretrained")
     version = data["lorakit_format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise AdapterFileError(f"{path} has format version {version!r}; this lorakit reads up to "
+    if not _is_int(version) or version > FORMAT_VERSION:
+        raise AdapterFileError(f"{path} has format version {reprlib.repr(version)}; this lorakit reads up to "
                                f"{FORMAT_VERSION}: upgrade lorakit")
+    if version < 1:
+        raise _bad(path, "'lorakit_format_version'", f"an integer from 1 to {FORMAT_VERSION}", version)
     for key in ("method", "config", "fingerprint"):
         if key not in data:
             raise AdapterFileError(f"{path} is missing the required key {key!r}")
+    _expect(path, "method", data["method"], str, "a method name (string)")
+    _expect(path, "config", data["config"], dict, "an object")
+    _expect(path, "fingerprint", data["fingerprint"], dict, "an object (layer name -> fingerprint)")
+    _expect(path, "base_model", data.get("base_model", ""), str, "a string")
+    saved = data.get("modules_to_save", [])
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise _bad(path, "'modules_to_save'", "a list of module names", saved)
+    offsets = data.get("base_offsets", {})
+    if not isinstance(offsets, dict) or not all(_is_int(k) and k >= 1 for k in offsets.values()):
+        raise _bad(path, "'base_offsets'", "an object (layer name -> positive rank)", offsets)
     for key in ("r", "target_modules"):
         if key not in data["config"]:
             raise AdapterFileError(f"{path}: config is missing the required key {key!r}")
+    for name, entry in data["fingerprint"].items():
+        _check_fingerprint(path, name, entry)
     return data
 
 
+def _largest(tensor: Tensor) -> float:
+    """``max |x|`` in one pass (no ``|x|`` copy): inf if an entry is infinite, nan if one is NaN."""
+    if not tensor.numel():
+        return 0.0
+    low, high = (float(v) for v in torch.aminmax(tensor.detach()))
+    return max(-low, high) if not (math.isnan(low) or math.isnan(high)) else math.nan
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e308 \
+        and math.isfinite(value)
+
+
+def _bad(path: Path, item: str, expected: str, found: Any) -> AdapterFileError:
+    return AdapterFileError(f"{path}: {item} must be {expected}, found {reprlib.repr(found)}")
+
+
+def _expect(path: Path, key: str, value: Any, kind: type, expected: str) -> None:
+    if not isinstance(value, kind):
+        raise _bad(path, repr(key), expected, value)
+
+
+def _check_fingerprint(path: Path, name: str, entry: Any) -> None:
+    """``{"shape": [d_out, d_in], "norm": x, "probe": [16 numbers]}``, every number finite."""
+    item = f"fingerprint of {name!r:.120}"
+    if not isinstance(entry, dict) or not {"shape", "norm", "probe"} <= set(entry):
+        raise _bad(path, item, "an object with 'shape', 'norm' and 'probe'", entry)
+    shape, norm, probe = entry["shape"], entry["norm"], entry["probe"]
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(d) and d >= 1 for d in shape):
+        raise _bad(path, f"{item}: 'shape'", "two positive integers", shape)
+    if not _is_number(norm) or norm < 0:
+        raise _bad(path, f"{item}: 'norm'", "a finite number >= 0", norm)
+    if not isinstance(probe, list) or len(probe) != PROBES or not all(_is_number(v) for v in probe):
+        raise _bad(path, f"{item}: 'probe'", f"a list of {PROBES} finite numbers", probe)
+
+
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The safetensors file's tensors; each must be float16/bfloat16/float32/float64 and finite."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}")
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise AdapterFileError(f"{path} is truncated or corrupt and cannot be read: {err}") from err
+    for key, tensor in tensors.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise AdapterFileError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected float "
+                                   "(float16, bfloat16, float32 or float64)")
+        if not math.isfinite(_largest(tensor)):
+            raise AdapterFileError(f"{path}: tensor '{key}' holds NaN or inf values; the adapter is corrupt")
+    return tensors
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the adapter saved in ``directory`` to ``model`` (the same base it was trained on)."""
+    """Attach the adapter saved in ``directory`` to ``model`` (the same base it was trained on).
+
+    Nothing is attached until the config and every file-level check passed; a check that needs the
+    attached layers (tensor names and shapes, the size of the loaded update) detaches again on failure.
+    """
     if getattr(model, STATE_ATTR, None) is not None:
         raise LorakitError("this model already has a lorakit adapter; detach(model) it before loading another")
-    data = read_adapter_config(directory)
-    method = get_method(data["method"])
-    config = method.config_class.from_dict(data["config"])
-    tensors = read_adapter_tensors(directory)
+    path = Path(directory)
+    data = read_adapter_config(path)
+    method, config = _read_method_config(path, data)
+    tensors = read_adapter_tensors(path)
+    try:
+        targets = dict(find_targets(model, config.target_modules, exclude=config.modules_to_save))
+    except TargetError as err:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: target_modules: {err}") from err
+    _check_targets(path, data, config, targets)
+    offsets = _declared_offsets(path, method, data, targets)
 
-    targets = dict(find_targets(model, config.target_modules, exclude=config.modules_to_save))
-    saved_fp: dict[str, Any] = data["fingerprint"]
-    if set(targets) != set(saved_fp):
-        missing, extra = sorted(set(saved_fp) - set(targets)), sorted(set(targets) - set(saved_fp))
-        raise AdapterFileError(f"the adapter in {directory} does not fit this model: layers in the adapter but "
-                               f"not the model {missing[:5]}, in the model but not the adapter {extra[:5]}")
-    for name, module in targets.items():
-        if not fingerprints_match(saved_fp[name], weight_fingerprint(_original_weight(module))):
-            raise AdapterFileError(
-                f"base weights differ at '{name}': this adapter was trained on "
-                f"{data.get('base_model') or 'another model'!r}; load it on that base model")
-        d_out, d_in = base_shape(module)
-        if [d_out, d_in] != saved_fp[name]["shape"]:
-            raise AdapterFileError(f"layer '{name}' is {d_out}x{d_in} here but {saved_fp[name]['shape']} "
-                                   "in the adapter")
-
-    with skip_init():
-        attach(model, config, initialize=False)
+    try:
+        with skip_init():
+            attach(model, config, initialize=False)  # a failed attach leaves the model as it was
+    except ConfigError as err:
+        raise AdapterConfigError(f"{path / CONFIG_NAME}: {err}") from err
+    except LorakitError as err:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: {err}") from err
     try:
         state = get_state(model)
         state.base_model_name = data.get("base_model", "")
-        expected = adapter_tensors(model)
-        _check_tensors(expected, tensors, directory)
-        if method.moves_base:
-            _check_offsets(state.layers, tensors, directory)
+        _check_tensors(adapter_tensors(model), tensors, path)
+        _check_offsets(state.layers, offsets, tensors, path)
         for name, layer in state.layers.items():
             own = {k for k in tensors if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
             layer.load_adapter_state({k[len(name) + 1:]: tensors[k] for k in own})
@@ -188,38 +267,157 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             for name, (_, trainable) in state.saved_modules.items():
                 for key, tensor in trainable.state_dict().items():
                     tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
+        _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
     except BaseException:
         detach(model)
         raise
     return model
 
 
-def _check_offsets(layers: dict[str, Any], found: dict[str, Tensor], directory: Any) -> None:
-    """Inits that moved W0 must ship the offset factors (``d_out×k`` and ``k×d_in``)."""
-    for name, layer in layers.items():
+def _read_method_config(path: Path, data: dict[str, Any]) -> tuple[Method, AdapterConfig]:
+    try:
+        method = get_method(data["method"])
+        return method, method.config_class.from_dict(data["config"])
+    except ConfigError as err:
+        raise AdapterConfigError(f"{path / CONFIG_NAME}: {err}") from err
+    except LorakitError as err:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: {err}") from err
+
+
+def _check_targets(path: Path, data: dict[str, Any], config: AdapterConfig, targets: dict[str, nn.Module]) -> None:
+    """The adapter's layers are this model's targets, on the same base weights, and r fits them."""
+    saved_fp: dict[str, Any] = data["fingerprint"]
+    if set(targets) != set(saved_fp):
+        missing, extra = sorted(set(saved_fp) - set(targets)), sorted(set(targets) - set(saved_fp))
+        raise AdapterFileError(f"the adapter in {path} does not fit this model: layers in the adapter but "
+                               f"not the model {missing[:5]}, in the model but not the adapter {extra[:5]}")
+    for name, module in targets.items():
+        if not fingerprints_match(saved_fp[name], weight_fingerprint(_original_weight(module))):
+            raise AdapterFileError(
+                f"{path}: base weights differ at '{name}': this adapter was trained on "
+                f"{data.get('base_model') or 'another model'!r}; load it on that base model")
+        d_out, d_in = base_shape(module)
+        if [d_out, d_in] != saved_fp[name]["shape"]:
+            raise AdapterFileError(f"{path}: layer '{name}' is {d_out}x{d_in} here but {saved_fp[name]['shape']} "
+                                   "in the adapter")
+    largest = max(max(base_shape(m)) for m in targets.values())
+    if config.r > largest:  # checked before attach allocates r-wide factors
+        raise AdapterConfigError(f"{path / CONFIG_NAME}: config 'r' is {config.r}, larger than every targeted "
+                                 f"layer (the largest dimension is {largest})")
+
+
+def _declared_offsets(path: Path, method: Method, data: dict[str, Any],
+                      targets: dict[str, nn.Module]) -> dict[str, int | None]:
+    """Layer -> rank of the base offset the file must hold (``None``: any rank; files without the record)."""
+    declared: dict[str, int] = data.get("base_offsets", {})
+    unknown = sorted(set(declared) - set(targets))
+    if unknown:
+        raise _bad(path / CONFIG_NAME, "'base_offsets'", "adapter layers", unknown[:5])
+    if method.base_offsets == "none" and declared:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: 'base_offsets' lists {sorted(declared)[:5]}, but "
+                               f"{method.name} never moves the base weights")
+    if method.base_offsets == "every-layer":
+        if declared and set(declared) != set(targets):
+            raise AdapterFileError(f"{path / CONFIG_NAME}: {method.name} moves the base weights of every layer; "
+                                   f"'base_offsets' lacks {sorted(set(targets) - set(declared))[:5]}")
+        return {name: declared.get(name) for name in targets}
+    return dict(declared)
+
+
+def _check_offsets(layers: dict[str, AdapterLayer], offsets: dict[str, int | None], found: dict[str, Tensor],
+                   path: Path) -> None:
+    """Exactly the declared layers carry base-offset factors ``d_out×k`` and ``k×d_in``, k as recorded."""
+    present = {k.rsplit(".", 1)[0] for k in found if k.rsplit(".", 1)[-1] in ("base_offset_B", "base_offset_A")
+               and not k.startswith(SAVED_PREFIX)}
+    extra = sorted(present - set(offsets))
+    if extra:
+        raise AdapterFileError(f"{path}: unexpected tensors: base-offset factors for {extra[:5]}, which the "
+                               "adapter does not declare (its method or 'base_offsets' record)")
+    for name, rank in offsets.items():
+        layer = layers[name]
         b, a = found.get(f"{name}.base_offset_B"), found.get(f"{name}.base_offset_A")
         if b is None or a is None:
-            raise AdapterFileError(f"{directory}: layer '{name}' lacks its base-offset factors "
+            raise AdapterFileError(f"{path}: layer '{name}' lacks its base-offset factors "
                                    "(base_offset_B/base_offset_A); the file is incomplete")
+        k = b.shape[1] if b.ndim == 2 else -1
         if b.ndim != 2 or a.ndim != 2 or b.shape[0] != layer.out_features or a.shape[1] != layer.in_features \
-                or b.shape[1] != a.shape[0]:
-            raise AdapterFileError(f"{directory}: base-offset factors of '{name}' have shapes "
+                or a.shape[0] != k or (rank is not None and k != rank):
+            raise AdapterFileError(f"{path}: base-offset factors of '{name}' have shapes "
                                    f"{tuple(b.shape)} and {tuple(a.shape)}, which do not fit a "
-                                   f"{layer.out_features}x{layer.in_features} layer")
+                                   f"{layer.out_features}x{layer.in_features} layer"
+                                   + (f" at the recorded rank {rank}" if rank is not None else ""))
 
 
-def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], directory: Any) -> None:
-    # base-offset factors are checked by _check_offsets: a skip-init layer has none yet.
-    optional = {k for k in found if ".base_offset_" in k}
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected) - optional)
+def check_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """``tensors`` (``save``'s names) fit the adapter attached to ``model`` exactly: the same names and shapes,
+    and base offsets only where its method owns them (every layer for W0-moving inits; any layer for merged
+    boosting rounds, whose record is in the JSON that `load` reads).  For checkpoints and rank-0 broadcasts."""
+    state = get_state(model)
+    path = Path(source)
+    if state.method.base_offsets == "every-layer":
+        offsets: dict[str, int | None] = dict.fromkeys(state.layers)
+    elif state.method.base_offsets == "merged-rounds":
+        offsets = {k.rsplit(".", 1)[0]: None for k in tensors if k.endswith(".base_offset_B")
+                   and k.rsplit(".", 1)[0] in state.layers}
+    else:
+        offsets = {}
+    _check_tensors(adapter_tensors(model), tensors, path)
+    _check_offsets(state.layers, offsets, tensors, path)
+
+
+def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path) -> None:
+    """Exactly the tensors the attached adapter has (base offsets aside: `_check_offsets`), same shapes."""
+    offsets = {k for k in found if k.rsplit(".", 1)[-1] in ("base_offset_B", "base_offset_A")
+               and not k.startswith(SAVED_PREFIX)}
+    missing = sorted(set(expected) - set(found) - offsets)
+    extra = sorted(set(found) - set(expected) - offsets)
     if missing or extra:
-        raise AdapterFileError(f"{directory}: tensors missing from the file {missing[:5]}"
+        raise AdapterFileError(f"{path}: tensors missing from the file {missing[:5]}"
                                f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {extra[:5]}"
                                f"{' ...' if len(extra) > 5 else ''}")
     for key, tensor in expected.items():
+        if key in offsets:
+            continue
         if tuple(found[key].shape) != tuple(tensor.shape):
-            raise AdapterFileError(f"{directory}: tensor '{key}' has shape {tuple(found[key].shape)}, "
+            raise AdapterFileError(f"{path}: tensor '{key}' has shape {tuple(found[key].shape)}, "
                                    f"expected {tuple(tensor.shape)}")
-        if not found[key].is_floating_point():
-            raise AdapterFileError(f"{directory}: tensor '{key}' has dtype {found[key].dtype}, expected float")
+
+
+@torch.no_grad()
+def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tuple[nn.Module, nn.Module]],
+                  low_rank: bool, path: Path) -> None:
+    """Every loaded tensor, update ΔW and base offset is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
+    def limit_of(reference: Tensor) -> float:
+        return MAX_UPDATE_RATIO * max(1.0, _largest(reference))
+
+    def check(what: str, value: Tensor, limit: float) -> None:
+        top = _largest(value)
+        if not math.isfinite(top) or top > limit:
+            raise AdapterFileError(f"{path}: the loaded {what} has entries up to {top:.3g}, expected at most "
+                                   f"{limit:.3g} ({MAX_UPDATE_RATIO:g} x max(1, max|W0|)): the adapter's tensors "
+                                   "or its config (alpha, scales) were corrupted")
+
+    def check_product(what: str, factors: tuple[Tensor, Tensor] | None, dense: Callable[[], Tensor],
+                      limit: float) -> None:
+        """``B @ A`` (or ``dense()``) within ``limit``; the dense product only when the factor bound
+        ``max|(BA)_ij| <= max_i ‖B_i,:‖ · max_j ‖A_:,j‖`` (Cauchy-Schwarz) does not already show it."""
+        if factors is not None:
+            B, A = factors
+            bound = float(B.norm(dim=1).max() * A.norm(dim=0).max()) if B.numel() and A.numel() else 0.0
+            if bound <= limit:
+                return
+        check(what, dense(), limit)
+
+    for name, layer in layers.items():
+        limit = limit_of(layer.original_weight if layer.original_weight is not None else layer.base.weight)
+        for key, tensor in layer.adapter_state().items():
+            check(f"tensor '{name}.{key}'", tensor, limit)
+        # as_lora() is the update itself for low-rank methods (the PEFT export relies on it)
+        check_product(f"update of layer '{name}'", layer.as_lora() if low_rank else None, layer.delta_weight, limit)
+        if layer.base_offset_B is not None:
+            offset = (layer.base_offset_B, layer.base_offset_A)
+            check_product(f"base offset of layer '{name}'", offset, lambda o=offset: o[0] @ o[1], limit)
+    for name, (original, trainable) in saved_modules.items():
+        reference = dict(original.state_dict())
+        for key, tensor in trainable.state_dict().items():
+            check(f"modules_to_save tensor '{name}.{key}'", tensor, limit_of(reference[key]))

@@ -168,4 +168,4 @@ register(Method(
     name="ba-lora", paper="Chang et al. 2024, BA-LoRA: Bias-Alleviating Low-Rank Adaptation to Mitigate "
     "Catastrophic Inheritance in Large Language Models, arXiv 2408.04556", config_class=BaLoraConfig,
     layer_class=PissaLayer, trainable="A, B (PiSSA init; W0 residual frozen)", params_per_matrix=lora_params,
-    hooks_class=BaLoraHooks, moves_base=True))
+    hooks_class=BaLoraHooks, base_offsets="every-layer"))

@@ -54,4 +54,4 @@ register(Method(
     name="cola", paper="Xia, Qin & Hazan 2024, Chain of LoRA: Efficient Fine-tuning of Language Models via Residual "
     "Learning, arXiv 2401.04151", config_class=ColaConfig, layer_class=BoosterLayer,
     trainable="A, B of the current link (merged links frozen)", params_per_matrix=lora_params,
-    hooks_class=ColaHooks))
+    hooks_class=ColaHooks, base_offsets="merged-rounds"))

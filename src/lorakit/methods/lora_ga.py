@@ -127,4 +127,4 @@ def initialize(model: nn.Module, layers: dict[str, AdapterLayer], config: LoraGa
 register(Method(
     name="lora-ga", paper="Wang, Yu & Li 2024, LoRA-GA: Low-Rank Adaptation with Gradient Approximation, "
     "arXiv 2407.05000", config_class=LoraGaConfig, layer_class=LoraLayer, trainable="A, B (W0 compensated)",
-    params_per_matrix=lora_params, initialize=initialize, needs_data=True, moves_base=True))
+    params_per_matrix=lora_params, initialize=initialize, needs_data=True, base_offsets="every-layer"))

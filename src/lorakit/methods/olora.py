@@ -37,4 +37,4 @@ class OloraLayer(LoraLayer):
 register(Method(
     name="olora", paper="Büyükakyüz 2024, OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models, "
     "arXiv 2406.01775", config_class=OloraConfig, layer_class=OloraLayer, trainable="A, B (W0 residual frozen)",
-    params_per_matrix=lora_params, moves_base=True))
+    params_per_matrix=lora_params, base_offsets="every-layer"))

@@ -64,4 +64,4 @@ class PissaLayer(LoraLayer):
 register(Method(
     name="pissa", paper="Meng, Wang & Zhang 2024, PiSSA: Principal Singular Values and Singular Vectors "
     "Adaptation of Large Language Models, arXiv 2404.02948", config_class=PissaConfig, layer_class=PissaLayer,
-    trainable="A, B (W0 residual frozen)", params_per_matrix=lora_params, moves_base=True))
+    trainable="A, B (W0 residual frozen)", params_per_matrix=lora_params, base_offsets="every-layer"))

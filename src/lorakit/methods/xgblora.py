@@ -233,4 +233,4 @@ register(Method(
     name="xgblora", paper="Zhang, Zhu, Liu, Yu, Koniusz & King 2024, Less is More: Extreme Gradient Boost Rank-1 "
     "Adaption for Efficient Finetuning of LLMs, arXiv 2410.19694", config_class=XgbLoraConfig,
     layer_class=BoosterLayer, trainable="rank-r boosters A, B of the current round (merged rounds frozen)",
-    params_per_matrix=lora_params, hooks_class=XgbLoraHooks))
+    params_per_matrix=lora_params, hooks_class=XgbLoraHooks, base_offsets="merged-rounds"))

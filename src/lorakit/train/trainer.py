@@ -48,7 +48,14 @@ from ..api import STATE_ATTR, AdapterState
 from ..core.hooks import TrainingHooks
 from ..core.loss import model_loss
 from ..errors import AdapterFileError, ConfigError, TrainingError
-from ..io.persistence import SAVED_PREFIX, _atomic_write, adapter_tensors, read_adapter_tensors, save
+from ..io.persistence import (
+    SAVED_PREFIX,
+    _atomic_write,
+    adapter_tensors,
+    check_adapter_tensors,
+    read_adapter_tensors,
+    save,
+)
 from . import data
 from .data import IGNORE_INDEX, Batch
 
@@ -366,9 +373,7 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source
     """Copy a saved adapter's tensors (``lorakit.save``'s names) into the adapter attached to ``model``,
     rebuilding any base offset (merged rounds, moved W0)."""
     state: AdapterState = getattr(model, STATE_ATTR)
-    missing = sorted(set(adapter_tensors(model)) - set(tensors))
-    if missing:
-        raise TrainingError(f"{source} lacks adapter tensors {missing[:5]}: it was written for another method or model")
+    check_adapter_tensors(model, dict(tensors), source)
     for name, layer in state.layers.items():
         own = {k[len(name) + 1:]: v for k, v in tensors.items()
                if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
