@@ -1,5 +1,5 @@
-"""Shared pieces of the federated tests (a tiny BERT classifier saved to disk, the data folder) and tests of
-`FedConfig` and the ``lorakit fed`` command line."""
+"""Shared pieces of the federated tests (a tiny BERT classifier saved to disk, the in-repo data slice) and tests
+of `FedConfig` and the ``lorakit fed`` command line."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("flwr")
-pytest.importorskip("opacus")
-
 from lorakit.fed.config import FedConfig
 from lorakit.fed.errors import FedConfigError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "sst2").is_dir(), reason=f"SST-2 not found under {DATA}")
+DATA = Path(__file__).resolve().parent / "data"  # the in-repo SST-2 slice (800 train sentences)
 
 
 def save_tiny_classifier(path: Path) -> Path:

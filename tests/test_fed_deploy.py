@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-pytest.importorskip("flwr")
-pytest.importorskip("opacus")
-
 from lorakit.fed import checkpoint, runner
-from tests.test_fed_common import needs_data, save_tiny_classifier, tiny_config
+from tests.test_fed_common import save_tiny_classifier, tiny_config
 
 
-@needs_data
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's executables are not on PATH")
 def test_loopback_superlink_and_two_supernodes(tmp_path) -> None:
     model_dir = save_tiny_classifier(tmp_path / "tiny-bert")
     cfg = tiny_config(model_dir, tmp_path, strategy="fedex-lora", clients=2, rounds=2, mode="deployment")

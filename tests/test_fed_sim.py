@@ -14,17 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("flwr")
-pytest.importorskip("opacus")
-
 from flwr.app import ArrayRecord, Context, Message
 
 from lorakit.fed import checkpoint, runner
 from lorakit.fed.client import build_client_app
-from tests.test_fed_common import needs_data, save_tiny_classifier, tiny_config
-
-pytestmark = needs_data
-
+from tests.test_fed_common import save_tiny_classifier, tiny_config
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory):

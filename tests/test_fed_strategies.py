@@ -6,9 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("flwr")
-pytest.importorskip("opacus")
-
 from lorakit import api
 from lorakit.fed import checkpoint, comm, dp, local, partition, validate
 from lorakit.fed.errors import CheckpointError, FedConfigError, FedError
@@ -17,7 +14,7 @@ from lorakit.io.persistence import adapter_tensors
 from lorakit.models import load_model
 from lorakit.train.data import Example, collate
 from lorakit.train.trainer import TrainConfig, train
-from tests.test_fed_common import needs_data, save_tiny_classifier, tiny_config
+from tests.test_fed_common import save_tiny_classifier, tiny_config
 
 # Two clients, one layer "l" (d_out = d_in = 2, r = 1), sample counts 1 and 3 (weights 1/4, 3/4).
 A1, B1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
@@ -78,7 +75,6 @@ def test_aggregation_refuses_mismatched_keys_and_counts() -> None:
         fedit([{"l.lora_A": A1}], [0])
 
 
-@needs_data
 def test_fed_sb_one_step_equals_centralised_lora_sb(tiny_dir, tmp_path) -> None:
     """Full participation, identical data on each client, one local step: the Fed-SB aggregate (init from the
     sum of the clients' gradient sums, R averaged) is centralised LoRA-SB training, within 1e-6."""
@@ -130,7 +126,6 @@ def test_comm_accounting_and_fed_sb_upload_formula() -> None:
     assert comm.lora_upload_bytes(8, [(384, 384), (1536, 384)]) == 8 * (768 + 1920) * 4
 
 
-@needs_data
 def test_fed_sb_upload_is_r_squared_per_matrix_whatever_the_client_count(tiny_dir, tmp_path) -> None:
     for clients in (2, 5):
         cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=clients)
@@ -204,7 +199,6 @@ class _SilentGrid:
         return []
 
 
-@needs_data
 def test_shared_init_without_gradient_sums_names_every_client_and_the_time_limit(tiny_dir, tmp_path, caplog,
                                                                                  monkeypatch) -> None:
     """Fed-SB's shared init waits init_timeout (not round_timeout); if nothing usable arrives, the error and the
@@ -223,7 +217,6 @@ def test_shared_init_without_gradient_sums_names_every_client_and_the_time_limit
     assert len(logged) == 2 and all("init_timeout (77 s)" in m for m in logged), logged
 
 
-@needs_data
 def test_checkpoint_round_trip_and_refusals(tiny_dir, tmp_path) -> None:
     cfg = tiny_config(tiny_dir, tmp_path)
     ledger = comm.CommLedger()
@@ -246,7 +239,6 @@ def test_checkpoint_round_trip_and_refusals(tiny_dir, tmp_path) -> None:
         checkpoint.load(tmp_path, cfg)
 
 
-@needs_data
 @pytest.mark.parametrize("strategy", ["fed-sb", "fedit"])
 def test_dp_grad_samplers_match_autograd(tiny_dir, tmp_path, strategy) -> None:
     """The per-sample gradients lorakit registers with Opacus sum to the batch gradient."""
@@ -281,7 +273,6 @@ def test_dp_grad_samplers_match_autograd(tiny_dir, tmp_path, strategy) -> None:
             p.grad = None
 
 
-@needs_data
 def test_dp_training_reports_epsilon_each_round_within_budget(tiny_dir, tmp_path) -> None:
     """DP-SGD over two rounds; the accountant travels between rounds as the client keeps it (a ConfigRecord)."""
     from flwr.app import ConfigRecord
