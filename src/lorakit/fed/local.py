@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Workspace:
-    """A model with the strategy's adapter attached, its tokenizer and task, and each layer's pristine W0."""
+    """A model with the strategy's adapter attached, its tokenizer and task, each layer's pristine W0 and the
+    adapter's tensors as built (`reset` restores both)."""
 
     config: FedConfig
     strategy: StrategySpec
@@ -48,6 +49,7 @@ class Workspace:
     tokenizer: Any
     task: TaskSpec
     base_weights: dict[str, Tensor]
+    initial: dict[str, Tensor]
 
     @property
     def layers(self) -> dict[str, AdapterLayer]:
@@ -96,7 +98,14 @@ def _build(cfg: FedConfig) -> Workspace:
         if spec.is_frozen(name) and tensor.requires_grad:
             tensor.requires_grad_(False)  # FFA-LoRA: A stays at its shared seeded init
     base = {name: layer.base.weight.detach().clone() for name, layer in api.adapter_layers(model).items()}
-    return Workspace(cfg, spec, model, tokenizer, task, base)
+    initial = {name: tensor.detach().clone() for name, tensor in adapter_tensors(model).items()}
+    return Workspace(cfg, spec, model, tokenizer, task, base, initial)
+
+
+def reset(ws: Workspace) -> None:
+    """Put the cached model back to its state as built (a run in the same process may have trained it)."""
+    load_tensors(ws, ws.initial)
+    set_base_offsets(ws, {})
 
 
 def workspace(cfg: FedConfig) -> Workspace:

@@ -1,5 +1,7 @@
-"""Running a federation: Flower's simulation engine (many virtual clients in one machine), or real
-processes on loopback (a ``flower-superlink``, one ``flower-supernode`` per client, and ``flwr run``).
+"""Running a federation: Flower's simulation engine (many virtual clients in one machine, Ray listening on
+loopback only), or real processes (a ``flower-superlink`` on ``config.host``, one ``flower-supernode`` per
+client, and ``flwr run``), with TLS and SuperNode authentication when asked for and always off loopback
+(`security` says what each protects).
 
 Both run the same `ServerApp` and `ClientApp`; both return the server's result (history, bytes) and
 leave it, with the per-round checkpoint, in ``config.output_dir``.

@@ -264,6 +264,7 @@ def run_server(grid: Grid, config: FedConfig) -> dict[str, Any]:
     ws = local.workspace(config)
     state = checkpoint.load(out, config) if config.resume else None
     if state is None:
+        local.reset(ws)
         state = ServerState(tensors=local.select(ws, "trainable"))
     else:
         logger.info("resuming from %s after round %d", out / checkpoint.DIRNAME, state.round)
