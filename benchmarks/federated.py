@@ -44,7 +44,7 @@ HEAD_BYTES = (384 * 2 + 2) * 4
 def fed_config(args: argparse.Namespace, strategy: str, partition: str, out: Path) -> FedConfig:
     lr = args.sb_lr if strategy == "fed-sb" else args.lora_lr
     return FedConfig(strategy=strategy, clients=args.clients, rounds=args.rounds, model="minilm-l6", task="sst2",
-                     data_dir=str(DATA), partition=partition, alpha=0.5, r=args.r, lora_alpha=2.0 * args.r, lr=lr,
+                     data_dir=args.data_dir, partition=partition, alpha=0.5, r=args.r, lora_alpha=2.0 * args.r, lr=lr,
                      local_steps=args.local_steps, batch_size=args.batch_size, max_length=64, eval_split="dev",
                      eval_limit=args.eval_limit, init_source=args.init_source, init_samples=args.init_samples,
                      seed=0, output_dir=str(out))
@@ -72,7 +72,7 @@ def run_central(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         eta = fed_config(args, "fed-sb", "iid", Path(tmp)).sb_init_lr
         run = RunConfig(model="minilm-l6", task="sst2", method="lora-sb",
-                        method_options={"r": args.r, "init_lr": eta}, data_dir=str(DATA),
+                        method_options={"r": args.r, "init_lr": eta}, data_dir=args.data_dir,
                         steps=args.rounds * args.local_steps, batch_size=args.clients * args.batch_size,
                         lr=args.sb_lr, warmup_steps=0, schedule="constant", max_length=64, eval_split="dev",
                         eval_limit=args.eval_limit, init_samples=args.init_samples, seed=0,
@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--init-samples", type=int, default=128, help="the init sample (per client with clients)")
     p.add_argument("--init-source", default="server", choices=("server", "client", "clients"))
     p.add_argument("--eval-limit", type=int, default=400)
+    p.add_argument("--data-dir", default=str(DATA), help="folder holding sst2/ (default: ../shared/data)")
     p.add_argument("--only", help="comma-separated run keys (e.g. fed-sb/iid,central)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
