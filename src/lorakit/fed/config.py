@@ -57,7 +57,7 @@ class FedConfig:
     the clip norm 0.1 is the official script's).  output_dir: checkpoints and results.
     host / tls / supernode_auth (deployment): the interface the SuperLink binds (Fleet and Control API);
     TLS and SuperNode authentication are always on when ``host`` is not loopback, and optional on loopback
-    (see `lorakit.fed.runner` for what each protects).
+    (`lorakit.fed.security` says what each protects).
     """
 
     strategy: str = "fed-sb"
