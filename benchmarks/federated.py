@@ -167,6 +167,10 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, rows: list
         c = runs["central"]
         lines.append(f"| central LoRA-SB | pooled | - | {100 * c['final_accuracy']:.1f} | - | - | - | "
                      f"{c['seconds']:.0f} |")
+    missing = [key for key in [f"{s}/{p}" for p in ("iid", "dirichlet") for s in STRATEGIES] + ["central"]
+               if key not in runs]
+    if missing:
+        lines += ["", f"Not run in this pass (`--only`): {', '.join(missing)}."]
     lines += ["", f"Fed-SB's upload per client and round is r² x {MATRICES} matrices x 4 B + the head, whatever the "
               f"number of clients (FedIT / FedEx-LoRA: {lora_upload_bytes(args.r, SHAPES * 6)} B + head; "
               "`tests/test_fed_strategies.py` checks the independence from the client count).", "",
