@@ -1,5 +1,5 @@
-"""Shared pieces of the federated tests (a tiny BERT classifier saved to disk, the data folder) and tests of
-`FedConfig` and the ``lorakit fed`` command line."""
+"""Shared pieces of the federated tests (a tiny BERT classifier saved to disk, the in-repo data slice) and tests
+of `FedConfig` and the ``lorakit fed`` command line."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("flwr")
-pytest.importorskip("opacus")
-
 from lorakit.fed.config import FedConfig
 from lorakit.fed.errors import FedConfigError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "sst2").is_dir(), reason=f"SST-2 not found under {DATA}")
+DATA = Path(__file__).resolve().parent / "data"  # the in-repo SST-2 slice (800 train sentences)
 
 
 def save_tiny_classifier(path: Path) -> Path:
@@ -51,7 +47,9 @@ def tiny_config(model_dir: Path, tmp: Path, **changes: object) -> FedConfig:
 
 @pytest.mark.parametrize("changes", [{"strategy": "fedavg"}, {"partition": "shards"}, {"clients": 0},
                                      {"alpha": 0.0}, {"fraction": 1.5}, {"dp_epsilon": -1.0}, {"dp_delta": 1.0},
-                                     {"mode": "cloud"}, {"lora_alpha": 0.0}])
+                                     {"mode": "cloud"}, {"lora_alpha": 0.0}, {"init_source": "everyone"},
+                                     {"weighting": "by-loss"}, {"init_lr": float("inf")}, {"init_lr": 0.0},
+                                     {"max_client_examples": 0}, {"host": ""}])
 def test_config_rejects_bad_values(changes: dict) -> None:
     with pytest.raises(FedConfigError):
         FedConfig(**changes)
@@ -64,9 +62,18 @@ def test_config_round_trips_through_a_flower_record() -> None:
     assert back == cfg
 
 
+def test_fed_sb_init_lr_follows_lora_sb_rule_over_the_clients_local_training() -> None:
+    """η = lr / (warmup_ratio × total_steps) with no warm-up (ratio 1) over rounds × local_steps steps."""
+    cfg = FedConfig(strategy="fed-sb", lr=1e-2, rounds=5, local_steps=10)
+    assert cfg.sb_init_lr == pytest.approx(1e-2 / 50)
+    assert FedConfig(strategy="fed-sb", rounds=5, local_steps=10).sb_init_lr == pytest.approx(1e-2 / 50)  # DEFAULT_LR
+    assert cfg.replace(init_lr=3e-6).sb_init_lr == 3e-6  # an explicit η wins
+
+
 def test_cli_fed_help_shows_defaults() -> None:
     out = subprocess.run([sys.executable, "-m", "lorakit.cli", "fed", "--help"], capture_output=True, text=True,
                          check=True).stdout
     for text in ("--strategy", "fed-sb", "--clients", "[default: 10]", "--partition", "--dp-epsilon", "--mode",
-                 "simulation", "deployment", "--resume"):
+                 "simulation", "deployment", "--resume", "--init-source", "--init-data", "--weighting", "--tls",
+                 "--supernode-auth", "--host", "--max-client-examples"):
         assert text in out

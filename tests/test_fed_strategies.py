@@ -3,11 +3,11 @@ LoRA-SB, communication accounting, partitions, update screening, checkpoints and
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
-
-pytest.importorskip("flwr")
-pytest.importorskip("opacus")
 
 from lorakit import api
 from lorakit.fed import checkpoint, comm, dp, local, partition, validate
@@ -17,7 +17,7 @@ from lorakit.io.persistence import adapter_tensors
 from lorakit.models import load_model
 from lorakit.train.data import Example, collate
 from lorakit.train.trainer import TrainConfig, train
-from tests.test_fed_common import needs_data, save_tiny_classifier, tiny_config
+from tests.test_fed_common import save_tiny_classifier, tiny_config
 
 # Two clients, one layer "l" (d_out = d_in = 2, r = 1), sample counts 1 and 3 (weights 1/4, 3/4).
 A1, B1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
@@ -78,7 +78,6 @@ def test_aggregation_refuses_mismatched_keys_and_counts() -> None:
         fedit([{"l.lora_A": A1}], [0])
 
 
-@needs_data
 def test_fed_sb_one_step_equals_centralised_lora_sb(tiny_dir, tmp_path) -> None:
     """Full participation, identical data on each client, one local step: the Fed-SB aggregate (init from the
     sum of the clients' gradient sums, R averaged) is centralised LoRA-SB training, within 1e-6."""
@@ -130,7 +129,6 @@ def test_comm_accounting_and_fed_sb_upload_formula() -> None:
     assert comm.lora_upload_bytes(8, [(384, 384), (1536, 384)]) == 8 * (768 + 1920) * 4
 
 
-@needs_data
 def test_fed_sb_upload_is_r_squared_per_matrix_whatever_the_client_count(tiny_dir, tmp_path) -> None:
     for clients in (2, 5):
         cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=clients)
@@ -204,26 +202,109 @@ class _SilentGrid:
         return []
 
 
-@needs_data
 def test_shared_init_without_gradient_sums_names_every_client_and_the_time_limit(tiny_dir, tmp_path, caplog,
                                                                                  monkeypatch) -> None:
-    """Fed-SB's shared init waits init_timeout (not round_timeout); if nothing usable arrives, the error and the
-    log name each client left out and why."""
+    """The ``clients`` init waits init_timeout (not round_timeout); if nothing usable arrives, the error and the
+    log name each client left out and why.  The ``client`` init asks the designated client only."""
     from lorakit.fed import server
     # outside a Flower run a Message cannot be built (no run id): the grid above only counts what it is sent
     monkeypatch.setattr(server, "Message", lambda content, message_type, dst_node_id: (message_type, dst_node_id))
-    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=2, round_timeout=5.0, init_timeout=77.0)
+    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=2, round_timeout=5.0, init_timeout=77.0,
+                      init_source="clients")
     grid = _SilentGrid()
     with caplog.at_level("WARNING", logger="lorakit.fed.server"), pytest.raises(FedError) as err:
         server.shared_init(grid, cfg, local.workspace(cfg), checkpoint.ServerState())  # type: ignore[arg-type]
-    assert grid.timeout == 77.0 and len(grid.sent) == 2
+    assert grid.timeout == 77.0 and sorted(grid.sent) == [(server.GRADSUM, 11), (server.GRADSUM, 22)]
     for node in ("11", "22"):
         assert f"client {node}: no gradient sum within init_timeout (77 s)" in str(err.value)
     logged = [r.getMessage() for r in caplog.records if "excluded client" in r.getMessage()]
     assert len(logged) == 2 and all("init_timeout (77 s)" in m for m in logged), logged
+    with pytest.raises(FedError, match="client 11: no B, R, A within init_timeout"):
+        server.shared_init(grid, cfg.replace(init_source="client"), local.workspace(cfg), checkpoint.ServerState())
+    assert grid.sent == [(server.FEDSB_INIT, 11)]
 
 
-@needs_data
+def test_server_init_uses_the_servers_sample_and_uploads_nothing(tiny_dir, tmp_path) -> None:
+    """The default (official) init: LoRA-SB's B, R, A from the first init_samples examples the server holds (a
+    split, or the same examples in a .jsonl file); no message goes out, no byte is counted."""
+    from lorakit.fed import server
+    from lorakit.train.data import load_task
+    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", init_samples=16)  # two equal batches: sum = mean
+    assert cfg.init_source == "server" and cfg.init_data == "train"
+    ws = local.workspace(cfg)
+    local.reset(ws)  # the cached model may carry an earlier test's training, as a server's does after a run
+    grid = _SilentGrid()
+    state = checkpoint.ServerState(tensors=local.select(ws, "trainable"))
+    assert server.shared_init(grid, cfg, ws, state) == {}  # type: ignore[arg-type]
+    assert not hasattr(grid, "sent") and state.ledger.totals() == {"up": 0, "down": 0}
+    assert set(state.frozen) == {f"{n}.lora_{m}" for n in ws.layers for m in "BA"}
+    assert all(f"{n}.lora_R" in state.tensors for n in ws.layers)
+
+    model, tokenizer = load_model(str(tiny_dir), "classification", num_labels=2)
+    _, examples = load_task("sst2", "train", cfg.data_dir, limit=16)
+    batches = [collate(local.init_features(cfg)[i:i + cfg.batch_size], tokenizer.pad_token_id).inputs
+               for i in range(0, 16, cfg.batch_size)]
+    api.attach(model, api.get_state(ws.model).config, data=batches)  # centralised LoRA-SB on the same sample
+    central = adapter_tensors(model)
+    for key, value in state.frozen.items():
+        assert torch.allclose(central[key], value, atol=1e-6), key
+
+    path = tmp_path / "init.jsonl"
+    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
+    from_file = checkpoint.ServerState(tensors=local.select(ws, "trainable"))
+    server.shared_init(grid, cfg.replace(init_data=str(path)), ws, from_file)  # type: ignore[arg-type]
+    for key, value in state.frozen.items():
+        assert torch.allclose(from_file.frozen[key], value, atol=1e-6), key
+
+
+class _Reply:
+    """What `LowRankStrategy.aggregate_train` reads of a Flower reply (a Message needs a running federation)."""
+
+    def __init__(self, node: int, tensors: dict[str, torch.Tensor], count: object) -> None:
+        from flwr.app import ArrayRecord
+        self.metadata = SimpleNamespace(src_node_id=node)
+        self.content = {"arrays": ArrayRecord(tensors), "metrics": {"num-examples": count, "train-loss": 0.5}}
+
+    def has_error(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("weighting, expected", [("uniform", 2.0), ("examples", 2.5)])
+def test_untrusted_sample_counts_are_excluded_and_weighting_is_a_choice(caplog, weighting, expected) -> None:
+    """``inf`` (NaN average), ``1e12`` (all the weight), 0, a negative, a string and more than the largest
+    partition are excluded with a reason; the rest are averaged unweighted (default) or by sample count."""
+    from lorakit.fed.config import FedConfig
+    from lorakit.fed.server import LowRankStrategy
+    cfg = FedConfig(strategy="fed-sb", weighting=weighting)
+    state = checkpoint.ServerState(tensors={"l.lora_R": torch.zeros(2, 2)})
+    strategy = LowRankStrategy(cfg, state, 1.0, max_count=100)
+    counts = {1: 1, 2: 3, 3: float("inf"), 4: 1e12, 5: 0, 6: -4, 7: "12", 8: 101, 9: float("nan")}
+    replies = [_Reply(node, {"l.lora_R": torch.full((2, 2), {1: 1.0, 2: 3.0}.get(node, 9.0))}, c)
+               for node, c in counts.items()]
+    with caplog.at_level("WARNING", logger="lorakit.fed.server"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    assert torch.allclose(arrays.to_torch_state_dict()["l.lora_R"], torch.full((2, 2), expected))
+    excluded = strategy.excluded[1]
+    assert sorted(excluded) == ["3", "4", "5", "6", "7", "8", "9"]
+    assert all(r.startswith("untrusted sample count") for r in excluded.values())
+    assert "finite and positive, got inf" in excluded["3"] and "exceeds" in excluded["4"]
+    assert "must be a number, got str" in excluded["7"] and "101 exceeds" in excluded["8"]
+    assert len([r for r in caplog.records if "excluded client" in r.getMessage()]) == 7
+    assert metrics["num-examples"] == 4 and metrics["clients"] == 2
+
+
+def test_privacy_note_states_what_the_dp_guarantee_leaves_out() -> None:
+    from lorakit.fed.config import FedConfig
+    from lorakit.fed.server import privacy_note
+    assert "no differential privacy" in privacy_note(FedConfig())
+    assert "OUTSIDE" not in privacy_note(FedConfig(dp_epsilon=3.0))  # the server's init reads no client data
+    for source in ("client", "clients"):
+        assert "OUTSIDE this guarantee" in privacy_note(FedConfig(dp_epsilon=3.0, init_source=source))
+    assert "OUTSIDE" not in privacy_note(FedConfig(strategy="fedit", dp_epsilon=3.0, init_source="clients"))
+    assert FedConfig().dp_max_grad_norm == 0.1  # the official Fed-SB DP script's clip norm
+
+
 def test_checkpoint_round_trip_and_refusals(tiny_dir, tmp_path) -> None:
     cfg = tiny_config(tiny_dir, tmp_path)
     ledger = comm.CommLedger()
@@ -246,7 +327,6 @@ def test_checkpoint_round_trip_and_refusals(tiny_dir, tmp_path) -> None:
         checkpoint.load(tmp_path, cfg)
 
 
-@needs_data
 @pytest.mark.parametrize("strategy", ["fed-sb", "fedit"])
 def test_dp_grad_samplers_match_autograd(tiny_dir, tmp_path, strategy) -> None:
     """The per-sample gradients lorakit registers with Opacus sum to the batch gradient."""
@@ -281,7 +361,6 @@ def test_dp_grad_samplers_match_autograd(tiny_dir, tmp_path, strategy) -> None:
             p.grad = None
 
 
-@needs_data
 def test_dp_training_reports_epsilon_each_round_within_budget(tiny_dir, tmp_path) -> None:
     """DP-SGD over two rounds; the accountant travels between rounds as the client keeps it (a ConfigRecord)."""
     from flwr.app import ConfigRecord

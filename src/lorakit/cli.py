@@ -300,7 +300,7 @@ def cmd_fed(args: argparse.Namespace) -> None:
 
 
 def add_fed_flags(p: argparse.ArgumentParser) -> None:
-    from .fed.config import MODES, PARTITIONS, STRATEGY_NAMES, FedConfig
+    from .fed.config import INIT_SOURCES, MODES, PARTITIONS, STRATEGY_NAMES, WEIGHTINGS, FedConfig
     helps = {"strategy": "aggregation", "clients": "clients (simulated SuperNodes, or loopback SuperNodes)",
              "rounds": "server rounds", "model": "alias, local dir or hub id",
              "task": "built-in task (sst2, trec, ...)",
@@ -308,7 +308,15 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
              "alpha": "Dirichlet concentration (partition dirichlet)", "r": "adapter rank",
              "lora_alpha": "LoRA alpha of fedit/ffa-lora/fedex-lora", "lr": "local learning rate",
              "local_steps": "optimizer steps per client per round", "train_limit": "first N training examples",
-             "eval_limit": "evaluation examples (server side)", "init_samples": "examples per client for Fed-SB's init",
+             "eval_limit": "evaluation examples (server side)",
+             "init_samples": "examples behind Fed-SB's init (per client with --init-source clients)",
+             "init_source": "who computes Fed-SB's init: server (official, no upload), client (one designated "
+                            "client uploads B, R, A) or clients (every client uploads dense gradient sums)",
+             "init_data": "the server's init sample: a split of the task or a .jsonl/.csv file (first N)",
+             "init_lr": "LoRA-SB's eta for Fed-SB's init", "weighting": "uniform (official Fed-SB mean) or examples",
+             "max_client_examples": "most examples a client may report (default: the largest partition)",
+             "host": "deployment: interface the SuperLink binds (not loopback: TLS and SuperNode auth forced on)",
+             "tls": "deployment: TLS with a private CA", "supernode_auth": "deployment: only registered SuperNodes",
              "fraction": "share of clients sampled per round",
              "round_timeout": "seconds to wait for a round's client replies",
              "init_timeout": "seconds to wait for Fed-SB's gradient sums (includes the clients starting up)",
@@ -318,9 +326,11 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
              "dp_delta": "DP delta (default: 1/examples per client)", "dp_max_grad_norm": "per-sample clipping norm",
              "output_dir": "checkpoints and fed_result.json", "resume": "continue after the last checkpointed round",
              "mode": "simulation (Flower simulation engine) or deployment (loopback SuperLink + SuperNodes)"}
-    choices = {"strategy": STRATEGY_NAMES, "partition": PARTITIONS, "mode": MODES}
+    choices = {"strategy": STRATEGY_NAMES, "partition": PARTITIONS, "mode": MODES, "init_source": INIT_SOURCES,
+               "weighting": WEIGHTINGS}
     shown = {"lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off", "dp_delta": "1/n", "data_dir": "the hub",
-             "train_limit": "all"}
+             "train_limit": "all", "init_lr": "lr / (rounds x local steps)",
+             "max_client_examples": "largest partition"}
     for name, f in FedConfig.__dataclass_fields__.items():
         flag = "--" + name.replace("_", "-")
         text = f"{helps.get(name, name.replace('_', ' '))} [default: {shown.get(name, f.default)}]"

@@ -34,7 +34,7 @@ FORMAT = "lorakit-fed-server"
 VERSION = 1
 # A resumed run must be the same federation: these settings may not change between the two runs.
 FIXED = ("strategy", "model", "task", "r", "lora_alpha", "clients", "partition", "alpha", "seed", "train_limit",
-         "init_lr")
+         "init_lr", "weighting")
 _GROUPS = ("global", "frozen", "offsets")
 
 

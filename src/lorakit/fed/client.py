@@ -2,7 +2,10 @@
 
 Messages (Flower's Message API):
 
-* ``query.gradsum`` (Fed-SB, once): reply ``arrays`` = Σ ∇W ℓ over the client's init samples, per layer.
+* ``query.fedsb_init`` (Fed-SB with ``init_source = client``, once, to one designated client): reply
+  ``arrays`` = LoRA-SB's B, R, A built from the client's first ``init_samples`` examples.
+* ``query.gradsum`` (Fed-SB with ``init_source = clients``, once, to every client): reply ``arrays`` =
+  Σ ∇W ℓ over the client's first ``init_samples`` examples, per layer (dense d_out × d_in).
 * ``train``: ``arrays`` = global trainable tensors, ``config`` = the `FedConfig` and ``server-round``,
   and, only when this client does not hold them yet, ``frozen`` (Fed-SB's shared B, A) and ``offsets``
   (FedEx-LoRA's folded residuals, with ``offsets-version`` in the config).  Both are kept in the node's
@@ -49,17 +52,26 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("LORAKIT_FED_THREADS", "1")))
 
 
-def gradient_sum(message: Message, context: Context) -> Message:
-    """Fed-SB's one-time upload: this client's gradient sum of every adapted weight."""
+def _init_reply(message: Message, context: Context, factors: bool) -> Message:
     _threads()
     cfg = FedConfig.from_record(message.content["config"])
     pid, n = _partition(context)
     ws = local.workspace(cfg)
     features = local.client_features(cfg, pid, n)
-    grads = local.gradient_sum(ws, features)
+    arrays = local.shared_init(ws, features) if factors else local.gradient_sum(ws, features)
     count = min(cfg.init_samples, len(features))
-    return Message(RecordDict({"arrays": ArrayRecord(grads), "metrics": MetricRecord({"num-examples": count})}),
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": count})}),
                    reply_to=message)
+
+
+def shared_init(message: Message, context: Context) -> Message:
+    """Fed-SB's init computed by this (designated) client: B, R, A from its own first examples."""
+    return _init_reply(message, context, factors=True)
+
+
+def gradient_sum(message: Message, context: Context) -> Message:
+    """Fed-SB's ``clients`` init: this client's gradient sum of every adapted weight."""
+    return _init_reply(message, context, factors=False)
 
 
 def _restore(ws: local.Workspace, message: Message, context: Context) -> None:
@@ -109,6 +121,7 @@ def build_client_app(mods: list[Mod] | None = None) -> ClientApp:
     app = ClientApp(mods=mods or [])
     app.train()(train)
     app.query("gradsum")(gradient_sum)
+    app.query("fedsb_init")(shared_init)
     return app
 
 

@@ -2,7 +2,9 @@
 
 A payload is counted as the tensors it carries (``numel × element size``), which is what any encoding
 must move at least; Flower's own framing and the small config records are not counted.  Round 0 is
-Fed-SB's one-time shared init (the clients' gradient sums up, nothing else).
+Fed-SB's one-time shared init: nothing with the default server-side init, one client's B, R, A with
+``init_source = client``, every client's dense gradient sums with ``clients``.  Its B and A go down with
+each client's first training message and are counted there.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -11,6 +12,9 @@ from .errors import FedConfigError
 STRATEGY_NAMES = ("fed-sb", "fedit", "ffa-lora", "fedex-lora")
 PARTITIONS = ("iid", "dirichlet")
 MODES = ("simulation", "deployment")
+INIT_SOURCES = ("server", "client", "clients")
+WEIGHTINGS = ("uniform", "examples")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # LoRA-SB trains r×r cores and wants a larger step than LoRA (lorakit.train.run.DEFAULT_LR).
 DEFAULT_LR = {"fed-sb": 1e-2, "fedit": 1e-3, "ffa-lora": 1e-3, "fedex-lora": 1e-3}
 
@@ -24,16 +28,36 @@ class FedConfig:
     α = r, scale 1; Fed-SB's LoRA-SB fixes its scale to 1).  lr: None picks `DEFAULT_LR`.  local_steps:
     optimizer steps per client per round.  fraction: share of the clients sampled each round.
     partition/alpha: IID or Dirichlet(alpha) by label.  train_limit: first N training examples split across
-    the clients (None: all).  init_samples: examples per client whose gradient sum builds Fed-SB's shared init.
+    the clients (None: all).
+
+    Fed-SB's shared init (B, R, A of LoRA-SB, built once): ``init_source`` ``server`` (default, the official
+    protocol: the server computes it from a sample it holds, ``init_data``, and no client uploads anything),
+    ``client`` (one designated client computes it from its own first ``init_samples`` examples and uploads
+    B, R, A once) or ``clients`` (every client uploads the dense gradient sum of its first ``init_samples``
+    examples; costly, and outside the DP guarantee).  init_data: a split name of the task (``train``, ``dev``,
+    ``test``) or a ``.jsonl`` / ``.csv`` file; its first ``init_samples`` examples are used.  init_lr: LoRA-SB's
+    η; None applies LoRA-SB's rule ``η = lr / (warmup_ratio × total_steps)`` to the clients' local training:
+    constant lr with no warm-up (ratio 1) over ``rounds × local_steps`` steps, so ``η = lr / (rounds ×
+    local_steps)`` (`sb_init_lr`), the form of the official Fed-SB DP script (``lr / total steps``).
+
+    weighting: ``uniform`` (default; the official Fed-SB code averages R, the heads and every baseline's
+    factors with an unweighted mean, and a client's reported sample count then cannot buy weight) or
+    ``examples`` (FedAvg's sample-weighted mean).  max_client_examples: the most examples a client may
+    report (None: the largest shard of the partition, which the server computes from the same split).
     round_timeout: seconds the server waits for a round's replies (a client not answering by then is excluded
     from the round); the clients of a simulation share its actors, so this covers their work one after the
     other, and the first round after a (re)start also covers each client loading its model and shard.
-    init_timeout: seconds the server waits for Fed-SB's gradient sums; a separate, longer limit, because it
-    runs first: it covers the simulation engine starting and every client loading its model and data.
+    init_timeout: seconds the server waits for the clients' part of Fed-SB's init (``client`` / ``clients``);
+    a separate, longer limit, because it runs first: it covers the simulation engine starting and every
+    client loading its model and data.
     max_update_norm / norm_factor: an update farther than this (absolute) from the broadcast tensors,
     or more than ``norm_factor`` times the round's median distance, is rejected as implausible.
     dp_epsilon/dp_delta/dp_max_grad_norm: DP-SGD per client (Opacus) over all rounds; None: no DP
-    (dp_delta None means 1/n of the client's examples).  output_dir: checkpoints and results.
+    (dp_delta None means 1/n of the client's examples, stricter than the official script's 1/batches;
+    the clip norm 0.1 is the official script's).  output_dir: checkpoints and results.
+    host / tls / supernode_auth (deployment): the interface the SuperLink binds (Fleet and Control API);
+    TLS and SuperNode authentication are always on when ``host`` is not loopback, and optional on loopback
+    (`lorakit.fed.security` says what each protects).
     """
 
     strategy: str = "fed-sb"
@@ -53,8 +77,12 @@ class FedConfig:
     train_limit: int | None = None
     eval_split: str = "test"
     eval_limit: int | None = 500
-    init_samples: int = 32
-    init_lr: float = 1e-3
+    init_source: str = "server"
+    init_data: str = "train"
+    init_samples: int = 128
+    init_lr: float | None = None
+    weighting: str = "uniform"
+    max_client_examples: int | None = None
     fraction: float = 1.0
     round_timeout: float = 600.0
     init_timeout: float = 1800.0
@@ -62,11 +90,14 @@ class FedConfig:
     norm_factor: float = 10.0
     dp_epsilon: float | None = None
     dp_delta: float | None = None
-    dp_max_grad_norm: float = 1.0
+    dp_max_grad_norm: float = 0.1
     seed: int = 0
     output_dir: str = "lorakit-runs/fed"
     resume: bool = False
     mode: str = "simulation"
+    host: str = "127.0.0.1"
+    tls: bool = False
+    supernode_auth: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -75,11 +106,17 @@ class FedConfig:
             raise FedConfigError(f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         if self.mode not in MODES:
             raise FedConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.init_source not in INIT_SOURCES:
+            raise FedConfigError(f"init_source must be one of {', '.join(INIT_SOURCES)}, got {self.init_source!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise FedConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if not self.host:
+            raise FedConfigError("host must name the interface the SuperLink binds, e.g. 127.0.0.1")
         for name in ("clients", "rounds", "r", "local_steps", "batch_size", "max_length", "init_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FedConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("train_limit", "eval_limit"):
+        for name in ("train_limit", "eval_limit", "max_client_examples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise FedConfigError(f"{name} must be a positive integer or None, got {value!r}")
@@ -87,13 +124,15 @@ class FedConfig:
             raise FedConfigError(f"alpha (Dirichlet concentration) must be positive, got {self.alpha}")
         if not 0.0 < self.fraction <= 1.0:
             raise FedConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        for name in ("init_lr", "round_timeout", "init_timeout", "max_update_norm", "norm_factor", "dp_max_grad_norm"):
+        for name in ("round_timeout", "init_timeout", "max_update_norm", "norm_factor", "dp_max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise FedConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise FedConfigError(f"lora_alpha must be positive (or None for alpha = r), got {self.lora_alpha}")
-        if self.lr is not None and self.lr <= 0:
-            raise FedConfigError(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "init_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise FedConfigError(f"{name} must be positive and finite (or None for the default), got {value}")
         if self.dp_epsilon is not None and self.dp_epsilon <= 0:
             raise FedConfigError(f"dp_epsilon must be positive (or None for no DP), got {self.dp_epsilon}")
         if self.dp_delta is not None and not 0.0 < self.dp_delta < 1.0:
@@ -102,6 +141,21 @@ class FedConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
+
+    @property
+    def sb_init_lr(self) -> float:
+        """LoRA-SB's η for Fed-SB: ``init_lr``, else ``lr / (rounds × local_steps)`` (see the class docstring)."""
+        return self.init_lr if self.init_lr is not None else self.learning_rate / (self.rounds * self.local_steps)
+
+    @property
+    def use_supernode_auth(self) -> bool:
+        """SuperNode authentication in deployment: asked for, or forced by a non-loopback ``host``."""
+        return self.supernode_auth or self.host not in LOOPBACK_HOSTS
+
+    @property
+    def use_tls(self) -> bool:
+        """TLS in deployment: asked for, needed by SuperNode authentication, or forced by a non-loopback host."""
+        return self.tls or self.use_supernode_auth
 
     @property
     def min_train_clients(self) -> int:

@@ -8,8 +8,11 @@ accountant's history is carried from round to round, so the ε reported after ea
 client has spent so far.  Per-sample gradients of lorakit's adapter layers come from grad samplers
 registered with Opacus (`register_grad_sampler`), in closed form from the layer's input and output
 gradient; Opacus' functorch fallback cannot run them, as it refuses layers holding buffers (the frozen
-factors).  Fed-SB's one-time gradient-sum init is not privatised (as in the
-paper's code).
+factors).  The guarantee covers local training only.  Fed-SB's default
+init (``init_source = server``) reads no client data; the ``client`` and ``clients`` inits upload values
+computed from client examples without noise and are outside it, which the run's result states
+(``privacy``).  Defaults follow the official Fed-SB DP script where it states them (clip norm 0.1, ε 3 in
+its example); δ defaults to 1/n examples (the script uses 1/number of batches, a weaker δ).
 """
 
 from __future__ import annotations

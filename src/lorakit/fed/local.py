@@ -33,14 +33,15 @@ from . import dp
 from .config import FedConfig
 from .errors import FedError
 from .partition import partition
-from .strategies import STRATEGIES, StrategySpec
+from .strategies import STRATEGIES, StrategySpec, fedsb_shared_init
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Workspace:
-    """A model with the strategy's adapter attached, its tokenizer and task, and each layer's pristine W0."""
+    """A model with the strategy's adapter attached, its tokenizer and task, each layer's pristine W0 and the
+    adapter's tensors as built (`reset` restores both)."""
 
     config: FedConfig
     strategy: StrategySpec
@@ -48,6 +49,7 @@ class Workspace:
     tokenizer: Any
     task: TaskSpec
     base_weights: dict[str, Tensor]
+    initial: dict[str, Tensor]
 
     @property
     def layers(self) -> dict[str, AdapterLayer]:
@@ -67,7 +69,7 @@ def run_config(cfg: FedConfig) -> RunConfig:
     spec = STRATEGIES[cfg.strategy]
     options: dict[str, Any] = {"r": cfg.r}
     if spec.method == "lora-sb":
-        options["init_lr"] = cfg.init_lr
+        options["init_lr"] = cfg.sb_init_lr
     elif cfg.lora_alpha is not None:
         options["alpha"] = cfg.lora_alpha
     return RunConfig(model=cfg.model, task=cfg.task, method=spec.method, method_options=options,
@@ -76,7 +78,7 @@ def run_config(cfg: FedConfig) -> RunConfig:
 
 
 def _model_key(cfg: FedConfig) -> tuple:
-    return (cfg.model, cfg.task, cfg.strategy, cfg.r, cfg.lora_alpha, cfg.init_lr, cfg.seed, cfg.data_dir,
+    return (cfg.model, cfg.task, cfg.strategy, cfg.r, cfg.lora_alpha, cfg.sb_init_lr, cfg.seed, cfg.data_dir,
             cfg.max_length)
 
 
@@ -96,7 +98,14 @@ def _build(cfg: FedConfig) -> Workspace:
         if spec.is_frozen(name) and tensor.requires_grad:
             tensor.requires_grad_(False)  # FFA-LoRA: A stays at its shared seeded init
     base = {name: layer.base.weight.detach().clone() for name, layer in api.adapter_layers(model).items()}
-    return Workspace(cfg, spec, model, tokenizer, task, base)
+    initial = {name: tensor.detach().clone() for name, tensor in adapter_tensors(model).items()}
+    return Workspace(cfg, spec, model, tokenizer, task, base, initial)
+
+
+def reset(ws: Workspace) -> None:
+    """Put the cached model back to its state as built (a run in the same process may have trained it)."""
+    load_tensors(ws, ws.initial)
+    set_base_offsets(ws, {})
 
 
 def workspace(cfg: FedConfig) -> Workspace:
@@ -122,6 +131,23 @@ def client_features(cfg: FedConfig, partition_id: int, num_partitions: int) -> l
         shards = partition(examples, num_partitions, cfg.partition, cfg.alpha, cfg.seed)
         _SHARDS[key] = encode(ws.task, [examples[i] for i in shards[partition_id]], ws.tokenizer, run_config(cfg))
     return _SHARDS[key]
+
+
+def shard_sizes(cfg: FedConfig) -> list[int]:
+    """How many training examples each of the ``cfg.clients`` partitions holds (the server's bound on counts)."""
+    _, examples = load_task(cfg.task, "train", cfg.data_dir, seed=cfg.seed, limit=cfg.train_limit)
+    return [len(shard) for shard in partition(examples, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)]
+
+
+def init_features(cfg: FedConfig) -> list[dict[str, Any]]:
+    """The first ``init_samples`` examples of ``init_data`` (a split of the task, or a .jsonl / .csv file),
+    encoded: the sample the server holds for Fed-SB's init."""
+    ws = workspace(cfg)
+    if cfg.init_data.endswith((".jsonl", ".csv")):
+        _, examples = load_task(cfg.init_data, "train", limit=cfg.init_samples)
+    else:
+        _, examples = load_task(cfg.task, cfg.init_data, cfg.data_dir, seed=cfg.seed, limit=cfg.init_samples)
+    return encode(ws.task, examples, ws.tokenizer, run_config(cfg))
 
 
 def eval_features(cfg: FedConfig) -> list[dict[str, Any]]:
@@ -190,6 +216,11 @@ def gradient_sum(ws: Workspace, features: list[dict[str, Any]]) -> dict[str, Ten
     for group in dense_gradients(ws.model, ws.layers, batches, summed_loss, 1 << 30, cfg.seed):
         out.update({name: g * len(batches) for name, g in group.items()})
     return out
+
+
+def shared_init(ws: Workspace, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Fed-SB's B, R, A (LoRA-SB's init, `fedsb_shared_init`) from the gradient sum of ``features[:init_samples]``."""
+    return fedsb_shared_init([gradient_sum(ws, features)], api.get_state(ws.model).config)
 
 
 def local_seed(cfg: FedConfig, round_: int, partition_id: int) -> int:

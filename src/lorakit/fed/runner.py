@@ -1,5 +1,7 @@
-"""Running a federation: Flower's simulation engine (many virtual clients in one machine), or real
-processes on loopback (a ``flower-superlink``, one ``flower-supernode`` per client, and ``flwr run``).
+"""Running a federation: Flower's simulation engine (many virtual clients in one machine, Ray listening on
+loopback only), or real processes (a ``flower-superlink`` on ``config.host``, one ``flower-supernode`` per
+client, and ``flwr run``), with TLS and SuperNode authentication when asked for and always off loopback
+(`security` says what each protects).
 
 Both run the same `ServerApp` and `ClientApp`; both return the server's result (history, bytes) and
 leave it, with the per-round checkpoint, in ``config.output_dir``.
@@ -24,6 +26,7 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
+from . import security
 from .config import FedConfig
 from .errors import FedError
 from .server import RESULT_FILE, build_server_app
@@ -33,19 +36,48 @@ logger = logging.getLogger(__name__)
 APP_NAME = "lorakit-fed"
 
 
+# Ray binds its GCS, raylet, object manager and worker ports to the node's IP address, and its servers to all
+# interfaces, without authentication; its single-machine mode (meant for macOS and Windows, where Ray makes the
+# loopback address the node's and every server listens on it only) is switched on by this variable.
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def ray_on_loopback() -> Iterator[None]:
+    """Make the Ray instance started inside the block listen on 127.0.0.1 only.
+
+    Ray reads the variable when it is imported (and the processes it starts read it again), so the flag it
+    set from it is updated too, in case Ray was imported earlier in this process.
+    """
+    from ray._private import ray_constants
+    saved_env, saved_flag = os.environ.get(RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(RAY_LOOPBACK_ENV, None)
+        else:
+            os.environ[RAY_LOOPBACK_ENV] = saved_env
+
+
 def simulate(config: FedConfig, client_app: ClientApp | None = None, actors: int = 1) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine with ``config.clients`` virtual SuperNodes.
 
-    ``actors``: client processes working in parallel (one CPU each, as Ray counts them).
-    ``client_app`` replaces lorakit's (tests wrap it in Flower mods to inject faults).
+    Ray, which runs the clients, listens on loopback only (`ray_on_loopback`).  ``actors``: client processes
+    working in parallel (one CPU each, as Ray counts them).  ``client_app`` replaces lorakit's (tests wrap it
+    in Flower mods to inject faults).
     """
     from flwr.simulation import run_simulation
 
     from .client import app as default_client_app
     results: list[dict[str, Any]] = []
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": actors}}
-    run_simulation(build_server_app(config, results), client_app or default_client_app, config.clients,
-                   backend_config=backend)
+    with ray_on_loopback():
+        run_simulation(build_server_app(config, results), client_app or default_client_app, config.clients,
+                       backend_config=backend)
     if not results:
         raise FedError("the Flower simulation ended without a result: the ServerApp failed (see the log above)")
     return results[0]
@@ -95,18 +127,42 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-@contextlib.contextmanager
-def loopback_federation(nodes: int, workdir: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A SuperLink and ``nodes`` SuperNodes (partition-id 0..nodes-1) on free loopback ports, insecure.
+def _connect_host(host: str) -> str:
+    """Where local processes reach a SuperLink bound to ``host`` (a wildcard address is reached on loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
-    Yields the SuperLink connection name and the environment (``FLWR_HOME``) ``flwr run`` needs; every
-    process is stopped (its process group killed) on exit, whatever happened.
+
+@contextlib.contextmanager
+def federation(config: FedConfig, workdir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A SuperLink on ``config.host`` (a free port) and ``config.clients`` SuperNodes (partition-id 0..n-1).
+
+    With ``config.use_tls`` the SuperLink serves TLS with a certificate from a fresh private CA
+    (`security.tls_certificates`) that the SuperNodes and ``flwr`` trust; with ``config.use_supernode_auth``
+    it admits only SuperNodes whose public keys were registered (``flwr supernode register``) before they
+    started.  Both are forced on when ``host`` is not loopback; on loopback without them it runs
+    ``--insecure``, reachable by every local user for the duration of the run (`security` says what each
+    measure protects).  Yields the SuperLink connection name and the environment (``FLWR_HOME``) ``flwr run``
+    needs; every process is stopped (its process group killed) on exit, whatever happened.
     """
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    address = f"{_connect_host(config.host)}:{port}"
+    link = [_executable("flower-superlink"), "--host", config.host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    connection = f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\n'
+    node_tls = ["--insecure"]
+    if config.use_tls:
+        ca, cert, key = security.tls_certificates(workdir / "certificates", [_connect_host(config.host)])
+        link += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        connection += f'root-certificates = "{ca}"\n'
+        node_tls = ["--root-certificates", str(ca)]
+    else:
+        link.append("--insecure")
+        connection += "insecure = true\n"
+    if config.use_supernode_auth:
+        link.append("--enable-supernode-auth")
+    (home / "config.toml").write_text(connection)
     env = {**os.environ, "FLWR_HOME": str(home)}
     processes: list[subprocess.Popen] = []
 
@@ -115,12 +171,16 @@ def loopback_federation(nodes: int, workdir: Path) -> Iterator[tuple[str, dict[s
             processes.append(subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                               start_new_session=True))
     try:
-        start([_executable("flower-superlink"), "--insecure", "--port", str(port),
-               "--disable-runtime-dependency-installation"], "superlink.log")
-        _wait_for_port(port, processes[0], workdir / "superlink.log")
-        for i in range(nodes):
-            start([_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                   "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={nodes}"],
+        start(link, "superlink.log")
+        _wait_for_port(_connect_host(config.host), port, processes[0], workdir / "superlink.log")
+        for i in range(config.clients):
+            auth = []
+            if config.use_supernode_auth:
+                private, public = security.supernode_keys(workdir / "keys", f"supernode-{i}")
+                _register(public, env)
+                auth = ["--auth-supernode-private-key", str(private)]
+            start([_executable("flower-supernode"), *node_tls, *auth, "--superlink", address,
+                   "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={config.clients}"],
                   f"supernode-{i}.log")
         yield "local", env
     finally:
@@ -128,12 +188,21 @@ def loopback_federation(nodes: int, workdir: Path) -> Iterator[tuple[str, dict[s
             _stop(process)
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+def _register(public_key: Path, env: dict[str, str]) -> None:
+    """Register a SuperNode's public key with the SuperLink (needed before it connects with auth on)."""
+    done = subprocess.run([_executable("flwr"), "supernode", "register", str(public_key), "local"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise FedError(f"registering the SuperNode key {public_key} failed (flwr supernode register exit code "
+                       f"{done.returncode}): {(done.stdout + done.stderr)[-1000:]}")
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FedError(f"flower-superlink exited with code {process.returncode}; see {log}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
         time.sleep(0.2)
     raise FedError(f"flower-superlink did not open port {port} within {timeout:.0f} s; see {log}")
@@ -149,7 +218,7 @@ def deploy(config: FedConfig, workdir: str | os.PathLike | None = None, timeout:
         app_dir = write_app(work / "app", config)
         result_file = Path(config.output_dir) / RESULT_FILE
         result_file.unlink(missing_ok=True)
-        connection, env = stack.enter_context(loopback_federation(config.clients, work))
+        connection, env = stack.enter_context(federation(config, work))
         try:
             done = subprocess.run([_executable("flwr"), "run", str(app_dir), connection, "--stream"], env=env,
                                   capture_output=True, text=True, timeout=timeout)

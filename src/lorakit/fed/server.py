@@ -3,10 +3,12 @@
 `LowRankStrategy` is Flower's `FedAvg` (its node sampling and message flow) with lorakit's pieces in the
 two places a strategy decides: `configure_train` adds, per node, what that node still lacks (Fed-SB's
 shared B, A once; FedEx-LoRA's base offsets when they changed) and counts the bytes sent;
-`aggregate_train` excludes failed, late and malformed replies with a logged reason and aggregates the
-rest with `strategies.aggregate`.  `run_server` drives the rounds: Fed-SB's shared init first, then
-train, aggregate, evaluate the global model on the server and checkpoint, round after round, resuming
-after the last completed round when asked.
+`aggregate_train` excludes failed, late and malformed replies, and replies whose sample count cannot be
+trusted (not finite, not positive, above the largest partition or ``max_client_examples``), each with a
+logged reason, and aggregates the rest with `strategies.aggregate` (unweighted by default, as the
+official Fed-SB code; ``weighting = examples`` for FedAvg's sample weights).  `run_server` drives the
+rounds: Fed-SB's shared init first, then train, aggregate, evaluate the global model on the server and
+checkpoint, round after round, resuming after the last completed round when asked.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
 from .. import api
+from ..io.persistence import adapter_tensors
 from . import checkpoint, local, validate
 from .checkpoint import ServerState
 from .client import OFFSETS_VERSION
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE = "fed_result.json"
 GRADSUM = "query.gradsum"
+FEDSB_INIT = "query.fedsb_init"
+SB_FACTORS = ("lora_B", "lora_R", "lora_A")
 
 
 def _reason(message: Message) -> str:
@@ -50,10 +55,10 @@ def _reason(message: Message) -> str:
 class LowRankStrategy(FedAvg):
     """FedAvg's sampling and message flow with Fed-SB / FedIT / FFA-LoRA / FedEx-LoRA aggregation."""
 
-    def __init__(self, config: FedConfig, state: ServerState, scale: float) -> None:
+    def __init__(self, config: FedConfig, state: ServerState, scale: float, max_count: int) -> None:
         super().__init__(fraction_train=config.fraction, fraction_evaluate=0.0,
                          min_train_nodes=config.min_train_clients, min_available_nodes=config.clients)
-        self.config, self.state, self.scale = config, state, scale
+        self.config, self.state, self.scale, self.max_count = config, state, scale, max_count
         self.spec = STRATEGIES[config.strategy]
         self.has_frozen: set[int] = set()
         self.offsets_seen: dict[int, int] = {}
@@ -109,7 +114,7 @@ class LowRankStrategy(FedAvg):
             try:
                 tensors = message.content[self.arrayrecord_key].to_torch_state_dict()
                 record = dict(message.content["metrics"])
-                count = float(record["num-examples"])
+                count = record["num-examples"]
             except (KeyError, TypeError, ValueError) as err:
                 excluded[str(node)] = f"malformed reply: {type(err).__name__}: {err}"
                 continue
@@ -119,10 +124,11 @@ class LowRankStrategy(FedAvg):
                 self.has_frozen.add(node)
             if version is not None:
                 self.offsets_seen[node] = version
-            if not count > 0:
-                excluded[str(node)] = f"malformed reply: num-examples = {count}"
+            reason = validate.check_count(count, self.max_count)
+            if reason is not None:
+                excluded[str(node)] = f"untrusted sample count: {reason}"
                 continue
-            updates[str(node)], counts[str(node)], metrics[str(node)] = tensors, count, record
+            updates[str(node)], counts[str(node)], metrics[str(node)] = tensors, float(count), record
         for node, reason in validate.screen(updates, self.state.tensors, cfg.max_update_norm, cfg.norm_factor).items():
             excluded[node] = reason
             del updates[node]
@@ -134,7 +140,8 @@ class LowRankStrategy(FedAvg):
             logger.warning("round %d: no usable update; the global adapter is unchanged", server_round)
             return None, None
         nodes = sorted(updates)
-        result = aggregate(self.spec, [updates[n] for n in nodes], [counts[n] for n in nodes], self.scale)
+        weights = [counts[n] if cfg.weighting == "examples" else 1.0 for n in nodes]
+        result = aggregate(self.spec, [updates[n] for n in nodes], weights, self.scale)
         self.residuals = result.residuals
         total = sum(counts[n] for n in nodes)
         train_loss = sum(counts[n] * float(metrics[n]["train-loss"]) for n in nodes) / total
@@ -145,54 +152,101 @@ class LowRankStrategy(FedAvg):
         return ArrayRecord(result.tensors), MetricRecord(summary)
 
 
-def shared_init(grid: Grid, config: FedConfig, ws: local.Workspace, state: ServerState) -> dict[str, str]:
-    """Fed-SB's init: every client uploads its gradient sum once; the server sums them and builds B, R, A.
+def _init_keys(ws: local.Workspace) -> dict[str, Tensor]:
+    """Shapes and dtypes of B, R, A per layer (what a designated client's init must hold)."""
+    return {k: v for k, v in adapter_tensors(ws.model).items() if k.rsplit(".", 1)[-1] in SB_FACTORS}
+
+
+def _client_init(grid: Grid, config: FedConfig, ws: local.Workspace, state: ServerState,
+                 ) -> tuple[list[dict[str, Tensor]], dict[str, str], int]:
+    """Ask the designated client (``client``) or every client (``clients``) for its part of Fed-SB's init.
 
     Waits up to ``init_timeout`` (not the per-round ``round_timeout``): these are the federation's first
     messages, so their replies also wait for the simulation engine to start and for each client to load its
-    model and shard.  Returns ``client -> reason`` for every client left out (each is logged); raises
-    `FedError`, naming every reason, if no usable gradient sum arrived.
+    model and shard.  Returns the usable replies, ``client -> reason`` for every client left out (each is
+    logged) and how many clients were asked.
     """
     nodes, _ = sample_nodes(grid, config.clients, config.clients)
+    if config.init_source == "client":
+        nodes = sorted(nodes)[:1]  # the designated client: the lowest node id
+        kind, what = FEDSB_INIT, "B, R, A"
+        reference = _init_keys(ws)
+    else:
+        kind, what = GRADSUM, "gradient sum"
+        reference = {name: torch.empty(layer.out_features, layer.in_features, dtype=torch.float32, device="meta")
+                     for name, layer in ws.layers.items()}
     record = ConfigRecord(config.to_record())
-    messages = [Message(RecordDict({"config": record}), message_type=GRADSUM, dst_node_id=n) for n in nodes]
+    messages = [Message(RecordDict({"config": record}), message_type=kind, dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=config.init_timeout))
-    reference = {name: torch.empty(layer.out_features, layer.in_features, dtype=torch.float32, device="meta")
-                 for name, layer in ws.layers.items()}
     excluded: dict[str, str] = {}
     answered = {m.metadata.src_node_id for m in replies}
     for node in nodes:
         if node not in answered:
-            excluded[str(node)] = (f"no gradient sum within init_timeout ({config.init_timeout:g} s), which covers "
+            excluded[str(node)] = (f"no {what} within init_timeout ({config.init_timeout:g} s), which covers "
                                    "the clients starting and loading their model and data; raise it on a slow machine")
-    sums = []
+    usable = []
     for message in sorted(replies, key=lambda m: m.metadata.src_node_id):
         node = message.metadata.src_node_id
         if message.has_error():
             excluded[str(node)] = f"client failed: {_reason(message)}"
             continue
         try:
-            grads = message.content["arrays"].to_torch_state_dict()
+            arrays = message.content["arrays"].to_torch_state_dict()
         except (KeyError, TypeError, ValueError) as err:
             excluded[str(node)] = f"malformed reply: {type(err).__name__}: {err}"
             continue
-        state.ledger.add(INIT_ROUND, node, up=payload_bytes(grads), what="gradient sum")
-        reason = validate.check_update(grads, reference)
+        state.ledger.add(INIT_ROUND, node, up=payload_bytes(arrays), what=what)
+        reason = validate.check_update(arrays, reference)
         if reason is not None:
             excluded[str(node)] = reason
             continue
-        sums.append(grads)
+        usable.append(arrays)
     for node, reason in excluded.items():
         logger.warning("shared init: excluded client %s: %s", node, reason)
-    if not sums:
-        reasons = "; ".join(f"client {node}: {reason}" for node, reason in excluded.items()) or "no client sampled"
-        raise FedError(f"Fed-SB's shared init received no usable gradient sum from any of {len(nodes)} clients "
-                       f"({reasons})")
-    init = fedsb_shared_init(sums, api.get_state(ws.model).config)
+    return usable, excluded, len(nodes)
+
+
+def shared_init(grid: Grid, config: FedConfig, ws: local.Workspace, state: ServerState) -> dict[str, str]:
+    """Fed-SB's shared init, once, by ``config.init_source`` (see `FedConfig`); B, A become ``state.frozen``
+    (broadcast with each client's first training message, counted as download) and R the first global R.
+
+    ``server``: LoRA-SB's init from the server's own sample (``init_data``): nothing is uploaded.
+    ``client``: the designated client's B, R, A (one upload).  ``clients``: the sum of every client's
+    gradient sum (sign(Σᵢ Gᵢ) is the sign of the pooled gradient).  Returns ``client -> reason`` for every
+    client left out; raises `FedError`, naming every reason, if no usable reply arrived.
+    """
+    excluded: dict[str, str] = {}
+    if config.init_source == "server":
+        init = local.shared_init(ws, local.init_features(config))
+        source = f"the server's first {config.init_samples} examples of {config.init_data}"
+    else:
+        usable, excluded, asked = _client_init(grid, config, ws, state)
+        if not usable:
+            reasons = "; ".join(f"client {n}: {r}" for n, r in excluded.items()) or "no client sampled"
+            raise FedError(f"Fed-SB's shared init received no usable reply from any of {asked} clients ({reasons})")
+        if config.init_source == "client":
+            init = usable[0]
+        else:
+            init = fedsb_shared_init(usable, api.get_state(ws.model).config)
+        source = f"{len(usable)} of {asked} clients' {'B, R, A' if config.init_source == 'client' else 'gradient sums'}"
     state.frozen = {k: v for k, v in init.items() if ws.strategy.is_frozen(k)}
     state.tensors.update({k: v for k, v in init.items() if ws.strategy.is_trainable(k)})
-    logger.info("Fed-SB shared init from %d of %d clients' gradient sums", len(sums), len(nodes))
+    logger.info("Fed-SB shared init from %s (η = %g)", source, config.sb_init_lr)
     return excluded
+
+
+def privacy_note(config: FedConfig) -> str:
+    """What the run's DP guarantee covers, stated in the result (and logged as a warning when it leaves a gap)."""
+    if config.dp_epsilon is None:
+        return "no differential privacy (dp_epsilon unset)"
+    note = (f"each client's local training is DP-SGD at (ε = {config.dp_epsilon:g}, δ = "
+            f"{config.dp_delta if config.dp_delta is not None else '1/n'}) over all rounds")
+    if STRATEGIES[config.strategy].server_init and config.init_source != "server":
+        who = "the designated client's" if config.init_source == "client" else "every client's"
+        return (note + f"; Fed-SB's init ({who} upload at round 0, computed from its first {config.init_samples} "
+                "examples without noise) is OUTSIDE this guarantee: use init_source 'server' to keep client data "
+                "out of the init")
+    return note
 
 
 def evaluate_global(ws: local.Workspace, state: ServerState) -> dict[str, float]:
@@ -210,10 +264,15 @@ def run_server(grid: Grid, config: FedConfig) -> dict[str, Any]:
     ws = local.workspace(config)
     state = checkpoint.load(out, config) if config.resume else None
     if state is None:
+        local.reset(ws)
         state = ServerState(tensors=local.select(ws, "trainable"))
     else:
         logger.info("resuming from %s after round %d", out / checkpoint.DIRNAME, state.round)
-    strategy = LowRankStrategy(config, state, ws.scale)
+    max_count = config.max_client_examples or max(local.shard_sizes(config))
+    strategy = LowRankStrategy(config, state, ws.scale, max_count)
+    privacy = privacy_note(config)
+    if config.dp_epsilon is not None and ws.strategy.server_init and config.init_source != "server":
+        logger.warning("%s", privacy)
     init_excluded: dict[str, str] = {}
     if ws.strategy.server_init and not state.frozen:
         init_excluded = shared_init(grid, config, ws, state)
@@ -240,7 +299,8 @@ def run_server(grid: Grid, config: FedConfig) -> dict[str, Any]:
                               "bytes_per_client": state.ledger.per_client(round_)})
         checkpoint.save(out, state, config)
         logger.info("round %d: %s", round_, {k: v for k, v in state.history[-1].items() if k != "bytes_per_client"})
-    result = {"config": config.to_record(), "history": state.history, "comm": state.ledger.per_round(),
+    result = {"config": config.to_record(), "privacy": privacy, "history": state.history,
+              "comm": state.ledger.per_round(),
               "totals": state.ledger.totals(), "seconds": time.perf_counter() - start}
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")

@@ -2,7 +2,8 @@
 
 Keys are `lorakit.save`'s names: ``{layer}.lora_A`` (r×d_in), ``{layer}.lora_B`` (d_out×r),
 ``{layer}.lora_R`` (r×r) and ``modules_to_save.{module}.{param}`` (trained heads, averaged as they are).
-Every average is weighted by the clients' sample counts (FedAvg, McMahan et al. 2017).
+Every average is weighted by the ``counts`` the server passes: all ones for the official Fed-SB code's
+unweighted mean (its default, for every strategy), or the clients' sample counts (FedAvg, McMahan et al. 2017).
 
 * Fed-SB (Singhal, Ponkshe et al. 2025, arXiv 2502.15436): B and A are one shared LoRA-SB init, frozen;
   clients train R and the server averages it.  Exact: ``B (Σ wᵢ Rᵢ) A = Σ wᵢ B Rᵢ A``.

@@ -1,4 +1,5 @@
-"""Screening of client updates before aggregation: keys, shape, dtype, finiteness and a plausible size.
+"""Screening of client updates before aggregation: keys, shape, dtype, finiteness and a plausible size,
+and the sample count each client reports (finite, positive, at most the largest partition or a cap).
 
 A rejected update is excluded from its round with the reason logged; the others are aggregated.
 The size test measures how far an update moved from the tensors the server broadcast (the L2 norm of
@@ -32,6 +33,19 @@ def check_update(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) 
             return f"wrong dtype for {key}: {got.dtype}, expected {ref.dtype}"
         if not torch.isfinite(got).all():
             return f"non-finite values (NaN or inf) in {key}"
+    return None
+
+
+def check_count(count: object, limit: int) -> str | None:
+    """Why a reported ``num-examples`` cannot be trusted, or None: it must be a finite, positive number of at most
+    ``limit`` examples (an ``inf`` would turn the weighted mean into NaN, ``1e12`` would take all the weight)."""
+    if isinstance(count, bool) or not isinstance(count, (int, float)):
+        return f"num-examples must be a number, got {type(count).__name__}"
+    if not math.isfinite(count) or count <= 0:
+        return f"num-examples must be finite and positive, got {count}"
+    if count > limit:
+        return f"num-examples {count:g} exceeds the most a client can hold ({limit}: max_client_examples, or the " \
+               "largest partition)"
     return None
 
 
