@@ -12,9 +12,10 @@ parameters that require grad *before* ``on_train_begin``):
 
 * ``on_init_end`` (end of ``Trainer.__init__``): `attach` the adapter, so the optimizer sees only its
   parameters.  Data-driven methods (LoRA-GA, LoRA-SB) are attached without their init.
-* ``on_train_begin``: ``hooks.on_train_begin(max_steps)``, then the data-driven init on the first
-  ``init_batches`` batches of the trainer's own train dataloader (in place: the optimizer keeps the
-  same parameter objects; under DDP rank 0's result is broadcast).
+* ``on_train_begin``: under ``gradient_checkpointing``, make gradients reach the adapters inside checkpointed
+  blocks (`LorakitCallback._gradients_through_checkpoints`); ``hooks.on_train_begin(max_steps)``, then the
+  data-driven init on the first ``init_batches`` batches of the trainer's own train dataloader (in place:
+  the optimizer keeps the same parameter objects; under DDP rank 0's result is broadcast).
 * ``on_step_begin``: ``before_forward``.  ``on_pre_optimizer_step``: ``after_backward`` (transformers
   has clipped the gradients here, as the lorakit trainer does before this hook).
   ``on_optimizer_step``: ``after_step`` (gradients still present).  ``on_step_end``: a requested
@@ -103,6 +104,8 @@ class LorakitCallback(TrainerCallback):
                        model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         adapter = self._state(model)
         self._check_integration(adapter)
+        if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
+            self._gradients_through_checkpoints(model)
         adapter.hooks.on_train_begin(state.max_steps)
         if not self.pending_init:
             return
@@ -117,6 +120,15 @@ class LorakitCallback(TrainerCallback):
         adapter.method.initialize(model, adapter.layers, adapter.config, batches, self.loss_fn)
         self._share_rank0_adapter(model)
         self.pending_init = False
+
+    @staticmethod
+    def _gradients_through_checkpoints(model: nn.Module) -> None:
+        """Reentrant checkpointing (transformers 4's default) gives a checkpointed block's adapter gradients only
+        if the block's input requires grad; with the base frozen it does not, so make the input embeddings' output
+        require grad, as PEFT does (transformers does it only for some models).  Harmless when non-reentrant."""
+        hooked = getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook")
+        if not hooked and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
 
     @staticmethod
     def _share_rank0_adapter(model: nn.Module) -> None:

@@ -152,7 +152,9 @@ class PriLoraHooks(TrainingHooks):
         beta = self.config.ema_beta
 
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not (module.training and torch.is_grad_enabled()):
+            # Not in backward: gradient checkpointing reruns the forward there, and each batch counts once.
+            # (torch's private graph-task id is -1 outside backward; torch's own FSDP tests it the same way.)
+            if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
                 return
             x = args[0].detach()
             norms = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]).float(), dim=0)

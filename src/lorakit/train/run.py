@@ -77,6 +77,7 @@ class RunConfig:
     group_by_length: bool = True
     dtype: str = "fp32"
     bf16: bool = False
+    gradient_checkpointing: bool = False
     device: str = "auto"
     output_dir: str = "lorakit-runs/run"
     resume: bool = False
@@ -199,7 +200,8 @@ def run_training(run: RunConfig) -> RunResult:
                          weight_decay=run.weight_decay, warmup_steps=run.warmup_steps, schedule=run.schedule,
                          max_grad_norm=run.max_grad_norm, seed=run.seed, eval_every=run.eval_every,
                          output_dir=str(out), bf16=run.bf16, group_by_length=run.group_by_length,
-                         resume=run.resume, save_adapter=run.method != FULL)
+                         resume=run.resume, save_adapter=run.method != FULL,
+                         gradient_checkpointing=run.gradient_checkpointing)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)

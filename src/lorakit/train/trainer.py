@@ -63,7 +63,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 # others (but the free ones, which do not touch the trajectory) makes it differ from an uninterrupted run.
 _RESUME_FIXED = ("batch_size", "grad_accum", "seed", "group_by_length")
 _RESUME_FREE = ("resume", "stop_after", "progress", "output_dir", "log_every", "eval_every", "save_every",
-                "save_adapter")
+                "save_adapter", "gradient_checkpointing")
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 EvalFn = Callable[[nn.Module], float | Mapping[str, float]]
@@ -79,7 +79,8 @@ class TrainConfig:
     ``save_every`` count optimizer steps (0 = never; with ``save_every`` the last step is saved too).
     ``bf16``: autocast the forward to bfloat16.  ``save_adapter``: write ``output_dir/adapter`` at the end.
     ``stop_after``: end this run after that many steps as if it were killed there (no final save), to
-    test and demonstrate ``resume``.
+    test and demonstrate ``resume``.  ``gradient_checkpointing``: recompute each transformers decoder layer's
+    activations in backward (non-reentrant ``torch.utils.checkpoint``) instead of keeping them; same gradients.
     """
 
     steps: int = 100
@@ -102,6 +103,7 @@ class TrainConfig:
     save_adapter: bool = True
     stop_after: int | None = None
     progress: bool = True
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -252,6 +254,33 @@ class _Distributed:
     def close(self) -> None:
         if self.created:
             dist.destroy_process_group()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """Turn on transformers' activation checkpointing of ``model`` (non-reentrant, RNG state preserved, so dropout
+    draws the same masks in the recomputation); returns the function that restores the previous setting."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5; older: gradient_...
+    supported = getattr(model, "supports_gradient_checkpointing", False)
+    if not (supported and hasattr(model, "gradient_checkpointing_enable")):
+        raise ConfigError(f"gradient_checkpointing=True needs a transformers model that supports it; "
+                          f"{type(model).__name__} does not (checkpoint its blocks in its own forward instead)")
+    was_on = (model.is_activation_checkpointing if enable is not None else model.is_gradient_checkpointing)
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"))
+    kwargs = {"use_reentrant": False}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def restore() -> None:
+        if was_on:
+            return
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+        if not had_input_hooks:
+            model.disable_input_require_grads()
+
+    return restore
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -478,6 +507,7 @@ class _Run:
         self.log = _Log(self.out, config, self.progress.step, self.is_main)
         was_training = model.training
         model.train()
+        restore_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
         start = time.perf_counter()
         try:
             while self.progress.step < config.steps:
@@ -494,6 +524,8 @@ class _Run:
                     break
         finally:
             model.train(was_training)
+            if restore_checkpointing is not None:
+                restore_checkpointing()
             self.log.close()
         p = self.progress
         adapter_dir = None
