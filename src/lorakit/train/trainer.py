@@ -46,7 +46,7 @@ from ..api import STATE_ATTR, AdapterState
 from ..core.hooks import TrainingHooks
 from ..core.loss import model_loss
 from ..errors import ConfigError, TrainingError
-from ..io.persistence import SAVED_PREFIX, _atomic_write, adapter_tensors, read_adapter_tensors, save
+from ..io.persistence import SAVED_PREFIX, _atomic_write, adapter_tensors, fingerprints, read_adapter_tensors, save
 from . import data
 from .data import IGNORE_INDEX, Batch
 
@@ -63,7 +63,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 # others (but the free ones, which do not touch the trajectory) makes it differ from an uninterrupted run.
 _RESUME_FIXED = ("batch_size", "grad_accum", "seed", "group_by_length")
 _RESUME_FREE = ("resume", "stop_after", "progress", "output_dir", "log_every", "eval_every", "save_every",
-                "save_adapter", "gradient_checkpointing")
+                "save_adapter", "gradient_checkpointing", "fsdp")
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 EvalFn = Callable[[nn.Module], float | Mapping[str, float]]
@@ -81,6 +81,7 @@ class TrainConfig:
     ``stop_after``: end this run after that many steps as if it were killed there (no final save), to
     test and demonstrate ``resume``.  ``gradient_checkpointing``: recompute each transformers decoder layer's
     activations in backward (non-reentrant ``torch.utils.checkpoint``) instead of keeping them; same gradients.
+    ``fsdp``: under torchrun, shard the frozen base weights across ranks with FSDP2 (see `shard_frozen_base`).
     """
 
     steps: int = 100
@@ -104,6 +105,7 @@ class TrainConfig:
     stop_after: int | None = None
     progress: bool = True
     gradient_checkpointing: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -281,6 +283,48 @@ def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
             model.disable_input_require_grads()
 
     return restore
+
+
+# Methods whose hooks read or write the base weights outside the forward in a way not made shard-aware.
+FSDP_REFUSED = {"flat-lora": "its noise scales read every full base weight before each step"}
+
+
+def shard_frozen_base(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 (``fully_shard``) over the torchrun ranks: each transformers block (``_no_split_modules``), then the
+    rest, is one unit whose frozen weights each rank holds 1/world of and all-gathers for its forward and backward.
+
+    The adapter (every parameter of an adapter layer but its base, and every trainable parameter) is left out of
+    the sharding (``ignored_params``): it is small, every rank keeps the whole of it, and `_Distributed.sum_grads`
+    sums its gradients as under plain data parallelism, so hooks, optimizer, checkpoints and `save` see ordinary
+    tensors and the run matches a single-process one.  What the base weights gain is 1/world of their memory.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    state: AdapterState | None = getattr(model, STATE_ATTR, None)
+    if state is not None and state.method.name in FSDP_REFUSED:
+        raise ConfigError(f"fsdp=True does not support {state.method.name}: {FSDP_REFUSED[state.method.name]}; "
+                          "train it without fsdp (plain torchrun data parallelism works)")
+    kept = {p for p in model.parameters() if p.requires_grad}
+    if state is not None:
+        kept |= {p for layer in state.layers.values() for n, p in layer.named_parameters() if not n.startswith("base.")}
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if m is not model and type(m).__name__ in block_names]
+    # The decoder and the output head are units of their own: `model_loss` calls them one after the other.
+    decoder = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is not model:
+        units.append(decoder)
+    if head is not None:
+        tied = any(head.weight is p for p in decoder.parameters()) if decoder is not model else False
+        if tied:
+            kept.add(head.weight)  # shared with the input embedding: kept whole on every rank
+        else:
+            units.append(head)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, ignored_params=kept)
+    fully_shard(model, mesh=mesh, ignored_params=kept)
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -490,6 +534,14 @@ class _Run:
             self.hooks = self.adapter.hooks
         self.out = Path(config.output_dir) if config.output_dir else None
         self.is_main = ddp.rank == 0
+        self.fingerprints: dict[str, Any] | None = None  # of the unsharded base weights, for `save` under fsdp
+        if config.fsdp:
+            if not ddp.active:
+                raise ConfigError("fsdp=True shards the model across torchrun ranks: launch with torchrun "
+                                  "--nproc_per_node N (N >= 2), or train without fsdp")
+            if self.adapter is not None:
+                self.fingerprints = fingerprints(model)
+            shard_frozen_base(model, self.device)
         self.batches = _Batches(features, config.batch_size, config.seed, config.group_by_length)
         self.progress = _Progress()
         self.warned_hook_state = False
@@ -531,7 +583,7 @@ class _Run:
         adapter_dir = None
         if p.step >= config.steps and self.out is not None and self.adapter is not None and config.save_adapter \
                 and self.is_main:
-            adapter_dir = str(save(model, self.out / ADAPTER_DIR))
+            adapter_dir = str(save(model, self.out / ADAPTER_DIR, base_fingerprints=self.fingerprints))
         return TrainResult(
             losses=list(p.losses), evals=list(p.evals), seconds=time.perf_counter() - start,
             peak_memory_mib=_peak_memory_mib(self.device),
@@ -620,13 +672,16 @@ class _Run:
         return self.optimizer.param_groups[0]["lr"]
 
     def evaluate(self) -> None:
-        """Run ``eval_fn`` (rank 0) without disturbing the training RNG stream."""
-        if not self.is_main:
+        """Run ``eval_fn`` (rank 0; every rank under fsdp, whose forward needs them all) without disturbing the
+        training RNG stream."""
+        if not self.is_main and not self.config.fsdp:
             return
         self.model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             result = self.eval_fn(self.model)
         self.model.train()
+        if not self.is_main:
+            return
         scores = dict(result) if isinstance(result, Mapping) else {"score": float(result)}
         record = {"step": self.progress.step, **scores}
         self.progress.evals.append(record)
@@ -683,7 +738,7 @@ class _Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if self.adapter is not None:
-            save(self.model, tmp)
+            save(self.model, tmp, base_fingerprints=self.fingerprints)
         save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
         if final.exists():

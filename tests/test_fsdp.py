@@ -1,0 +1,61 @@
+"""FSDP2 under torchrun: 2 CPU processes (gloo) with ``fsdp=True`` hold half of every frozen base weight each and
+train the same adapter as one process, for each method of `tests.fsdp_train.METHODS` (one launch for all)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.train.trainer import TrainConfig, train
+from tests.ddp_train import features
+from tests.fsdp_train import METHODS, build_model, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sharded_runs_match_single_process_runs_and_write_the_same_adapter(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "tests/fsdp_train.py", str(tmp_path / "fsdp")], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun with 2 processes did not finish in 300 s")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded = json.loads((tmp_path / "fsdp" / "sharded.json").read_text())
+    # q_proj is 32 x 32: each of the 2 ranks held 16 rows of the base weight, as a DTensor
+    assert sharded == {name: {"type": "DTensor", "local_rows": 16} for name in METHODS}
+
+    for name in METHODS:
+        single = run(name, str(tmp_path / "single" / name))
+        one, two = tmp_path / "single" / name, tmp_path / "fsdp" / name
+        a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+        b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys(), name
+        initial = lorakit.io.persistence.adapter_tensors(build_model(name))
+        moved = 0
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5), f"{name} {key}"
+            moved += key in initial and not torch.allclose(a[key], initial[key], rtol=0, atol=1e-4)
+        assert moved > 0, name  # training changed the adapter
+        config_one = json.loads((one / "adapter" / "adapter_config.json").read_text())
+        config_two = json.loads((two / "adapter" / "adapter_config.json").read_text())
+        assert config_two == config_one, name  # same method, config and fingerprints of the (unsharded) base
+        records = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+        assert [r["loss"] for r in records] == pytest.approx(single.losses, abs=1e-5), name
+        assert (two / "checkpoint" / "trainer_state.json").is_file()
+
+
+def test_fsdp_needs_torchrun():
+    model = build_model("lora")
+    with pytest.raises(ConfigError, match="fsdp=True shards the model across torchrun ranks"):
+        train(model, features(), TrainConfig(steps=1, batch_size=4, progress=False, fsdp=True))
