@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
+from lorakit.api import STATE_ATTR
 from lorakit.errors import ConfigError
 from lorakit.train.trainer import TrainConfig, train
 from tests.ddp_train import features
@@ -59,3 +60,49 @@ def test_fsdp_needs_torchrun():
     model = build_model("lora")
     with pytest.raises(ConfigError, match="fsdp=True shards the model across torchrun ranks"):
         train(model, features(), TrainConfig(steps=1, batch_size=4, progress=False, fsdp=True))
+
+
+def _trainer(tmp_path, model, callback):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    ids = torch.randint(3, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids],
+                   data_collator=default_data_collator, callbacks=[callback])
+
+
+def test_hf_callback_refuses_deepspeed_zero3_and_accelerate_fsdp_at_attach(tmp_path, monkeypatch):
+    from lorakit.integrations import hf
+    from lorakit.integrations.hf import LorakitCallback
+    from tests.tiny_models import KINDS
+
+    monkeypatch.setattr(hf, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(lorakit.LorakitError, match="DeepSpeed ZeRO-3 partitions the base weights"):
+        _trainer(tmp_path, KINDS["llama"].build(0), LorakitCallback(lorakit.LoraConfig(r=2)))
+    monkeypatch.undo()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    model = KINDS["llama"].build(0)
+    with pytest.raises(lorakit.LorakitError, match="does not support accelerate's FSDP"):
+        _trainer(tmp_path, model, LorakitCallback(lorakit.LoraConfig(r=2)))
+    assert getattr(model, STATE_ATTR, None) is None  # refused before anything was attached
+
+
+def test_hf_callback_refuses_a_model_sharded_after_attach():
+    """A model that FSDP2 sharded after the adapter was attached (accelerate wraps in ``Trainer.train``)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainerControl, TrainerState
+
+    from lorakit.integrations.hf import LorakitCallback
+    from tests.tiny_models import KINDS
+
+    model = lorakit.attach(KINDS["llama"].build(0), lorakit.LoraConfig(r=2))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(lorakit.LorakitError, match="does not support accelerate's FSDP"):
+            LorakitCallback().on_train_begin(None, TrainerState(), TrainerControl(), model=model)
+    finally:
+        dist.destroy_process_group()

@@ -121,9 +121,11 @@ def test_hf_trainer_with_gradient_checkpointing_trains_the_same_adapter(tmp_path
         assert not key.endswith("lora_B") or ckpt[key].abs().max() > 0, f"{key} never got a gradient"
 
 
-def test_cli_flag_reaches_the_run_config():
+def test_cli_flags_reach_the_run_config():
     from lorakit.cli import build_parser, run_config
 
     parser = build_parser()
-    assert run_config(parser.parse_args(["train", "--gradient-checkpointing"])).gradient_checkpointing is True
-    assert run_config(parser.parse_args(["train"])).gradient_checkpointing is False
+    flagged = run_config(parser.parse_args(["train", "--gradient-checkpointing", "--fsdp"]))
+    assert flagged.gradient_checkpointing is True and flagged.fsdp is True
+    plain = run_config(parser.parse_args(["train"]))
+    assert plain.gradient_checkpointing is False and plain.fsdp is False

@@ -36,13 +36,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
@@ -58,6 +61,23 @@ logger = logging.getLogger(__name__)
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def _refuse_sharding(args: TrainingArguments, model: nn.Module) -> None:
+    """Refuse the parameter sharding the callback does not handle, instead of training something wrong: DeepSpeed
+    ZeRO-3 (partitioned base weights: the adapter would wrap empty placeholders) and accelerate's FSDP (sharded
+    adapter tensors that the methods' hooks, data-driven inits and `lorakit.save` do not gather)."""
+    if is_deepspeed_zero3_enabled() or any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise LorakitError("DeepSpeed ZeRO-3 partitions the base weights, which lorakit adapters cannot wrap: use "
+                           "ZeRO stage 1 or 2, DDP, or lorakit's own trainer with FSDP2 (TrainConfig(fsdp=True) / "
+                           "lorakit train --fsdp under torchrun)")
+    fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp or any(isinstance(p, DTensor) for p in model.parameters()) or \
+            any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise LorakitError("LorakitCallback does not support accelerate's FSDP (the adapter tensors would be sharded "
+                           "where the method's hooks and lorakit.save need them whole): use DDP, or lorakit's own "
+                           "trainer with FSDP2 (TrainConfig(fsdp=True) / lorakit train --fsdp under torchrun), which "
+                           "shards the frozen base weights and keeps the adapter whole")
 
 
 class LorakitCallback(TrainerCallback):
@@ -88,6 +108,7 @@ class LorakitCallback(TrainerCallback):
                     model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
             return
+        _refuse_sharding(args, model)
         if getattr(model, STATE_ATTR, None) is None:
             if self.config is None:
                 raise LorakitError("LorakitCallback() without a config needs a model with a lorakit adapter "
@@ -102,6 +123,7 @@ class LorakitCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+        _refuse_sharding(args, model)
         adapter = self._state(model)
         self._check_integration(adapter)
         if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):

@@ -78,6 +78,7 @@ class RunConfig:
     dtype: str = "fp32"
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     device: str = "auto"
     output_dir: str = "lorakit-runs/run"
     resume: bool = False
@@ -201,7 +202,7 @@ def run_training(run: RunConfig) -> RunResult:
                          max_grad_norm=run.max_grad_norm, seed=run.seed, eval_every=run.eval_every,
                          output_dir=str(out), bf16=run.bf16, group_by_length=run.group_by_length,
                          resume=run.resume, save_adapter=run.method != FULL,
-                         gradient_checkpointing=run.gradient_checkpointing)
+                         gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)
