@@ -88,8 +88,8 @@ def test_hf_callback_refuses_deepspeed_zero3_and_accelerate_fsdp_at_attach(tmp_p
     assert getattr(model, STATE_ATTR, None) is None  # refused before anything was attached
 
 
-def test_hf_callback_refuses_a_model_sharded_after_attach():
-    """A model that FSDP2 sharded after the adapter was attached (accelerate wraps in ``Trainer.train``)."""
+def test_a_model_sharded_elsewhere_is_refused():
+    """A model that FSDP2 sharded after the adapter was attached (accelerate wraps in ``Trainer.train``), or before."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -104,5 +104,13 @@ def test_hf_callback_refuses_a_model_sharded_after_attach():
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
         with pytest.raises(lorakit.LorakitError, match="does not support accelerate's FSDP"):
             LorakitCallback().on_train_begin(None, TrainerState(), TrainerControl(), model=model)
+        # lorakit's trainer shards the model itself, after attach; it refuses one sharded already, and attach
+        # refuses a sharded base
+        with pytest.raises(ConfigError, match="already sharded"):
+            train(model, features(), TrainConfig(steps=1, batch_size=4, progress=False, fsdp=True))
+        bare = KINDS["llama"].build(0)
+        fully_shard(bare, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(lorakit.LorakitError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' is sharded"):
+            lorakit.attach(bare, lorakit.LoraConfig(r=2))
     finally:
         dist.destroy_process_group()

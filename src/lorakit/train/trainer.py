@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..api import STATE_ATTR, AdapterState
 from ..core.hooks import TrainingHooks
@@ -539,6 +540,9 @@ class _Run:
             if not ddp.active:
                 raise ConfigError("fsdp=True shards the model across torchrun ranks: launch with torchrun "
                                   "--nproc_per_node N (N >= 2), or train without fsdp")
+            if any(isinstance(p, DTensor) for p in model.parameters()):
+                raise ConfigError("fsdp=True: the model is already sharded; give train() the unsharded model with "
+                                  "its adapter attached, and it shards the frozen base weights itself")
             if self.adapter is not None:
                 self.fingerprints = fingerprints(model)
             shard_frozen_base(model, self.device)
