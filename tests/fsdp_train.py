@@ -7,6 +7,7 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsd
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,10 @@ def main(out: Path) -> None:
         train(model, features(), config(name, str(out / name), fsdp=True))
         weight = lorakit.adapter_layers(model)["model.layers.0.self_attn.q_proj"].base.weight
         sharded[name] = {"type": type(weight).__name__, "local_rows": weight.to_local().shape[0]}
+    # Killed after step 3 (checkpoint at 2, one XGBLoRA merge into the sharded W0 done), then resumed.
+    resumed = str(out / "xgblora-resumed")
+    train(build_model("xgblora"), features(), dataclasses.replace(config("xgblora", resumed, True), stop_after=3))
+    train(build_model("xgblora"), features(), dataclasses.replace(config("xgblora", resumed, True), resume=True))
     if dist.get_rank() == 0:
         (out / "sharded.json").write_text(json.dumps(sharded))
     dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """FSDP2 under torchrun: 2 CPU processes (gloo) with ``fsdp=True`` hold half of every frozen base weight each and
-train the same adapter as one process, for each method of `tests.fsdp_train.METHODS` (one launch for all)."""
+train the same adapter as one process, for each method of `tests.fsdp_train.METHODS` (one launch for all), and
+resume a sharded run bit for bit."""
 
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def test_sharded_runs_match_single_process_runs_and_write_the_same_adapter(tmp_p
         records = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
         assert [r["loss"] for r in records] == pytest.approx(single.losses, abs=1e-5), name
         assert (two / "checkpoint" / "trainer_state.json").is_file()
+    resumed = load_file(str(tmp_path / "fsdp" / "xgblora-resumed" / "adapter" / "adapter_model.safetensors"))
+    full = load_file(str(tmp_path / "fsdp" / "xgblora" / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
 
 
 def test_fsdp_needs_torchrun():
