@@ -28,6 +28,9 @@ regularizer (BA-LoRA, XGBLoRA, AdaLoRA) or their own optimizer (LoRA+, LoRA-Pro,
 plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
 without it for those methods instead of silently training something else.
 
+``gradient_checkpointing=True`` in the arguments works with every method.  DeepSpeed ZeRO-3 and accelerate's FSDP
+are refused with a clear error (see `_refuse_sharding`); lorakit's own trainer shards with FSDP2 instead.
+
 A model that already carries an adapter works too (``LorakitCallback()`` without a config); for a
 data-driven method the callback then runs its init, unless ``init_batches=0`` (attached with data).
 """
