@@ -560,10 +560,10 @@ class _Run:
             self.resume()
         self.check_ranks_agree()
         trainable_params = sum(p.numel() for p in self.trainable())
+        restore_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
         self.log = _Log(self.out, config, self.progress.step, self.is_main)
         was_training = model.training
         model.train()
-        restore_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
         start = time.perf_counter()
         try:
             while self.progress.step < config.steps:
