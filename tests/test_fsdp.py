@@ -55,6 +55,10 @@ def test_sharded_runs_match_single_process_runs_and_write_the_same_adapter(tmp_p
         records = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
         assert [r["loss"] for r in records] == pytest.approx(single.losses, abs=1e-5), name
         assert (two / "checkpoint" / "trainer_state.json").is_file()
+    run("lora", str(tmp_path / "single" / "lora-short"), batch_size=3, group_by_length=False)
+    short = [load_file(str(tmp_path / kind / "lora-short" / "adapter" / "adapter_model.safetensors"))
+             for kind in ("single", "fsdp")]
+    assert all(torch.allclose(short[0][k], short[1][k], rtol=0, atol=1e-5) for k in short[0])
     resumed = load_file(str(tmp_path / "fsdp" / "xgblora-resumed" / "adapter" / "adapter_model.safetensors"))
     full = load_file(str(tmp_path / "fsdp" / "xgblora" / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)

@@ -286,13 +286,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
     return restore
 
 
-# Methods whose hooks read or write the base weights outside the forward in a way not made shard-aware.
-FSDP_REFUSED = {"flat-lora": "its noise scales read every full base weight before each step"}
-
-
 def shard_frozen_base(model: nn.Module, device: torch.device) -> None:
-    """FSDP2 (``fully_shard``) over the torchrun ranks: each transformers block (``_no_split_modules``), then the
-    rest, is one unit whose frozen weights each rank holds 1/world of and all-gathers for its forward and backward.
+    """FSDP2 (``fully_shard``) over the torchrun ranks: each transformers block (``_no_split_modules``), the decoder,
+    the output head and the rest are units whose frozen weights each rank holds 1/world of and all-gathers for its
+    forward and backward.
 
     The adapter (every parameter of an adapter layer but its base, and every trainable parameter) is left out of
     the sharding (``ignored_params``): it is small, every rank keeps the whole of it, and `_Distributed.sum_grads`
@@ -303,9 +300,6 @@ def shard_frozen_base(model: nn.Module, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     state: AdapterState | None = getattr(model, STATE_ATTR, None)
-    if state is not None and state.method.name in FSDP_REFUSED:
-        raise ConfigError(f"fsdp=True does not support {state.method.name}: {FSDP_REFUSED[state.method.name]}; "
-                          "train it without fsdp (plain torchrun data parallelism works)")
     kept = {p for p in model.parameters() if p.requires_grad}
     if state is not None:
         kept |= {p for layer in state.layers.values() for n, p in layer.named_parameters() if not n.startswith("base.")}
@@ -325,7 +319,9 @@ def shard_frozen_base(model: nn.Module, device: torch.device) -> None:
             units.append(head)
     for unit in units:
         fully_shard(unit, mesh=mesh, ignored_params=kept)
-    fully_shard(model, mesh=mesh, ignored_params=kept)
+    # The root is a unit only if weights remain: a root unit must run first, and `model_loss` never calls it.
+    if any(p not in kept and not isinstance(p, DTensor) for p in model.parameters()):
+        fully_shard(model, mesh=mesh, ignored_params=kept)
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -605,13 +601,16 @@ class _Run:
         for _ in range(config.grad_accum):
             indices = self.batches.next()
             shard = indices[ddp.rank::ddp.world]
-            if not shard:
+            idle = not shard  # a short last batch of an epoch has fewer examples than there are ranks
+            if idle and not config.fsdp:
                 continue
+            if idle:  # under FSDP every rank must run the forward and backward (their all-gathers): to no effect
+                shard = indices[:1]
             # Weight each rank's mean loss by its share of the batch's loss terms: summed over ranks this is
             # exactly the single-process mean; divided by grad_accum, the step's loss is the micro-batch mean.
             everyone = sum(_targets(self.features[i]) for i in indices)
             mine = sum(_targets(self.features[i]) for i in shard)
-            weight = (mine / everyone if everyone else len(shard) / len(indices)) / config.grad_accum
+            weight = 0.0 if idle else (mine / everyone if everyone else len(shard) / len(indices)) / config.grad_accum
             batch = self.collate([self.features[i] for i in shard]).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 task = self.loss_fn(self.model, batch.inputs).float()
@@ -622,8 +621,9 @@ class _Run:
             if reg is not None:
                 has_reg = True
                 totals[1] += reg.detach().double() * weight
-            totals[2] += batch.real_tokens
-            totals[3] += batch.padded_tokens if "input_ids" in batch.inputs else batch.real_tokens
+            if not idle:
+                totals[2] += batch.real_tokens
+                totals[3] += batch.padded_tokens if "input_ids" in batch.inputs else batch.real_tokens
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         ddp.sum_(totals)
         task_loss, reg_value, real, padded = totals.tolist()
