@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lorakit
+from lorakit.io.persistence import adapter_tensors
 from lorakit.train.trainer import TrainConfig, TrainResult, train
 from tests import tiny_models as tiny
 from tests.ddp_train import features
@@ -27,7 +28,7 @@ LLAMA = KINDS["llama"]
 METHODS = ("lora", "dora", "pissa", "lora-ga", "lora-sb", "adalora", "xgblora")
 # Non-trivial starts (B random), AdaLoRA pruning within the run, XGBLoRA merging a round into W0 at step 2.
 OPTIONS = {"lora": {"init_weights": False}, "dora": {"init_weights": False}, "adalora": {"target_r": 2, "tfinal": 1},
-           "xgblora": {"kappa": 2}}
+           "xgblora": {"kappa": 2}, "prilora": {"final_steps": 1}}
 # XGBLoRA at 1e-2 lands 1.8e-5 from the single-process run under plain data parallelism already (fsdp: bit-identical
 # to that): summing over ranks reorders float additions, and Adam's early steps on tiny gradients magnify it.
 LR = {"xgblora": 3e-3}
@@ -48,14 +49,23 @@ def config(name: str, output_dir: str, fsdp: bool) -> TrainConfig:
                        save_every=2, output_dir=output_dir, progress=False, fsdp=fsdp)
 
 
+def ranks_agree(model: torch.nn.Module) -> bool:
+    """Whether every rank ends with the same adapter (rank 0 alone saves it)."""
+    sums = [float(t.double().abs().sum()) for t in adapter_tensors(model).values()]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sums)
+    return all(s == everyone[0] for s in everyone)
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     sharded = {}
-    for name in METHODS:
+    for name in (*METHODS, "prilora"):  # PRILoRA: each rank's input-norm EMA sees its own share of the batches
         model = build_model(name)
         train(model, features(), config(name, str(out / name), fsdp=True))
         weight = lorakit.adapter_layers(model)["model.layers.0.self_attn.q_proj"].base.weight
-        sharded[name] = {"type": type(weight).__name__, "local_rows": weight.to_local().shape[0]}
+        sharded[name] = {"type": type(weight).__name__, "local_rows": weight.to_local().shape[0],
+                         "ranks_agree": ranks_agree(model)}
     # Batches of 3 over 16 examples: each epoch ends with a batch of 1, which rank 1 has no share of.
     run("lora", str(out / "lora-short"), True, batch_size=3, group_by_length=False)
     # Killed after step 3 (checkpoint at 2, one XGBLoRA merge into the sharded W0 done), then resumed.

@@ -34,8 +34,9 @@ def test_sharded_runs_match_single_process_runs_and_write_the_same_adapter(tmp_p
         pytest.fail("torchrun with 2 processes did not finish in 300 s")
     assert proc.returncode == 0, proc.stderr[-4000:]
     sharded = json.loads((tmp_path / "fsdp" / "sharded.json").read_text())
-    # q_proj is 32 x 32: each of the 2 ranks held 16 rows of the base weight, as a DTensor
-    assert sharded == {name: {"type": "DTensor", "local_rows": 16} for name in METHODS}
+    # q_proj is 32 x 32: each of the 2 ranks held 16 rows of the base weight, as a DTensor; the ranks' adapters agree
+    assert sharded == {name: {"type": "DTensor", "local_rows": 16, "ranks_agree": True}
+                       for name in (*METHODS, "prilora")}
 
     for name in METHODS:
         single = run(name, str(tmp_path / "single" / name))
