@@ -158,9 +158,11 @@ class AdapterLayer(nn.Module):
         """Put back the untouched W0 object (after `move_base`), e.g. for `detach`."""
         if self.merged:
             self.unmerge()
-        if self.original_weight is not None:
+        if isinstance(self.original_weight, DTensor):  # sharded (FSDP2): in place, as `move_base` wrote it
+            self.base.weight.detach().copy_(self.original_weight)
+        elif self.original_weight is not None:
             self.base.weight.data = self.original_weight.to(self.base.weight.device)
-            self.original_weight = None
+        self.original_weight = None
 
     # -- persistence ------------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, Tensor]:

@@ -126,8 +126,8 @@ class LorakitCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
-        _refuse_sharding(args, model)
         adapter = self._state(model)
+        _refuse_sharding(args, model)
         self._check_integration(adapter)
         if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
             self._gradients_through_checkpoints(model)
