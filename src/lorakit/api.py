@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import AdapterConfig
 from .core.hooks import TrainingHooks
@@ -78,6 +79,9 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
     targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
     for name, base in targets:
         _check_rank(name, base, config)
+        if isinstance(base.weight, DTensor):
+            raise LorakitError(f"layer '{name}' is sharded (FSDP): attach the adapter to the unsharded model; "
+                               "lorakit's trainer then shards it (TrainConfig(fsdp=True), lorakit train --fsdp)")
     find_modules_to_save(model, config.modules_to_save)  # raises on a bad name before the model is touched
 
     flags = {id(p): p.requires_grad for p in model.parameters()}

@@ -74,6 +74,10 @@ def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
     p.add_argument("--chat-template", dest="chat_template", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the tokenizer's chat template [default: on for instruct models on arith]")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast [default: off]")
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward to save memory (same gradients) [default: off]")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the frozen base weights across ranks with FSDP2 [default: off]")
     p.add_argument("--config", help="YAML recipe; flags override it")
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
 from ..config import AdapterConfig
@@ -139,21 +140,29 @@ class AdapterLayer(nn.Module):
         w = self.base.weight
         self.register_buffer("base_offset_B", offset_B.detach().to(w.device, torch.float32).clone())
         self.register_buffer("base_offset_A", offset_A.detach().to(w.device, torch.float32).clone())
+        offset = self.base_offset_B @ self.base_offset_A
+        offset = offset.T if self.transposed else offset
+        if isinstance(w, DTensor):  # sharded by FSDP2: rewrite this rank's rows in place (FSDP gathers from them)
+            if self.original_weight is None:
+                self.original_weight = w.detach().clone()
+            local = distribute_tensor(offset, w.device_mesh, w.placements, src_data_rank=None)
+            w.detach().copy_((self.original_weight.float() - local).to(w.dtype))
+            return
         if self.original_weight is None:
             self.original_weight = w.data
-        offset = self.base_offset_B @ self.base_offset_A
         original = self.original_weight.to(w.device, torch.float32)
-        residual = original - (offset.T if self.transposed else offset)
-        w.data = residual.to(w.dtype)
+        w.data = (original - offset).to(w.dtype)
 
     @torch.no_grad()
     def restore_base(self) -> None:
         """Put back the untouched W0 object (after `move_base`), e.g. for `detach`."""
         if self.merged:
             self.unmerge()
-        if self.original_weight is not None:
+        if isinstance(self.original_weight, DTensor):  # sharded (FSDP2): in place, as `move_base` wrote it
+            self.base.weight.detach().copy_(self.original_weight)
+        elif self.original_weight is not None:
             self.base.weight.data = self.original_weight.to(self.base.weight.device)
-            self.original_weight = None
+        self.original_weight = None
 
     # -- persistence ------------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, Tensor]:

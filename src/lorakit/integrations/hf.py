@@ -12,9 +12,10 @@ parameters that require grad *before* ``on_train_begin``):
 
 * ``on_init_end`` (end of ``Trainer.__init__``): `attach` the adapter, so the optimizer sees only its
   parameters.  Data-driven methods (LoRA-GA, LoRA-SB) are attached without their init.
-* ``on_train_begin``: ``hooks.on_train_begin(max_steps)``, then the data-driven init on the first
-  ``init_batches`` batches of the trainer's own train dataloader (in place: the optimizer keeps the
-  same parameter objects; under DDP rank 0's result is broadcast).
+* ``on_train_begin``: under ``gradient_checkpointing``, make gradients reach the adapters inside checkpointed
+  blocks (`LorakitCallback._gradients_through_checkpoints`); ``hooks.on_train_begin(max_steps)``, then the
+  data-driven init on the first ``init_batches`` batches of the trainer's own train dataloader (in place:
+  the optimizer keeps the same parameter objects; under DDP rank 0's result is broadcast).
 * ``on_step_begin``: ``before_forward``.  ``on_pre_optimizer_step``: ``after_backward`` (transformers
   has clipped the gradients here, as the lorakit trainer does before this hook).
   ``on_optimizer_step``: ``after_step`` (gradients still present).  ``on_step_end``: a requested
@@ -27,6 +28,9 @@ regularizer (BA-LoRA, XGBLoRA, AdaLoRA) or their own optimizer (LoRA+, LoRA-Pro,
 plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
 without it for those methods instead of silently training something else.
 
+``gradient_checkpointing=True`` in the arguments works with every method.  DeepSpeed ZeRO-3 and accelerate's FSDP
+are refused with a clear error (see `_refuse_sharding`); lorakit's own trainer shards with FSDP2 instead.
+
 A model that already carries an adapter works too (``LorakitCallback()`` without a config); for a
 data-driven method the callback then runs its init, unless ``init_batches=0`` (attached with data).
 """
@@ -35,13 +39,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
@@ -57,6 +64,23 @@ logger = logging.getLogger(__name__)
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def _refuse_sharding(args: TrainingArguments, model: nn.Module) -> None:
+    """Refuse the parameter sharding the callback does not handle, instead of training something wrong: DeepSpeed
+    ZeRO-3 (partitioned base weights: the adapter would wrap empty placeholders) and accelerate's FSDP (sharded
+    adapter tensors that the methods' hooks, data-driven inits and `lorakit.save` do not gather)."""
+    if is_deepspeed_zero3_enabled() or any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise LorakitError("DeepSpeed ZeRO-3 partitions the base weights, which lorakit adapters cannot wrap: use "
+                           "ZeRO stage 1 or 2, DDP, or lorakit's own trainer with FSDP2 (TrainConfig(fsdp=True) / "
+                           "lorakit train --fsdp under torchrun)")
+    fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp or any(isinstance(p, DTensor) for p in model.parameters()) or \
+            any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise LorakitError("LorakitCallback does not support accelerate's FSDP (the adapter tensors would be sharded "
+                           "where the method's hooks and lorakit.save need them whole): use DDP, or lorakit's own "
+                           "trainer with FSDP2 (TrainConfig(fsdp=True) / lorakit train --fsdp under torchrun), which "
+                           "shards the frozen base weights and keeps the adapter whole")
 
 
 class LorakitCallback(TrainerCallback):
@@ -87,6 +111,7 @@ class LorakitCallback(TrainerCallback):
                     model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
             return
+        _refuse_sharding(args, model)
         if getattr(model, STATE_ATTR, None) is None:
             if self.config is None:
                 raise LorakitError("LorakitCallback() without a config needs a model with a lorakit adapter "
@@ -102,7 +127,10 @@ class LorakitCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         adapter = self._state(model)
+        _refuse_sharding(args, model)
         self._check_integration(adapter)
+        if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
+            self._gradients_through_checkpoints(model)
         adapter.hooks.on_train_begin(state.max_steps)
         if not self.pending_init:
             return
@@ -117,6 +145,15 @@ class LorakitCallback(TrainerCallback):
         adapter.method.initialize(model, adapter.layers, adapter.config, batches, self.loss_fn)
         self._share_rank0_adapter(model)
         self.pending_init = False
+
+    @staticmethod
+    def _gradients_through_checkpoints(model: nn.Module) -> None:
+        """Reentrant checkpointing (transformers 4's default) gives a checkpointed block's adapter gradients only
+        if the block's input requires grad; with the base frozen it does not, so make the input embeddings' output
+        require grad, as PEFT does (transformers does it only for some models).  Harmless when non-reentrant."""
+        hooked = getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook")
+        if not hooked and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
 
     @staticmethod
     def _share_rank0_adapter(model: nn.Module) -> None:

@@ -103,8 +103,15 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the attached adapter to ``directory`` (created if needed); each file is replaced atomically."""
+def fingerprints(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """`weight_fingerprint` of every adapted layer's original base weight, by layer name."""
+    return {n: weight_fingerprint(_original_weight(layer)) for n, layer in get_state(model).layers.items()}
+
+
+def save(model: nn.Module, directory: str | os.PathLike,
+         base_fingerprints: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write the attached adapter to ``directory`` (created if needed); each file is replaced atomically.
+    ``base_fingerprints``: `fingerprints` taken before the model's base weights were sharded (FSDP)."""
     state = get_state(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "method": state.method.name,
         "config": state.config.to_dict(),
         "base_model": state.base_model_name,
-        "fingerprint": {n: weight_fingerprint(_original_weight(layer)) for n, layer in state.layers.items()},
+        "fingerprint": base_fingerprints if base_fingerprints is not None else fingerprints(model),
         "modules_to_save": list(state.saved_modules),
         "base_offsets": {n: int(layer.base_offset_B.shape[1]) for n, layer in state.layers.items()
                          if layer.base_offset_B is not None},

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..core.hooks import TrainingHooks
 from ..core.layer import AdapterLayer
@@ -93,8 +94,10 @@ class FlatLoraLayer(LoraLayer):
 
     @torch.no_grad()
     def row_scales(self, sigma: float) -> Tensor:
-        """``σ ‖W'_{i,:}‖ / √d_in`` with ``W' = W0 + s·B A`` (float32, d_out)."""
-        merged = self.weight.float() + self.delta_weight().float()
+        """``σ ‖W'_{i,:}‖ / √d_in`` with ``W' = W0 + s·B A`` (float32, d_out).  A W0 sharded by FSDP2 is gathered
+        for this layer only (every rank calls this in the same order)."""
+        weight = self.weight.full_tensor() if isinstance(self.weight, DTensor) else self.weight
+        merged = weight.float() + self.delta_weight().float()
         return sigma * torch.linalg.vector_norm(merged, dim=1) / math.sqrt(self.in_features)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -152,7 +153,9 @@ class PriLoraHooks(TrainingHooks):
         beta = self.config.ema_beta
 
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not (module.training and torch.is_grad_enabled()):
+            # Not in backward: gradient checkpointing reruns the forward there, and each batch counts once.
+            # (torch's private graph-task id is -1 outside backward; torch's own FSDP tests it the same way.)
+            if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
                 return
             x = args[0].detach()
             norms = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]).float(), dim=0)
@@ -164,8 +167,24 @@ class PriLoraHooks(TrainingHooks):
         return record
 
     @torch.no_grad()
+    def share_norms(self) -> None:
+        """Under torchrun each rank's EMA saw only its share of the batches: all take the ranks' mean, so that every
+        rank prunes the same entries (else their adapters drift apart)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for name, layer in self.prilora_layers().items():
+            norms = self.input_norm_ema.get(name)
+            total = torch.zeros(layer.in_features + 1, device=layer.lora_A.device)  # sum of EMAs, ranks holding one
+            if norms is not None:
+                total[:-1], total[-1] = norms, 1.0
+            dist.all_reduce(total)
+            if total[-1] > 0:
+                self.input_norm_ema[name] = total[:-1] / total[-1]
+
+    @torch.no_grad()
     def prune(self) -> None:
         """Zero the ⌊ratio·d_in⌋ entries of lowest ``|A_ij| · n_j`` in each used row of every A."""
+        self.share_norms()
         for name, layer in self.prilora_layers().items():
             norms = self.input_norm_ema.get(name)
             n_prune = int(self.config.prune_ratio * layer.in_features)

@@ -106,6 +106,8 @@ class RunConfig:
     group_by_length: bool = True
     dtype: str = "fp32"
     bf16: bool = False
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
     device: str = "auto"
     output_dir: str = "lorakit-runs/run"
     save_every: int | None = None
@@ -356,7 +358,8 @@ def run_training(run: RunConfig) -> RunResult:
                          weight_decay=run.weight_decay, warmup_steps=run.warmup_steps, schedule=run.schedule,
                          max_grad_norm=run.max_grad_norm, seed=run.seed, eval_every=run.eval_every,
                          output_dir=str(out), save_every=run.save_every, bf16=run.bf16,
-                         group_by_length=run.group_by_length, resume=run.resume, save_adapter=run.method != FULL)
+                         group_by_length=run.group_by_length, resume=run.resume, save_adapter=run.method != FULL,
+                         gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)

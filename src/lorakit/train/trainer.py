@@ -43,6 +43,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..api import STATE_ATTR, AdapterState
 from ..core.hooks import TrainingHooks
@@ -53,6 +54,7 @@ from ..io.persistence import (
     _atomic_write,
     adapter_tensors,
     check_adapter_tensors,
+    fingerprints,
     read_adapter_tensors,
     save,
 )
@@ -72,7 +74,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 # others (but the free ones, which do not touch the trajectory) makes it differ from an uninterrupted run.
 _RESUME_FIXED = ("batch_size", "grad_accum", "seed", "group_by_length")
 _RESUME_FREE = ("resume", "stop_after", "progress", "output_dir", "log_every", "eval_every", "save_every",
-                "save_adapter")
+                "save_adapter", "gradient_checkpointing", "fsdp")
 # What every trainer_state.json holds.
 _STATE_KEYS = ("step", "batches_drawn", "world_size", "config", "optimizer", "hooks", "trainable", "progress")
 
@@ -90,7 +92,9 @@ class TrainConfig:
     ``save_every`` count optimizer steps (0 = never; with ``save_every`` the last step is saved too).
     ``bf16``: autocast the forward to bfloat16.  ``save_adapter``: write ``output_dir/adapter`` at the end.
     ``stop_after``: end this run after that many steps as if it were killed there (no final save), to
-    test and demonstrate ``resume``.
+    test and demonstrate ``resume``.  ``gradient_checkpointing``: recompute each transformers decoder layer's
+    activations in backward (non-reentrant ``torch.utils.checkpoint``) instead of keeping them; same gradients.
+    ``fsdp``: under torchrun, shard the frozen base weights across ranks with FSDP2 (see `shard_frozen_base`).
     """
 
     steps: int = 100
@@ -113,6 +117,8 @@ class TrainConfig:
     save_adapter: bool = True
     stop_after: int | None = None
     progress: bool = True
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -263,6 +269,71 @@ class _Distributed:
     def close(self) -> None:
         if self.created:
             dist.destroy_process_group()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """Turn on transformers' activation checkpointing of ``model`` (non-reentrant, RNG state preserved, so dropout
+    draws the same masks in the recomputation); returns the function that restores the previous setting."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5; older: gradient_...
+    supported = getattr(model, "supports_gradient_checkpointing", False)
+    if not (supported and hasattr(model, "gradient_checkpointing_enable")):
+        raise ConfigError(f"gradient_checkpointing=True needs a transformers model that supports it; "
+                          f"{type(model).__name__} does not (checkpoint its blocks in its own forward instead)")
+    was_on = (model.is_activation_checkpointing if enable is not None else model.is_gradient_checkpointing)
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"))
+    kwargs = {"use_reentrant": False}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def restore() -> None:
+        if was_on:
+            return
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+        if not had_input_hooks:
+            model.disable_input_require_grads()
+
+    return restore
+
+
+def shard_frozen_base(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 (``fully_shard``) over the torchrun ranks: each transformers block (``_no_split_modules``), the decoder,
+    the output head and the rest are units whose frozen weights each rank holds 1/world of and all-gathers for its
+    forward and backward.
+
+    The adapter (every parameter of an adapter layer but its base, and every trainable parameter) is left out of
+    the sharding (``ignored_params``): it is small, every rank keeps the whole of it, and `_Distributed.sum_grads`
+    sums its gradients as under plain data parallelism, so hooks, optimizer, checkpoints and `save` see ordinary
+    tensors and the run matches a single-process one.  What the base weights gain is 1/world of their memory.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    state: AdapterState | None = getattr(model, STATE_ATTR, None)
+    kept = {p for p in model.parameters() if p.requires_grad}
+    if state is not None:
+        kept |= {p for layer in state.layers.values() for n, p in layer.named_parameters() if not n.startswith("base.")}
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if m is not model and type(m).__name__ in block_names]
+    # The decoder and the output head are units of their own: `model_loss` calls them one after the other.
+    decoder = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is not model:
+        units.append(decoder)
+    if head is not None:
+        tied = any(head.weight is p for p in decoder.parameters()) if decoder is not model else False
+        if tied:
+            kept.add(head.weight)  # shared with the input embedding: kept whole on every rank
+        else:
+            units.append(head)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, ignored_params=kept)
+    # The root is a unit only if weights remain: a root unit must run first, and `model_loss` never calls it.
+    if any(p not in kept and not isinstance(p, DTensor) for p in model.parameters()):
+        fully_shard(model, mesh=mesh, ignored_params=kept)
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -539,6 +610,17 @@ class _Run:
             self.hooks = self.adapter.hooks
         self.out = Path(config.output_dir) if config.output_dir else None
         self.is_main = ddp.rank == 0
+        self.fingerprints: dict[str, Any] | None = None  # of the unsharded base weights, for `save` under fsdp
+        if config.fsdp:
+            if not ddp.active:
+                raise ConfigError("fsdp=True shards the model across torchrun ranks: launch with torchrun "
+                                  "--nproc_per_node N (N >= 2), or train without fsdp")
+            if any(isinstance(p, DTensor) for p in model.parameters()):
+                raise ConfigError("fsdp=True: the model is already sharded; give train() the unsharded model with "
+                                  "its adapter attached, and it shards the frozen base weights itself")
+            if self.adapter is not None:
+                self.fingerprints = fingerprints(model)
+            shard_frozen_base(model, self.device)
         self.batches = _Batches(features, config.batch_size, config.seed, config.group_by_length)
         self.progress = _Progress()
         self.warned_hook_state = False
@@ -553,6 +635,7 @@ class _Run:
             self.resume()
         self.check_ranks_agree()
         trainable_params = sum(p.numel() for p in self.trainable())
+        restore_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
         self.log = _Log(self.out, config, self.progress.step, self.is_main)
         was_training = model.training
         model.train()
@@ -572,13 +655,15 @@ class _Run:
                     break
         finally:
             model.train(was_training)
+            if restore_checkpointing is not None:
+                restore_checkpointing()
             self.log.close()
         p = self.progress
         adapter_dir = None
         if p.step >= config.steps and self.out is not None and self.adapter is not None and config.save_adapter \
                 and self.is_main:
             try:
-                adapter_dir = str(save(model, self.out / ADAPTER_DIR))
+                adapter_dir = str(save(model, self.out / ADAPTER_DIR, base_fingerprints=self.fingerprints))
             except (OSError, SafetensorError) as err:
                 raise TrainingError(f"could not write the adapter to {self.out / ADAPTER_DIR} ({err}); free disk "
                                     f"space and resume. {self.checkpoint_note()}") from None
@@ -599,13 +684,16 @@ class _Run:
         for _ in range(config.grad_accum):
             indices = self.batches.next()
             shard = indices[ddp.rank::ddp.world]
-            if not shard:
+            idle = not shard  # a short last batch of an epoch has fewer examples than there are ranks
+            if idle and not config.fsdp:
                 continue
+            if idle:  # under FSDP every rank must run the forward and backward (their all-gathers): to no effect
+                shard = indices[:1]
             # Weight each rank's mean loss by its share of the batch's loss terms: summed over ranks this is
             # exactly the single-process mean; divided by grad_accum, the step's loss is the micro-batch mean.
             everyone = sum(_targets(self.features[i]) for i in indices)
             mine = sum(_targets(self.features[i]) for i in shard)
-            weight = (mine / everyone if everyone else len(shard) / len(indices)) / config.grad_accum
+            weight = 0.0 if idle else (mine / everyone if everyone else len(shard) / len(indices)) / config.grad_accum
             batch = self.collate([self.features[i] for i in shard]).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 task = self.loss_fn(self.model, batch.inputs).float()
@@ -616,8 +704,9 @@ class _Run:
             if reg is not None:
                 has_reg = True
                 totals[1] += reg.detach().double() * weight
-            totals[2] += batch.real_tokens
-            totals[3] += batch.padded_tokens if "input_ids" in batch.inputs else batch.real_tokens
+            if not idle:
+                totals[2] += batch.real_tokens
+                totals[3] += batch.padded_tokens if "input_ids" in batch.inputs else batch.real_tokens
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         ddp.sum_(totals)
         task_loss, reg_value, real, padded = totals.tolist()
@@ -670,13 +759,16 @@ class _Run:
         return self.optimizer.param_groups[0]["lr"]
 
     def evaluate(self) -> None:
-        """Run ``eval_fn`` (rank 0) without disturbing the training RNG stream."""
-        if not self.is_main:
+        """Run ``eval_fn`` (rank 0; every rank under fsdp, whose forward needs them all) without disturbing the
+        training RNG stream."""
+        if not self.is_main and not self.config.fsdp:
             return
         self.model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             result = self.eval_fn(self.model)
         self.model.train()
+        if not self.is_main:
+            return
         scores = dict(result) if isinstance(result, Mapping) else {"score": float(result)}
         record = {"step": self.progress.step, **scores}
         self.progress.evals.append(record)
@@ -734,7 +826,7 @@ class _Run:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             if self.adapter is not None:
-                save(self.model, tmp)
+                save(self.model, tmp, base_fingerprints=self.fingerprints)
             save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
             _fsync_tree(tmp)
