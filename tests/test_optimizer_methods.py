@@ -54,6 +54,7 @@ def train(model: torch.nn.Module, batches: list[dict], steps: int, lr: float, we
         if reg is not None:
             loss = loss + reg
         loss.backward()
+        hooks.after_loss(step, losses[-1])
         hooks.after_backward(step)
         opt.step()
         hooks.after_step(step)

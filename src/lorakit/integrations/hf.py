@@ -22,7 +22,8 @@ parameters that require grad *before* ``on_train_begin``):
   ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.
 
 A callback cannot reach the loss or the optimizer's construction, so methods whose hooks define a
-regularizer (BA-LoRA, XGBLoRA, AdaLoRA) or their own optimizer (LoRA+, LoRA-Pro, LoRA-RITE) need
+regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the loss (``after_loss``: XGBLoRA) or build their own optimizer
+(LoRA+, LoRA-Pro, LoRA-RITE, XGBLoRA) need
 `LorakitTrainerMixin` in the trainer class (``LorakitTrainer`` for the
 plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
 without it for those methods instead of silently training something else.
@@ -49,6 +50,7 @@ from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
 from ..errors import LorakitError
 from ..io.persistence import adapter_tensors
+from ..methods.lora_sb import LoraSbConfig, first_step_lr
 from ..train.trainer import load_adapter_tensors
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,9 @@ class LorakitCallback(TrainerCallback):
         logger.info("%s: gradient init on %d batches of the trainer's train dataloader", adapter.method.name,
                     len(batches))
         assert adapter.method.initialize is not None
+        if isinstance(adapter.config, LoraSbConfig) and adapter.config.init_lr is None:  # η: the first-step lr
+            eta = first_step_lr(args.learning_rate, args.get_warmup_steps(state.max_steps))
+            adapter.config = adapter.config.replace(init_lr=eta)
         adapter.method.initialize(model, adapter.layers, adapter.config, batches, self.loss_fn)
         self._share_rank0_adapter(model)
         self.pending_init = False
@@ -133,6 +138,8 @@ class LorakitCallback(TrainerCallback):
         needs = []
         if type(hooks).regularizer is not TrainingHooks.regularizer:
             needs.append("a regularizer in the loss")
+        if type(hooks).after_loss is not TrainingHooks.after_loss:
+            needs.append("the training loss")
         if type(hooks).build_optimizer is not TrainingHooks.build_optimizer:
             needs.append("its own optimizer")
         if needs and not self.trainer_integrated:
@@ -196,10 +203,14 @@ class LorakitTrainerMixin:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Any:
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        reg = self._lorakit_hooks().regularizer() if model.training else None
-        if reg is None:
+        hooks = self._lorakit_hooks()
+        if not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
+        hooks.after_loss(self.state.global_step, float(loss.detach()))
+        reg = hooks.regularizer()
+        if reg is None:
+            return out
         # The Trainer divides a per-batch mean by the accumulation steps itself, but not a loss already
         # normalised over the whole accumulated batch; the regularizer must count once per optimizer step.
         scaled = self.loss_is_scaled_for_ga
