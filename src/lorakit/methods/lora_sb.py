@@ -67,7 +67,8 @@ class LoraSbConfig(AdapterConfig):
         if self.alpha is not None and self.alpha != self.r:
             raise ConfigError(f"lora-sb fixes the scale to 1 (alpha = r); got alpha={self.alpha} for r={self.r}")
         if (self.init_lr is not None and self.init_lr <= 0) or self.grad_memory_mb <= 0:
-            raise ConfigError(f"init_lr and grad_memory_mb must be positive, got {self.init_lr} and {self.grad_memory_mb}")
+            raise ConfigError(f"init_lr and grad_memory_mb must be positive, got {self.init_lr} and "
+                              f"{self.grad_memory_mb}")
 
     @property
     def scale(self) -> float:

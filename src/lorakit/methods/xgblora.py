@@ -203,9 +203,11 @@ class XgbLoraHooks(BoostingHooks):
 
     def build_optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0,
                         **kwargs: Any) -> torch.optim.Optimizer:
-        """AdamW over ``params`` and every booster (frozen ones get no gradient, so AdamW skips them)."""
-        known = {id(p) for p in params}
-        everything = list(params) + [p for p in self.booster_params() if id(p) not in known]
+        """AdamW over ``params`` and every booster, in a fixed order whatever this round's layers are (a resumed
+        run's optimizer state must line up); frozen boosters get no gradient, so AdamW skips them."""
+        boosters = self.booster_params()
+        ids = {id(p) for p in boosters}
+        everything = [p for p in params if id(p) not in ids] + boosters
         self._optimizer = super().build_optimizer(everything, lr, weight_decay, **kwargs)
         return self._optimizer
 
