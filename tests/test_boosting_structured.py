@@ -115,6 +115,23 @@ def test_xgblora_patience_ends_round_on_plateau_in_the_lorakit_trainer() -> None
     assert all(layer.merged_rank == 1 for layer in lorakit.adapter_layers(model).values())
 
 
+def test_xgblora_patience_gets_the_loss_from_the_hf_trainer_mixin(tmp_path: Path) -> None:
+    from transformers import default_data_collator
+
+    from lorakit.integrations.hf import LorakitCallback, LorakitTrainer
+    from tests.test_hf_callback import args, dataset
+
+    model = LLAMA.build(0)
+    config = lorakit.XgbLoraConfig(r=1, kappa=50, patience=2, min_improvement=1.0, target_modules=TARGETS)
+    trainer = LorakitTrainer(model=model, args=args(tmp_path, 3, learning_rate=1e-6), train_dataset=dataset(8),
+                             data_collator=default_data_collator, callbacks=[LorakitCallback(config)])
+    trainer.train()
+    hooks = lorakit.hooks(model)
+    # κ = 50 is never reached: the round ended on the plateau (steps 2 and 3 improve by < 1.0), so the hooks saw
+    # the Trainer's losses
+    assert hooks.round == 1 and hooks.round_steps == 0 and not hooks.pending
+
+
 def test_xgblora_round_resets_only_the_boosters_optimizer_state() -> None:
     """At a round's end the boosters restart Adam (moments and step), the classifier head keeps its state."""
     kind = KINDS["bert"]

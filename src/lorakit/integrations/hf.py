@@ -14,12 +14,14 @@ parameters that require grad *before* ``on_train_begin``):
   parameters.  Data-driven methods (LoRA-GA, LoRA-SB) are attached without their init.
 * ``on_train_begin``: ``hooks.on_train_begin(max_steps)``, then the data-driven init on the first
   ``init_batches`` batches of the trainer's own train dataloader (in place: the optimizer keeps the
-  same parameter objects; under DDP rank 0's result is broadcast).
+  same parameter objects; under DDP rank 0's result is broadcast).  LoRA-SB without ``init_lr`` gets
+  η = learning_rate / warm-up steps (`lorakit.methods.lora_sb.first_step_lr`).
 * ``on_step_begin``: ``before_forward``.  ``on_pre_optimizer_step``: ``after_backward`` (transformers
   has clipped the gradients here, as the lorakit trainer does before this hook).
   ``on_optimizer_step``: ``after_step`` (gradients still present).  ``on_step_end``: a requested
   optimizer reset clears the optimizer state (and adds parameters that became trainable).
-  ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.
+  ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.  `LorakitTrainerMixin`'s
+  ``compute_loss`` hands each micro-batch's loss to ``after_loss``.
 
 A callback cannot reach the loss or the optimizer's construction, so methods whose hooks define a
 regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the loss (``after_loss``: XGBLoRA) or build their own optimizer
