@@ -149,7 +149,7 @@ def lorakit_config(method: str, which: str) -> lorakit.AdapterConfig:
     core_rank = 16 if which == "minilm" else 32
     return {
         "lora": lambda: lorakit.LoraConfig(r=8, alpha=16, **common),
-        "lora-sb": lambda: lorakit.LoraSbConfig(r=core_rank, **common),
+        "lora-sb": lambda: lorakit.LoraSbConfig(r=core_rank, init_lr=1e-6, **common),
         "lora-xs": lambda: lorakit.LoraXsConfig(r=core_rank, **common),
         "lora-ga": lambda: lorakit.LoraGaConfig(r=8, alpha=16, **common),
         "lora-ga-exact": lambda: lorakit.LoraGaConfig(r=8, alpha=16, exact=True, **common),

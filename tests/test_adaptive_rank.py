@@ -182,6 +182,22 @@ def test_svd_budget_errors(method: str) -> None:
         lorakit.hooks(model).on_train_begin(10)
 
 
+@pytest.mark.parametrize("method", list(SVD_CONFIGS))
+def test_svd_budget_defaults_are_the_official_scale_and_a_schedule_scaled_with_the_run(method: str) -> None:
+    """α = 16 (official scripts), and t_i, t_f, ΔT = 12 %, 46 %, 0.2 % of the run's steps unless given."""
+    config = getattr(lorakit, {"adalora": "AdaLoraConfig", "lora2": "Lora2Config"}[method])()
+    assert config.alpha == 16 and config.scale == 16 / config.r  # LoRA²: r = 8, scale 2
+    hooks = lorakit.hooks(attach("mlp", SVD_CONFIGS[method]()))
+    hooks.on_train_begin(400)
+    assert (hooks.tinit, hooks.tfinal, hooks.delta_t) == (48, 184, 1)
+    assert hooks.schedule(48) == (hooks.initial_budget, False) and hooks.schedule(400 - 183)[0] == hooks.target_budget
+    hooks.on_train_begin(50_520)  # the official SST-2 run: its own 6000 / 22000 / 100 up to rounding
+    assert (hooks.tinit, hooks.tfinal, hooks.delta_t) == (6062, 23239, 101)
+    given = lorakit.hooks(attach("mlp", SVD_CONFIGS[method](tinit=5, tfinal=7, delta_t=3)))
+    given.on_train_begin(400)
+    assert (given.tinit, given.tfinal, given.delta_t) == (5, 7, 3)
+
+
 # -- ALoRA -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_alora_prunes_negative_ranks_and_keeps_the_budget() -> None:

@@ -14,7 +14,10 @@ from safetensors import safe_open
 import lorakit
 from lorakit.methods.glora import format_support, search
 from lorakit.methods.xgblora import BoosterLayer
+from lorakit.train.trainer import TrainConfig
+from lorakit.train.trainer import train as run_trainer
 from tests.test_optimizer_methods import train
+from tests.test_trainer import lm_features
 from tests.tiny_models import KINDS, assert_close, output
 
 LLAMA = KINDS["llama"]
@@ -48,13 +51,13 @@ def test_xgblora_rounds_merge_and_export(tmp_path: Path) -> None:
     resets = []
     original_build = hooks.build_optimizer
 
-    def counting_build(*args, **kwargs):  # the loop rebuilds the optimizer whenever a round asks for it
+    def counting_build(*args, **kwargs):  # the loop would rebuild the optimizer if a round asked for it
         resets.append(hooks.round)
         return original_build(*args, **kwargs)
     hooks.build_optimizer = counting_build
     losses = train(model, LLAMA.batches(n=1), steps=T * kappa, lr=2e-2, schedule=cosine_schedule(T * kappa))
 
-    assert hooks.round == T and resets == list(range(T))  # a fresh optimizer state for every booster
+    assert hooks.round == T and resets == [0]  # one optimizer; each round clears only the boosters' state
     assert losses[-1] < losses[0]
     for layer in layers.values():
         assert layer.merged_rank == T * r
@@ -99,13 +102,56 @@ def test_xgblora_shrinkage_and_random_layer_subsets() -> None:
     assert len(set(subsets)) > 1  # a new random subset each round (seeded)
 
 
-def test_xgblora_patience_ends_round_on_plateau() -> None:
-    model = lorakit.attach(LLAMA.build(0), lorakit.XgbLoraConfig(r=1, kappa=50, patience=3,
+def test_xgblora_patience_ends_round_on_plateau_in_the_lorakit_trainer() -> None:
+    """The plateau rule gets its losses from the trainer's ``after_loss`` (model_loss bypasses the top-level
+    forward, so a forward hook would see nothing)."""
+    model = lorakit.attach(LLAMA.build(0), lorakit.XgbLoraConfig(r=1, kappa=50, patience=3, min_improvement=1e-6,
                                                                  target_modules=TARGETS, init_weights=False))
     hooks = lorakit.hooks(model)
-    train(model, LLAMA.batches(n=1), steps=4, lr=0.0)  # no progress: the smoothed loss never improves
-    assert hooks.round == 1 and hooks.round_steps == 0  # step 1 sets the best loss, steps 2-4 are stale
+    # one batch of all 8 examples per step and a negligible lr: the loss does not move, so it plateaus at once
+    run_trainer(model, lm_features(8), TrainConfig(steps=6, batch_size=8, lr=1e-12, progress=False, log_every=0))
+    assert hooks.round == 1  # step 1 sets the best loss, steps 2-4 are stale: the round ends after step 4
+    assert hooks.round_steps == 2 and hooks.smoothed is not None and hooks.stale == 1  # steps 5 (best), 6 (stale)
     assert all(layer.merged_rank == 1 for layer in lorakit.adapter_layers(model).values())
+
+
+def test_xgblora_patience_gets_the_loss_from_the_hf_trainer_mixin(tmp_path: Path) -> None:
+    from transformers import default_data_collator
+
+    from lorakit.integrations.hf import LorakitCallback, LorakitTrainer
+    from tests.test_hf_callback import args, dataset
+
+    model = LLAMA.build(0)
+    config = lorakit.XgbLoraConfig(r=1, kappa=50, patience=2, min_improvement=1.0, target_modules=TARGETS)
+    trainer = LorakitTrainer(model=model, args=args(tmp_path, 3, learning_rate=1e-6), train_dataset=dataset(8),
+                             data_collator=default_data_collator, callbacks=[LorakitCallback(config)])
+    trainer.train()
+    hooks = lorakit.hooks(model)
+    # κ = 50 is never reached: the round ended on the plateau (steps 2 and 3 improve by < 1.0), so the hooks saw
+    # the Trainer's losses
+    assert hooks.round == 1 and hooks.round_steps == 0 and not hooks.pending
+
+
+def test_xgblora_round_resets_only_the_boosters_optimizer_state() -> None:
+    """At a round's end the boosters restart Adam (moments and step), the classifier head keeps its state."""
+    kind = KINDS["bert"]
+    model = lorakit.attach(kind.build(0), lorakit.XgbLoraConfig(r=1, kappa=2, target_modules=("query", "value"),
+                                                                modules_to_save=kind.modules_to_save))
+    hooks = lorakit.hooks(model)
+    hooks.on_train_begin(3)
+    opt = hooks.build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    boosters = hooks.booster_params()
+    assert head and len(boosters) == 8
+    batch = kind.batches(n=1)[0]
+    for step in range(3):
+        model(**batch).loss.backward()
+        opt.step()
+        hooks.after_step(step)  # the round ends after step 2 (κ = 2)
+        opt.zero_grad()
+    assert hooks.round == 1 and not hooks.optimizer_reset_requested  # nothing to rebuild
+    assert all(float(opt.state[p]["step"]) == 3 for p in head)  # the head's Adam state runs on
+    assert all(float(opt.state[p]["step"]) == 1 for p in boosters)  # the boosters restarted after step 2
 
 
 # -- Chain of LoRA ----------------------------------------------------------------------------------------

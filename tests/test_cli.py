@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from lorakit.models import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"  # slices of SST-2, TREC, GSM8K (tests/data/README.md)
 COMMANDS = ["train", "eval", "export", "merge", "methods", "compare"]
 
 

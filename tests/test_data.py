@@ -27,8 +27,7 @@ from lorakit.train.data import (
     random_batches,
 )
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data sets not found at {DATA}")
+DATA = Path(__file__).parent / "data"  # slices of the full sets (tests/data/README.md); benchmarks read ../shared
 
 
 @pytest.fixture
@@ -112,23 +111,23 @@ def test_exact_match_compares_numbers():
 # ---------------------------------------------------------------------------------------------- real data
 
 
-@needs_data
 @pytest.mark.parametrize(("task", "split", "rows"), [
-    ("sst2", "train", 6920), ("sst2", "dev", 872), ("sst2", "validation", 872), ("sst2", "test", 1821),
-    ("trec", "train", 5452), ("trec", "test", 500), ("gsm8k", "train", 7473), ("gsm8k", "test", 1319),
+    ("sst2", "train", 800), ("sst2", "dev", 200), ("sst2", "validation", 200), ("sst2", "test", 200),
+    ("trec", "train", 400), ("trec", "test", 100), ("gsm8k", "train", 100), ("gsm8k", "test", 50),
 ])
-def test_shared_data_sets_load_completely(task, split, rows):
+def test_data_files_load_completely(task, split, rows):
     spec, examples = load_task(task, split, data_dir=DATA)
     assert len(examples) == rows and examples.skipped == 0
     if spec.type == "classification":
-        assert {e.label for e in examples} == set(range(spec.num_labels))
+        labels = {e.label for e in examples}
+        assert labels <= set(range(spec.num_labels)) and len(labels) >= 2
+        assert split != "train" or labels == set(range(spec.num_labels))  # the TREC test slice lacks class 2
         assert all(e.text for e in examples)
     else:
         assert all(e.prompt.startswith("Question: ") and e.prompt.endswith("\nAnswer: ") for e in examples)
         assert all(re.fullmatch(r"-?\d+(\.\d+)?", e.answer) for e in examples)
 
 
-@needs_data
 def test_gsm8k_answer_is_the_number_after_hashes():
     _, examples = load_task("gsm8k", "train", data_dir=DATA, limit=3)
     assert len(examples) == 3
@@ -138,7 +137,6 @@ def test_gsm8k_answer_is_the_number_after_hashes():
     assert exact_match(first.completion, first.answer)
 
 
-@needs_data
 def test_builtin_split_without_file_names_it():
     with pytest.raises(LorakitError, match=r"trec/dev\.txt"):
         load_task("trec", "dev", data_dir=DATA)
@@ -314,7 +312,6 @@ def _padded(batch_list, lengths):
     return sum(len(b) * max(lengths[i] for i in b) for b in batch_list)
 
 
-@needs_data
 def test_length_grouping_reduces_padding_on_sst2(tok):
     _, examples = load_task("sst2", "train", data_dir=DATA)
     lengths = [len(f["input_ids"]) for f in encode_classification(examples, tok, max_length=128)]

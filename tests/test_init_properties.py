@@ -122,6 +122,36 @@ def test_lora_sb_init_is_truncated_svd_of_sign_step() -> None:
         assert not torch.allclose(model(x).logits, base)  # it applies the approximated first update
 
 
+def test_lora_sb_eta_is_the_runs_first_step_lr(tmp_path) -> None:
+    """η = lr / warm-up steps (the official lr / (warmup_ratio · total_steps)): the bare API needs it given,
+    ``lorakit train`` derives it from its lr and warm-up, the HF callback from the Trainer's; init_lr overrides."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from lorakit.integrations.hf import LorakitCallback
+    from lorakit.methods.lora_sb import first_step_lr
+    from lorakit.train.data import TaskSpec
+    from lorakit.train.run import RunConfig, method_config
+
+    assert first_step_lr(1e-2, 5) == pytest.approx(2e-3) and first_step_lr(1e-3, 0) == 1e-3
+    with pytest.raises(lorakit.ConfigError, match=r"needs init_lr.*first_step_lr"):
+        lorakit.attach(tiny_llama(), lorakit.LoraSbConfig(r=2), data=make_batches())
+    spec = TaskSpec(name="arith", type="causal-lm", metric="exact_match")
+    assert method_config(RunConfig(lr=1e-2, warmup_steps=5).resolved(), spec, None).init_lr == pytest.approx(2e-3)
+    given = RunConfig(lr=1e-2, method_options={"init_lr": 1e-6}).resolved()
+    assert method_config(given, spec, None).init_lr == 1e-6
+
+    model = tiny_llama()
+    batches = make_batches()
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, warmup_steps=4, learning_rate=2e-2,
+                             per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
+                      callbacks=[LorakitCallback(lorakit.LoraSbConfig(r=2), init_batches=1)])
+    trainer.train()
+    assert lorakit.get_state(model).config.init_lr == pytest.approx(2e-2 / 4)
+
+
 def test_lora_sb_memory_bound_groups_layers() -> None:
     from lorakit.core.gradients import layer_groups
 
@@ -212,7 +242,8 @@ def test_gradient_inits_leave_no_gradient_behind(method: str) -> None:
 
     kind = KINDS["bert"]
     model = kind.build(0)
-    config = lorakit.get_method(method).config_class(r=2, modules_to_save=("classifier",))
+    eta = {"init_lr": 1e-3} if method == "lora-sb" else {}
+    config = lorakit.get_method(method).config_class(r=2, modules_to_save=("classifier",), **eta)
     lorakit.attach(model, config, data=kind.batches(2))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("classifier" in n for n in trainable)

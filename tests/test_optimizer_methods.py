@@ -16,7 +16,7 @@ import lorakit
 from lorakit.core.loss import model_loss
 from lorakit.methods.ba_lora import consistency_loss, diversity_loss, svd_loss
 from lorakit.methods.flat_lora import flat_noise
-from lorakit.methods.lora_pro import adjusted_gradients
+from lorakit.methods.lora_pro import LoraProHooks, adjusted_gradients
 from lorakit.methods.lora_rite import LoraRite
 from tests.tiny_models import KINDS
 
@@ -54,6 +54,7 @@ def train(model: torch.nn.Module, batches: list[dict], steps: int, lr: float, we
         if reg is not None:
             loss = loss + reg
         loss.backward()
+        hooks.after_loss(step, losses[-1])
         hooks.after_backward(step)
         opt.step()
         hooks.after_step(step)
@@ -206,6 +207,21 @@ def test_lora_pro_hooks_adjust_gradients(optimizer: str) -> None:
     assert torch.allclose(equivalent, expected, atol=1e-4)
     opt = hooks.build_optimizer(trainable_list(model), lr=0.1)
     assert isinstance(opt, torch.optim.SGD)
+
+
+def test_lora_pro_adam_direction_uses_adamw_step_count_and_ignores_the_gradient_scale() -> None:
+    """Not the official quirks: bias correction with t (t + 1 would give 0.74·sign(g) first), and a raw-gradient
+    clip, i.e. a smaller gradient, leaves the step's size unchanged (the official code shrinks it by the clip)."""
+    def hooks() -> LoraProHooks:
+        model = lorakit.attach(torch.nn.Sequential(torch.nn.Linear(6, 6)), lorakit.LoraProConfig(r=2))
+        return lorakit.hooks(model)
+    g = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    full, clipped = hooks(), hooks()
+    for t in (1, 2, 3):
+        full.adam_step = clipped.adam_step = t
+        step = full.adam_direction("w", g)
+        assert torch.allclose(step, torch.sign(g), atol=1e-6)  # m̂ / √v̂ of a repeated gradient: exactly ±1
+        assert torch.allclose(clipped.adam_direction("w", 0.01 * g), step, atol=1e-5)
 
 
 # -- LoRA-RITE -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from lorakit.models import load_model
 from lorakit.train.data import collate, encode_causal_lm, encode_classification, load_task
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # slices of SST-2, TREC, GSM8K (tests/data/README.md)
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,8 @@ def make_config(method: Any, kind: ModelKind, seed: int = 0, **changes: Any) -> 
     """``method``'s config at rank `R` on every linear layer of ``kind`` (its head in modules_to_save)."""
     kwargs: dict[str, Any] = {"r": R, "target_modules": "all-linear", "modules_to_save": kind.modules_to_save,
                               "seed": seed}
+    if method.name == "lora-sb":
+        kwargs["init_lr"] = 1e-3  # η of the approximated first step: the bare API needs it given
     kwargs.update(changes)
     return method.config_class(**kwargs)
 

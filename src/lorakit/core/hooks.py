@@ -5,6 +5,7 @@ The lorakit trainer and the Hugging Face Trainer callback call these in this ord
     hooks.before_forward(step)                    # Flat-LoRA perturbation, DyLoRA rank sampling, ...
     loss = task_loss + hooks.regularizer()        # AdaLoRA/LoRA² orthogonality, BA-LoRA, ...
     loss.backward()
+    hooks.after_loss(step, task_loss)             # XGBLoRA's loss-plateau rule
     clip_grad_norm_(trainable, max_grad_norm)     # on the raw gradients, as transformers.Trainer does
     hooks.after_backward(step)                    # gradient adjustment (LoRA-Pro), end of perturbation
     optimizer.step()
@@ -53,6 +54,12 @@ class TrainingHooks:
 
     def before_forward(self, step: int) -> None:
         pass
+
+    def after_loss(self, step: int, loss: float) -> None:
+        """Receives the task loss (a float, regularizer excluded) of optimizer step ``step``, after backward and
+        before ``after_backward``.  The lorakit trainer calls it once per step with the mean over the step's
+        micro-batches (and ranks); `LorakitTrainerMixin` once per micro-batch, with the loss
+        ``Trainer.compute_loss`` returns.  It may only record: the gradients are already computed."""
 
     def after_backward(self, step: int) -> None:
         pass

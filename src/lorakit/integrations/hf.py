@@ -15,15 +15,18 @@ parameters that require grad *before* ``on_train_begin``):
 * ``on_train_begin``: under ``gradient_checkpointing``, make gradients reach the adapters inside checkpointed
   blocks (`LorakitCallback._gradients_through_checkpoints`); ``hooks.on_train_begin(max_steps)``, then the
   data-driven init on the first ``init_batches`` batches of the trainer's own train dataloader (in place:
-  the optimizer keeps the same parameter objects; under DDP rank 0's result is broadcast).
+  the optimizer keeps the same parameter objects; under DDP rank 0's result is broadcast).  LoRA-SB
+  without ``init_lr`` gets η = learning_rate / warm-up steps (`lorakit.methods.lora_sb.first_step_lr`).
 * ``on_step_begin``: ``before_forward``.  ``on_pre_optimizer_step``: ``after_backward`` (transformers
   has clipped the gradients here, as the lorakit trainer does before this hook).
   ``on_optimizer_step``: ``after_step`` (gradients still present).  ``on_step_end``: a requested
   optimizer reset clears the optimizer state (and adds parameters that became trainable).
-  ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.
+  ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.  `LorakitTrainerMixin`'s
+  ``compute_loss`` hands each micro-batch's loss to ``after_loss``.
 
 A callback cannot reach the loss or the optimizer's construction, so methods whose hooks define a
-regularizer (BA-LoRA, XGBLoRA, AdaLoRA) or their own optimizer (LoRA+, LoRA-Pro, LoRA-RITE) need
+regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the loss (``after_loss``: XGBLoRA) or build their own optimizer
+(LoRA+, LoRA-Pro, LoRA-RITE, XGBLoRA) need
 `LorakitTrainerMixin` in the trainer class (``LorakitTrainer`` for the
 plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
 without it for those methods instead of silently training something else.
@@ -56,6 +59,7 @@ from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
 from ..errors import LorakitError
 from ..io.persistence import adapter_tensors
+from ..methods.lora_sb import LoraSbConfig, first_step_lr
 from ..train.trainer import load_adapter_tensors
 
 logger = logging.getLogger(__name__)
@@ -142,6 +146,9 @@ class LorakitCallback(TrainerCallback):
         logger.info("%s: gradient init on %d batches of the trainer's train dataloader", adapter.method.name,
                     len(batches))
         assert adapter.method.initialize is not None
+        if isinstance(adapter.config, LoraSbConfig) and adapter.config.init_lr is None:  # η: the first-step lr
+            eta = first_step_lr(args.learning_rate, args.get_warmup_steps(state.max_steps))
+            adapter.config = adapter.config.replace(init_lr=eta)
         adapter.method.initialize(model, adapter.layers, adapter.config, batches, self.loss_fn)
         self._share_rank0_adapter(model)
         self.pending_init = False
@@ -170,6 +177,8 @@ class LorakitCallback(TrainerCallback):
         needs = []
         if type(hooks).regularizer is not TrainingHooks.regularizer:
             needs.append("a regularizer in the loss")
+        if type(hooks).after_loss is not TrainingHooks.after_loss:
+            needs.append("the training loss")
         if type(hooks).build_optimizer is not TrainingHooks.build_optimizer:
             needs.append("its own optimizer")
         if needs and not self.trainer_integrated:
@@ -233,10 +242,14 @@ class LorakitTrainerMixin:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Any:
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        reg = self._lorakit_hooks().regularizer() if model.training else None
-        if reg is None:
+        hooks = self._lorakit_hooks()
+        if not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
+        hooks.after_loss(self.state.global_step, float(loss.detach()))
+        reg = hooks.regularizer()
+        if reg is None:
+            return out
         # The Trainer divides a per-batch mean by the accumulation steps itself, but not a loss already
         # normalised over the whole accumulated batch; the regularizer must count once per optimizer step.
         scaled = self.loss_is_scaled_for_ga

@@ -29,7 +29,13 @@ Step numbering, the order of operations and the tie rule follow PEFT's ``RankAll
 ``AdaLoraModel.update_and_allocate`` (which the original code shares), so the same seed, data and schedule give the
 same masks (``tests/test_parity_adalora.py``).  Documented choices: the scale is α/r (PEFT divides by r + 1e-5);
 γ = 0.1 by default (the paper's GLUE value; PEFT's default is 0.5); ``target_r=None`` means ⌊2r/3⌋ (the paper's
-b(0) = 1.5·b(T); with r = 12 this is PEFT's init_r = 12, target_r = 8).  The EMAs live in the hooks as tensors and
+b(0) = 1.5·b(T); with r = 12 this is PEFT's init_r = 12, target_r = 8).
+
+Defaults from the official code (QingruZhang/AdaLoRA, ``NLU/scripts/run_debertav3_*.sh``; LoRA²'s scripts reuse
+them): α = 16 (SST-2, MNLI...; CoLA and RTE use 32), not PEFT's 8 and not scale 1.  The schedule scales with the run
+length T (``tinit``/``tfinal``/``delta_t`` = None): t_i = ⌊0.12 T⌋, t_f = ⌊0.46 T⌋, ΔT = max(1, ⌊0.002 T⌋), the
+official scripts' ratios (SST-2: 6000 / 22000 / 100 of 50 520 steps; CoLA: 800 / 3500 / 10 of 6700; RTE: 600 /
+1800 / 1 of 3900).  Integers given in the config are used as they are.  The EMAs live in the hooks as tensors and
 the mask state as JSON; the trainer's checkpoint carries both, so a resumed run continues bit for bit.
 A layer's rank is its number of nonzero λ; `as_lora` returns exactly those triplets.
 
@@ -56,20 +62,24 @@ from ..errors import ConfigError, TrainingError
 from .adaptive import RANK_PREFIX, keep_ranks
 
 INIT_STD = 0.02  # N(0, 0.02²) for the singular vectors (PEFT / original code)
+# the budget schedule's default t_i, t_f and ΔT as fractions of the run's steps (official GLUE scripts' ratios)
+TINIT_FRACTION, TFINAL_FRACTION, DELTA_T_FRACTION = 0.12, 0.46, 0.002
 
 
 @dataclass(frozen=True)
 class AdaLoraConfig(AdapterConfig):
-    """AdaLoRA.  ``r``: initial rank per matrix; ``target_r``: average final rank (``None``: ⌊2r/3⌋);
-    ``tinit``/``tfinal``: steps before pruning starts / with the final mask; ``delta_t``: steps between masks;
+    """AdaLoRA.  ``r``: initial rank per matrix; ``alpha``: scale numerator (16, official); ``target_r``: average
+    final rank (``None``: ⌊2r/3⌋); ``tinit``/``tfinal``: steps before pruning starts / with the final mask;
+    ``delta_t``: steps between masks (``None``: scaled with the run length, see the module docstring);
     ``beta1``/``beta2``: EMA factors; ``orth_reg_weight``: γ."""
 
     method: ClassVar[str] = "adalora"
     r: int = 12
+    alpha: float | None = 16
     target_r: int | None = None
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
+    tinit: int | None = None
+    tfinal: int | None = None
+    delta_t: int | None = None
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
@@ -85,9 +95,10 @@ class AdaLoraConfig(AdapterConfig):
         if self.target_rank > self.r:
             raise ConfigError(f"target_r={self.target_rank} is larger than the initial rank r={self.r}: AdaLoRA only "
                               "prunes; raise r or lower target_r")
-        if self.tinit < 0 or self.tfinal < 0:
-            raise ConfigError(f"tinit and tfinal must be >= 0, got {self.tinit} and {self.tfinal}")
-        if self.delta_t < 1:
+        if (self.tinit is not None and self.tinit < 0) or (self.tfinal is not None and self.tfinal < 0):
+            raise ConfigError(f"tinit and tfinal must be >= 0 (or None: scaled with the run), got {self.tinit} and "
+                              f"{self.tfinal}")
+        if self.delta_t is not None and self.delta_t < 1:
             raise ConfigError(f"delta_t (steps between masks) must be >= 1, got {self.delta_t}")
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise ConfigError(f"beta1 and beta2 must be in (0, 1), got {self.beta1} and {self.beta2}")
@@ -158,6 +169,8 @@ class SvdBudgetHooks(TrainingHooks):
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AdaLoraConfig) -> None:
         super().__init__(model, layers, config)
         self.budget = self.initial_budget
+        self.tinit = self.tfinal = 0  # the schedule, set by on_train_begin
+        self.delta_t = 1
         self.final_mask: dict[str, list[bool]] | None = None
         # ranks kept by the last mask (reported by `metrics`)
         self.allocation = {n: layer.lora_E.numel() for n, layer in self.svd_layers.items()}
@@ -183,10 +196,13 @@ class SvdBudgetHooks(TrainingHooks):
 
     def on_train_begin(self, total_steps: int) -> None:
         cfg = self.config
-        if cfg.tinit >= total_steps - cfg.tfinal:
-            raise TrainingError(f"the budget schedule (tinit={cfg.tinit} + tfinal={cfg.tfinal} steps) does not fit in "
-                                f"{total_steps} training steps: no step is left to prune in; lower tinit/tfinal or "
-                                "train longer")
+        self.tinit = cfg.tinit if cfg.tinit is not None else int(TINIT_FRACTION * total_steps)
+        self.tfinal = cfg.tfinal if cfg.tfinal is not None else int(TFINAL_FRACTION * total_steps)
+        self.delta_t = cfg.delta_t if cfg.delta_t is not None else max(1, int(DELTA_T_FRACTION * total_steps))
+        if self.tinit >= total_steps - self.tfinal:
+            raise TrainingError(f"the budget schedule (tinit={self.tinit} + tfinal={self.tfinal} steps) does not fit "
+                                f"in {total_steps} training steps: no step is left to prune in; lower tinit/tfinal "
+                                "or train longer")
         if self.target_budget > self.initial_budget:
             raise TrainingError(f"target budget {self.target_budget} exceeds the initial {self.initial_budget} "
                                 "singular values")
@@ -194,15 +210,15 @@ class SvdBudgetHooks(TrainingHooks):
 
     def schedule(self, step: int) -> tuple[int, bool]:
         """``(b(t), mask now?)`` for 0-based optimizer step ``step`` (PEFT's ``budget_schedule``)."""
-        cfg, T = self.config, self.total_steps
+        T = self.total_steps
         assert T is not None
-        if step <= cfg.tinit:
+        if step <= self.tinit:
             return self.initial_budget, False
-        if step > T - cfg.tfinal:
+        if step > T - self.tfinal:
             return self.target_budget, True
-        coeff = 1 - (step - cfg.tinit) / (T - cfg.tfinal - cfg.tinit)
+        coeff = 1 - (step - self.tinit) / (T - self.tfinal - self.tinit)
         budget = int((self.initial_budget - self.target_budget) * coeff**3 + self.target_budget)
-        return budget, step % cfg.delta_t == 0
+        return budget, step % self.delta_t == 0
 
     @torch.no_grad()
     def update_importance(self) -> None:
@@ -256,7 +272,7 @@ class SvdBudgetHooks(TrainingHooks):
         if self.total_steps is None:
             raise TrainingError(f"{self.config.method} needs the number of training steps for its budget schedule: "
                                 "call hooks.on_train_begin(total_steps) before training")
-        final = self.total_steps - self.config.tfinal
+        final = self.total_steps - self.tfinal
         if step < final:
             self.update_importance()
             self.budget, mask_now = self.schedule(step)

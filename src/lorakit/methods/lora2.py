@@ -28,7 +28,10 @@ factors (hundreds of Adam steps).
   B1 (r×k), A2 (k×r) and E; per singular value ``S_i = s(E_i) + mean_j s(B1_ij) + mean_j s(A2_ji)`` (official
   ``mask_to_target_rank``).  AdaLoRA scores r·(d_in + d_out + 1) entries per matrix, LoRA² r·(2k + 1)
   (`SvdBudgetHooks.scored_elements`; the paper's "≈98.5 % fewer sensitivity computations").
-* Budget: AdaLoRA's cubic schedule and global kth-value masking of E (`lorakit.methods.adalora`), unchanged.
+* Budget: AdaLoRA's cubic schedule and global kth-value masking of E (`lorakit.methods.adalora`), unchanged, with
+  its defaults: the schedule scaled with the run length.
+* Scale: α = 16 at r = 8 (scale 2), as every official script (``scripts/run_debertav3_*.sh``: ``--lora_r 8
+  --lora_alpha 16``).  rank(ΔW) <= min(r, k): with k < r the budget only binds once it falls below k.
 """
 
 from __future__ import annotations
@@ -60,11 +63,13 @@ def semi_orthogonal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
 
 @dataclass(frozen=True)
 class Lora2Config(AdaLoraConfig):
-    """LoRA².  AdaLoRA's fields (``r`` = singular values per matrix, the budget schedule, γ) plus ``inner_r`` = k,
-    the rank of each plane's LoRA (official: 8), and ``plane_init``: ``"orthogonal"`` or ``"normal"`` (official)."""
+    """LoRA².  AdaLoRA's fields (``r`` = singular values per matrix, α = 16, the budget schedule, γ) plus
+    ``inner_r`` = k, the rank of each plane's LoRA (official: 8), and ``plane_init``: ``"orthogonal"`` or
+    ``"normal"`` (official)."""
 
     method: ClassVar[str] = "lora2"
     r: int = 8
+    alpha: float | None = 16
     inner_r: int = 8
     plane_init: str = "orthogonal"
 

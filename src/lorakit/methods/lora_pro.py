@@ -20,6 +20,17 @@ plain SGD (the official code also runs its optimizer as "sgd"); weight decay is 
 decoupled AdamW decay.  Other trainable tensors (saved heads) get the Adam direction too.  Inverses are
 ``pinv(M + δI)`` as in the official code; with B = 0 this reproduces its first-step branch exactly.
 The moments are 2·d_out·d_in floats per layer (the memory cost of the AdamW variant, as in the paper).
+
+Two quirks of the official code, not followed (the paper's target is full fine-tuning with AdamW, and these depart
+from it; tests in ``tests/test_optimizer_methods.py`` and ``tests/test_trainer.py`` pin both choices):
+
+* Step count: the official code has already incremented its step when it adjusts, so Adam's bias correction uses
+  t + 1 (its first direction is ``0.1/0.19 · g / √(0.001/0.001999) ≈ 0.74 · sign(g)``, a damping that fades over
+  the first ~20 steps).  lorakit uses t, as ``torch.optim.AdamW``: the first direction is ``g / (|g| + ε)``.
+* Clipping: DeepSpeed computes the clip factor ``min(1, max_norm / ‖g_raw‖)`` on the raw LoRA gradients and
+  multiplies the adjusted direction by it, so every step with ‖g_raw‖ > max_norm is shortened (a hidden lr cut).
+  lorakit clips the raw gradients before ``after_backward``, as ``transformers.Trainer`` does before AdamW, so the
+  clip only rescales what enters the moments and the step keeps Adam's size.
 """
 
 from __future__ import annotations

@@ -19,10 +19,15 @@ untouched W0 of the targeted layers is kept in memory next to the merged weights
 Choices where the paper could not be checked (documented, [unconfirmed]): κ = 100 steps per booster; every
 targeted layer each round (``layer_fraction = 1``; the random subset is drawn per round from ``seed``); ν = 1;
 ``patience`` switches to the EMA-of-loss rule (a round ends when the smoothed loss has not improved by
-``min_improvement`` for ``patience`` steps, or after κ steps; no roll-back to the best booster); ``booster_l2``
+``min_improvement`` for ``patience`` steps, or after κ steps; no roll-back to the best booster; the loss comes from
+the trainer's ``after_loss`` hook, so it needs the lorakit trainer or `LorakitTrainerMixin`); ``booster_l2``
 is the XGBoost-style penalty ``λ/2 (‖A‖² + ‖B‖²)`` on the live boosters (a reviewer cites
 the paper's objective with booster-norm terms; default off).
-The trainer keeps its learning-rate schedule global across rounds (it rebuilds only the optimizer state).
+The trainer keeps its learning-rate schedule global across rounds.  "A fresh optimizer state" is the boosters'
+only: at the end of a round their Adam moments and step count are dropped, while every other trainable tensor (a
+classifier head in ``modules_to_save``) keeps its state, so the head does not get a bias-corrected first Adam step
+(a sign-like jolt of size lr) at every round.  XGBLoRA builds the optimizer itself (over every booster, live or not,
+so boosters of later rounds need no rebuild) and clears the boosters' entries in place.
 """
 
 from __future__ import annotations
@@ -160,6 +165,10 @@ class BoostingHooks(TrainingHooks):
         self.round += 1
         self.round_steps = 0
         self._start_round(fresh=True)
+        self.reset_optimizer()
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer state for the next round (here: the trainer rebuilds the whole optimizer)."""
         self.optimizer_reset_requested = True
 
     def metrics(self) -> dict[str, float]:
@@ -169,8 +178,8 @@ class BoostingHooks(TrainingHooks):
 
 
 class XgbLoraHooks(BoostingHooks):
-    """XGBLoRA's rounds: κ steps, or the loss-plateau rule when ``patience`` is set (the loss is read from the
-    model output's ``.loss`` by a forward hook, or given to `observe_loss`)."""
+    """XGBLoRA's rounds: κ steps, or the loss-plateau rule when ``patience`` is set (the loss comes from
+    ``after_loss``); at a round's end only the boosters' optimizer state is reset."""
 
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AdapterConfig) -> None:
         super().__init__(model, layers, config)
@@ -178,7 +187,7 @@ class XgbLoraHooks(BoostingHooks):
         self.smoothed: float | None = None
         self.best = float("inf")
         self.stale = 0
-        self._loss_hook: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None
 
     def layer_fraction(self) -> float:
         return self.config.layer_fraction
@@ -189,18 +198,31 @@ class XgbLoraHooks(BoostingHooks):
     def round_length(self) -> int:
         return self.config.kappa
 
-    def before_forward(self, step: int) -> None:
-        if self.config.patience is not None and self._loss_hook is None:
-            self._loss_hook = self.model.register_forward_hook(self._capture_loss)
+    def booster_params(self) -> list[nn.Parameter]:
+        return [p for layer in self.boosters().values() for p in (layer.lora_A, layer.lora_B)]
 
-    def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
-        loss = getattr(output, "loss", None)
-        if module.training and isinstance(loss, Tensor):
-            self.observe_loss(float(loss.detach()))
+    def build_optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0,
+                        **kwargs: Any) -> torch.optim.Optimizer:
+        """AdamW over ``params`` and every booster, in a fixed order whatever this round's layers are (a resumed
+        run's optimizer state must line up); frozen boosters get no gradient, so AdamW skips them."""
+        boosters = self.booster_params()
+        ids = {id(p) for p in boosters}
+        everything = [p for p in params if id(p) not in ids] + boosters
+        self._optimizer = super().build_optimizer(everything, lr, weight_decay, **kwargs)
+        return self._optimizer
 
-    def observe_loss(self, loss: float) -> None:
-        """Record a training loss of the current step (micro-batches are averaged)."""
-        self.pending.append(loss)
+    def reset_optimizer(self) -> None:
+        """Drop the boosters' optimizer state (moments, step); other tensors keep theirs."""
+        if self._optimizer is None:
+            super().reset_optimizer()
+            return
+        for p in self.booster_params():
+            self._optimizer.state.pop(p, None)
+
+    def after_loss(self, step: int, loss: float) -> None:
+        """Record a training loss of the current step (several calls in a step are averaged)."""
+        if self.config.patience is not None:
+            self.pending.append(loss)
 
     def regularizer(self) -> Tensor | None:
         if self.config.booster_l2 == 0:

@@ -27,6 +27,7 @@ from torch import nn
 from .. import api
 from ..core.registry import get_method
 from ..errors import ConfigError, TrainingError
+from ..methods.lora_sb import first_step_lr
 from ..models import load_model
 from . import evaluate
 from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, load_task
@@ -273,6 +274,8 @@ def method_config(run: RunConfig, spec: TaskSpec, model: nn.Module) -> Any:
     if spec.type == "classification":
         options.update(target_modules=ENCODER_TARGETS, modules_to_save=("classifier",))
     options.update(run.method_options)
+    if run.method == "lora-sb" and options.get("init_lr") is None:  # η = the run's first-step lr (official rule)
+        options["init_lr"] = first_step_lr(run.lr, run.warmup_steps)
     try:
         return method.config_class(**options)
     except TypeError as err:

@@ -7,6 +7,7 @@ hooks exactly where `lorakit.core.hooks` says::
     hooks.on_train_begin(steps)
     every step:  hooks.before_forward(step)
                  for each of grad_accum micro-batches: (task loss + hooks.regularizer()).backward()
+                 hooks.after_loss(step, the step's task loss)
                  [under torchrun: gradients summed across ranks, see `_Distributed`]
                  clip; hooks.after_backward(step); set this step's lr; optimizer.step()
                  hooks.after_step(step); optimizer.zero_grad()
@@ -714,6 +715,7 @@ class _Run:
             raise TrainingError(f"the training loss is {task_loss + reg_value} at step {step + 1}; stopped before "
                                 f"the optimizer step. {self.checkpoint_note()} Lower the lr, enable clipping "
                                 "(max_grad_norm) or check the data.")
+        hooks.after_loss(step, task_loss)
         if ddp.active:
             ddp.sum_grads(params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
