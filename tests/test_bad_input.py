@@ -212,7 +212,8 @@ def test_data_driven_init_failure_leaves_model_untouched(data, loss_fn, match: s
         model, snap = fresh()
         batches = KINDS["llama"].batches() if data is None else data
         with pytest.raises(lorakit.LorakitError, match=match):
-            lorakit.attach(model, method.config_class(r=2), data=batches, loss_fn=loss_fn)
+            eta = {"init_lr": 1e-3} if method.name == "lora-sb" else {}  # LoRA-SB's η: the bare API needs it
+            lorakit.attach(model, method.config_class(r=2, **eta), data=batches, loss_fn=loss_fn)
         snap.assert_untouched(model)
 
 
