@@ -4,8 +4,6 @@ lorakit round trips, and whatever lorakit cannot reproduce exactly is refused wi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +14,15 @@ from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import KINDS
 from torch import Tensor, nn
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import lorakit
 from lorakit.api import STATE_ATTR
+from lorakit.cli import main
 from lorakit.core.layer import AdapterLayer
 from lorakit.io.peft_export import export_peft
 from lorakit.methods.dora import export_peft_dora
+from lorakit.models import minilm_dir
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -192,17 +193,15 @@ def test_pickled_peft_weights_never_loaded(peft_dir: Path, tmp_path: Path) -> No
     refused(directory, r"adapter_model.bin \(pickle\), which lorakit never loads.*safetensors")
 
 
-def test_cli_eval_merge_export_peft_adapter(peft_dir: Path, tmp_path: Path) -> None:
-    """``lorakit merge|export ADAPTER --model M`` with a PEFT adapter directory."""
-    base = KINDS["llama"].build(0)
-    base.save_pretrained(tmp_path / "base")
-    run = [sys.executable, "-m", "lorakit.cli"]
-    merged = subprocess.run([*run, "merge", str(peft_dir), "--model", str(tmp_path / "base"), "--out",
-                             str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
-    assert merged.returncode == 0, merged.stderr
-    exported = subprocess.run([*run, "export", str(peft_dir), "--model", str(tmp_path / "base"), "--out",
-                               str(tmp_path / "again")], capture_output=True, text=True, timeout=300)
-    assert exported.returncode == 0, exported.stderr
+def test_cli_merge_export_peft_adapter(peft_dir: Path, tmp_path: Path) -> None:
+    """``lorakit merge|export ADAPTER --model M`` with a PEFT adapter directory (in process: `cli.main`): the
+    merged model and the re-exported adapter compute the PEFT adapter's outputs."""
+    KINDS["llama"].build(0).save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(tmp_path / "base")  # merge saves one
+    for command in ("merge", "export"):
+        assert main([command, str(peft_dir), "--model", str(tmp_path / "base"), "--out", str(tmp_path / command)]) == 0
     expected = output(lorakit.load(KINDS["llama"].build(0), peft_dir).eval(), "llama")
-    again = lorakit.load(KINDS["llama"].build(0), tmp_path / "again").eval()
+    again = lorakit.load(KINDS["llama"].build(0), tmp_path / "export").eval()
     torch.testing.assert_close(output(again, "llama"), expected, atol=1e-5, rtol=1e-5)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merge").eval()
+    torch.testing.assert_close(output(merged, "llama"), expected, atol=1e-5, rtol=1e-5)
