@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from tiny_models import KINDS
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from lorakit.cli import main
 from lorakit.core.layer import AdapterLayer
 from lorakit.io.peft_export import export_peft
 from lorakit.methods.dora import export_peft_dora
+from lorakit.methods.lora import pattern_key
 from lorakit.models import minilm_dir
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -151,7 +153,7 @@ HOSTILE_CONFIGS = {
     "bias": (_set(bias="all"), r"option 'bias' is set to 'all'; lorakit cannot reproduce it"),
     "layers_to_transform": (_set(layers_to_transform=[0]), r"option 'layers_to_transform'"),
     "unknown-option": (_set(use_future_trick=True), r"option 'use_future_trick'"),
-    "pissa-init": (_set(init_lora_weights="pissa"), r"init_lora_weights='pissa' moves or quantizes"),
+    "pissa-init": (_set(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not one of .*move or quantize"),
     "dora-fan-in-fan-out": (_set(use_dora=True, fan_in_fan_out=True), r"use_dora with fan_in_fan_out"),
     "rank-mismatch": (_set(r=3), r"needs lora_A 3x32 .* found \(4, 32\)"),
     "rank-pattern-mismatch": (_set(rank_pattern={"q_proj": 2}), r"rank 2 from the config"),
@@ -205,3 +207,20 @@ def test_cli_merge_export_peft_adapter(peft_dir: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(output(again, "llama"), expected, atol=1e-5, rtol=1e-5)
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merge").eval()
     torch.testing.assert_close(output(merged, "llama"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pattern_keys_match_as_in_peft() -> None:
+    """`pattern_key` picks the key PEFT's ``get_pattern_key`` picks (first match, regex on a dotted suffix)."""
+    keys = ["layers.0.self_attn.q_proj", "v_proj", r"layers\.1\..*", "proj", "k_pro"]
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+             "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj", "v_proj", "model.layers.10.mlp.proj"]
+    for name in names:
+        ours = pattern_key(dict.fromkeys(keys), name)
+        assert (ours if ours is not None else name) == get_pattern_key(keys, name), name
+    config = lorakit.LoraConfig(r=8, alpha=16, use_rslora=True, rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 2})
+    assert config.rank_for("a.v_proj") == 4 and config.scale_for("a.v_proj") == pytest.approx(2 / 2)
+    assert config.rank_for("a.q_proj") == 8 and config.scale_for("a.q_proj") == pytest.approx(16 / 8 ** 0.5)
+    with pytest.raises(lorakit.ConfigError, match="rank_pattern/alpha_pattern are supported by"):
+        lorakit.PissaConfig(rank_pattern={"v_proj": 4})
+    with pytest.raises(lorakit.ConfigError, match=r"rank_pattern\['v_proj'\] must be a positive integer"):
+        lorakit.LoraConfig(rank_pattern={"v_proj": 0})

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from ..api import attach, detach, get_state
 from ..core.inject import find_targets
@@ -41,8 +42,8 @@ SUPPORTED = frozenset({"r", "lora_alpha", "target_modules", "rank_pattern", "alp
 INFORMATIONAL = frozenset({"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                            "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config"})
 UNSET = (None, False, "none", "", [], {})
-# Inits that only draw the factors (overwritten by the loaded ones); the others move or quantize W0.
-PLAIN_INITS = (True, False, "gaussian")
+# Inits that only set the factors (overwritten by the loaded ones); the others move or quantize W0.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 FACTORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "lora_magnitude"}
 
 
@@ -62,10 +63,11 @@ def _check_options(where: Path, data: dict[str, Any]) -> None:
                                    "reproduce it exactly (it loads plain LoRA, rsLoRA, DoRA, rank/alpha "
                                    "patterns and modules_to_save), so the adapter is refused")
     init = data.get("init_lora_weights", True)
-    if not any(init is v for v in PLAIN_INITS[:2]) and init != PLAIN_INITS[2]:
-        raise AdapterFileError(f"{where}: init_lora_weights={init!r:.60} moves or quantizes the base weights, "
-                               "so the factors do not apply to the plain base model; convert it with PEFT's "
-                               "save_pretrained(path_initial_model_for_weight_conversion=...) first")
+    if not any(init is v if isinstance(v, bool) else init == v for v in PLAIN_INITS):
+        raise AdapterFileError(f"{where}: init_lora_weights={init!r:.60} is not one of {list(PLAIN_INITS)}: "
+                               "inits such as PiSSA, OLoRA, LoftQ, CorDA or LoRA-GA move or quantize the base "
+                               "weights, so the factors do not apply to the plain base model; convert the adapter "
+                               "with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(data.get(key, False), bool):
             raise AdapterFileError(f"{where}: {key} must be true or false, found {data[key]!r:.60}")
@@ -118,7 +120,7 @@ def _layers(where: Path, model: nn.Module, data: dict[str, Any], found: dict[str
             kind = type(modules[name]).__name__ if name in modules else "missing"
             raise AdapterFileError(f"{where.parent / WEIGHTS_NAME}: layer {name!r:.160} is {kind} in this model; "
                                    "lorakit adapts nn.Linear and Conv1D layers: wrong base model")
-        if data.get("use_dora") and modules[name].__class__.__name__ == "Conv1D":
+        if data.get("use_dora") and isinstance(modules[name], Conv1D):
             raise AdapterFileError(f"{where}: DoRA on the transposed Conv1D layer {name!r:.160} is not supported")
     targets = data["target_modules"]
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -178,7 +180,8 @@ def load_peft(model: nn.Module, directory: Path, data: dict[str, Any]) -> nn.Mod
         raise AdapterFileError(f"{where}: {err}") from err
     try:
         state = get_state(model)
-        state.base_model_name = data.get("base_model_name_or_path") or ""
+        base_name = data.get("base_model_name_or_path")
+        state.base_model_name = base_name if isinstance(base_name, str) else ""
         _check_tensors(adapter_tensors(model), found, directory / WEIGHTS_NAME)
         for name, layer in state.layers.items():
             layer.load_adapter_state({k: found[f"{name}.{k}"] for k in layer.adapter_state()})

@@ -151,6 +151,9 @@ class LoraLayer(AdapterLayer):
     def as_lora(self) -> tuple[Tensor, Tensor]:
         return self.lora_B * self.scale, self.lora_A
 
+    def extra_repr(self) -> str:
+        return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}"
+
 
 def lora_params(d_out: int, d_in: int, config: AdapterConfig) -> int:
     return config.r * (d_in + d_out)
