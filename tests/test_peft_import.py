@@ -224,3 +224,8 @@ def test_pattern_keys_match_as_in_peft() -> None:
         lorakit.PissaConfig(rank_pattern={"v_proj": 4})
     with pytest.raises(lorakit.ConfigError, match=r"rank_pattern\['v_proj'\] must be a positive integer"):
         lorakit.LoraConfig(rank_pattern={"v_proj": 0})
+
+
+def test_peft_embedding_lora_refused(tmp_path: Path) -> None:
+    peft_trained("llama", tmp_path, steps=1, r=2, target_modules=["q_proj", "embed_tokens"])
+    refused(tmp_path, r"adapts an Embedding layer; lorakit adapts nn.Linear and Conv1D layers only")

@@ -92,6 +92,10 @@ def _lorakit_config(where: Path, data: dict[str, Any], layers: list[str], saved:
 
 def _split(where: Path, tensors: dict[str, Tensor], saved: list[str]) -> dict[str, Tensor]:
     """PEFT's tensor names -> `save`'s names (``{layer}.lora_A``, ``modules_to_save.{module}.{param}``)."""
+    embedding = next((k for k in tensors if ".lora_embedding_" in k), None)
+    if embedding is not None:
+        raise AdapterFileError(f"{where.parent / WEIGHTS_NAME}: tensor {embedding!r:.160} adapts an Embedding "
+                               "layer; lorakit adapts nn.Linear and Conv1D layers only")
     out: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
@@ -102,8 +106,9 @@ def _split(where: Path, tensors: dict[str, Tensor], saved: list[str]) -> dict[st
         elif name is not None and module is not None:
             out[f"{SAVED_PREFIX}{name}"] = tensor
         else:
-            raise AdapterFileError(f"{where}: unexpected tensor {key!r:.160}: not a LoRA factor "
-                                   f"(base_model.model.<layer>.lora_A.weight, ...) nor a modules_to_save module")
+            raise AdapterFileError(f"{where.parent / WEIGHTS_NAME}: unexpected tensor {key!r:.160}: not a LoRA "
+                                   "factor (base_model.model.<layer>.lora_A.weight, ...) nor in a modules_to_save "
+                                   "module")
     return out
 
 
