@@ -60,6 +60,8 @@ CASES = {
     "dora-rslora-patterns": ("llama", {"r": 4, "lora_alpha": 8, "use_dora": True, "use_rslora": True,
                                        "target_modules": ["q_proj", "o_proj"], "rank_pattern": {"o_proj": 2},
                                        "alpha_pattern": {"layers.1.self_attn.q_proj": 16}}),
+    "exclude-modules": ("llama", {"r": 2, "target_modules": ["q_proj", "v_proj"], "exclude_modules": ["layers.1.self_attn.v_proj"]}),
+    "exclude-regex": ("llama", {"r": 2, "target_modules": r".*_proj", "exclude_modules": r".*\.mlp\..*"}),
     "gpt2-conv1d": ("gpt2", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
     "bert-modules-to-save": ("bert", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
                                       "task_type": "SEQ_CLS"}),
@@ -159,6 +161,8 @@ HOSTILE_CONFIGS = {
     "rank-pattern-mismatch": (_set(rank_pattern={"q_proj": 2}), r"rank 2 from the config"),
     "targets-without-factors": (_set(target_modules=["q_proj", "v_proj", "o_proj"]),
                                 r"selects layers the file has no factors for \['model.layers.0.self_attn.o_proj'"),
+    "excluded-layers-with-factors": (_set(exclude_modules=["v_proj"]),
+                                     r"has factors for layers it does not select \['model.layers.0.self_attn.v_proj'"),
     "bad-pattern-regex": (_set(rank_pattern={"(": 2}), r"pattern key '\('"),
     "bad-alpha": (_set(lora_alpha=-1), r"alpha must be positive"),
 }

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..api import attach, detach, get_state
-from ..core.inject import find_targets
+from ..core.inject import find_targets, regex_matcher
 from ..core.layer import SUPPORTED_BASES, base_shape, skip_init
 from ..core.registry import get_method
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError
@@ -37,8 +37,9 @@ from .persistence import (
 )
 
 # Options lorakit reproduces; options that do not change the outputs; every other key must be unset.
-SUPPORTED = frozenset({"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
-                       "use_dora", "modules_to_save", "lora_dropout", "fan_in_fan_out", "init_lora_weights"})
+SUPPORTED = frozenset({"r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+                       "use_rslora", "use_dora", "modules_to_save", "lora_dropout", "fan_in_fan_out",
+                       "init_lora_weights"})
 INFORMATIONAL = frozenset({"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                            "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config"})
 UNSET = (None, False, "none", "", [], {})
@@ -132,11 +133,18 @@ def _layers(where: Path, model: nn.Module, data: dict[str, Any], found: dict[str
         return layers
     if not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
         raise AdapterFileError(f"{where}: target_modules must be a list of names or a regex, found {targets!r:.80}")
+    excluded = data.get("exclude_modules") or []
+    if not isinstance(excluded, (str, list)) or not all(isinstance(e, str) for e in excluded):
+        raise AdapterFileError(f"{where}: exclude_modules must be a list of names or a regex, found {excluded!r:.80}")
     try:
         selected = {n for n, _ in find_targets(model, targets)
                     if not any(n == m or n.startswith(m + ".") for m in saved)}
+        if isinstance(excluded, str):  # PEFT: a regex matching the whole name, else names or name suffixes
+            selected -= {n for n in selected if regex_matcher(excluded)(n)}
+        else:
+            selected -= {n for n in selected if any(n == e or n.endswith("." + e) for e in excluded)}
     except LorakitError as err:
-        raise AdapterFileError(f"{where}: target_modules: {err}") from err
+        raise AdapterFileError(f"{where}: target_modules/exclude_modules: {err}") from err
     if selected != set(layers):
         raise AdapterFileError(f"{where}: target_modules selects layers the file has no factors for "
                                f"{sorted(selected - set(layers))[:5]}, and the file has factors for layers it "
