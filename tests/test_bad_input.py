@@ -366,7 +366,8 @@ def test_peft_adapter_directory(tmp_path: Path) -> None:
     model = lorakit.attach(KINDS["llama"].build(0), lorakit.LoraConfig(r=2))
     perturb(model)
     lorakit.export_peft(model, tmp_path)
-    failed_load(tmp_path, r"is a PEFT adapter .*peft\.PeftModel\.from_pretrained")
+    edit_config(tmp_path, lambda d: d.update(peft_type="IA3"))
+    failed_load(tmp_path, r"peft_type is 'IA3'; lorakit loads PEFT LoRA adapters")
 
 
 # -- save / export in the wrong state --------------------------------------------------------------------------

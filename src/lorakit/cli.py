@@ -160,19 +160,25 @@ def _run_json(adapter: str) -> dict[str, Any]:
 def _load_adapted(adapter: str, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """Base model (from the adapter's run.json or --model) with the adapter loaded."""
     from . import load as load_adapter
-    from .io.persistence import read_adapter_config
+    from .io.peft_export import PEFT_PREFIX
+    from .io.peft_import import is_peft_config
+    from .io.persistence import SAVED_PREFIX, read_adapter_config, read_config_json
     from .models import load_model
-    meta = read_adapter_config(adapter)
+    meta = read_config_json(adapter)
+    peft = is_peft_config(meta)  # PEFT's names: base_model_name_or_path, base_model.model.<module>.<param>
+    meta = meta if peft else read_adapter_config(adapter)
     run = _run_json(adapter)
-    model_spec = getattr(args, "model", None) or run.get("model") or meta.get("base_model")
-    if not model_spec:
+    model_spec = getattr(args, "model", None) or run.get("model") or meta.get("base_model" if not peft else
+                                                                              "base_model_name_or_path")
+    if not model_spec or not isinstance(model_spec, str):
         raise LorakitError(f"{adapter} does not name its base model; pass --model")
-    task_type = "classification" if "classifier" in meta.get("modules_to_save", []) else "causal-lm"
+    task_type = "classification" if "classifier" in (meta.get("modules_to_save") or []) else "causal-lm"
     num_labels = None
     if task_type == "classification":
         from safetensors import safe_open
+        prefix = PEFT_PREFIX if peft else SAVED_PREFIX
         with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
-            head = [k for k in f.keys() if k.startswith("modules_to_save.") and k.endswith("classifier.weight")]
+            head = [k for k in f.keys() if k.startswith(prefix) and k.endswith("classifier.weight")]
             num_labels = f.get_slice(head[0]).get_shape()[0] if head else None
     model, tokenizer = load_model(model_spec, task_type, num_labels=num_labels,
                                   device=getattr(args, "device", None) or "auto")
@@ -361,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("export", cmd_export, "write a PEFT LoRA adapter"),
                              ("merge", cmd_merge, "write the full merged model")):
         p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument("adapter", help="adapter directory (lorakit format)")
+        p.add_argument("adapter", help="adapter directory (lorakit or PEFT LoRA format)")
         p.add_argument("--model", help="base model, if the adapter's run.json does not name it")
         p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
         if name in ("eval", "export"):

@@ -8,7 +8,8 @@ with ``lora_alpha = r`` (scale 1, the method's scale folded into B):
   relative to W0 is ``s·B A − B0 A0 = [s·B, −B0] [A; A0]``: rank doubles.
 
 Ranks are made uniform (zero padding) because vLLM ignores ``rank_pattern``; ``rank_pattern=True``
-writes each layer at its own rank instead.  ``modules_to_save`` are written only when asked.
+writes each layer at its own rank instead (per-layer ranks from ``LoraConfig.rank_pattern`` included).
+``modules_to_save`` are written only when asked.  `peft_import` reads such directories back.
 """
 
 from __future__ import annotations

@@ -134,6 +134,11 @@ def save(model: nn.Module, directory: str | os.PathLike,
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Parse ``adapter_config.json`` and check its schema (format, version, keys and their types)."""
+    return check_adapter_config(Path(directory) / CONFIG_NAME, read_config_json(directory))
+
+
+def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
+    """``adapter_config.json`` parsed (size-limited, a JSON object), lorakit's or PEFT's, not yet checked."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"no {CONFIG_NAME} in {directory}: not an adapter directory")
@@ -147,10 +152,15 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
                                "the file is corrupt") from err
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_adapter_config(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (from ``path``) is a lorakit adapter config of a readable version with the required keys."""
     if "lorakit_format_version" not in data:
         kind = "a PEFT adapter" if "peft_type" in data else "not a lorakit adapter"
-        raise AdapterFileError(f"{path} is {kind} (no 'lorakit_format_version'); load PEFT adapters "
-                               "with peft.PeftModel.from_pretrained")
+        raise AdapterFileError(f"{path} is {kind} (no 'lorakit_format_version'); lorakit.load reads PEFT LoRA "
+                               "adapters directly")
     version = data["lorakit_format_version"]
     if not _is_int(version) or version > FORMAT_VERSION:
         raise AdapterFileError(f"{path} has format version {reprlib.repr(version)}; this lorakit reads up to "
@@ -237,7 +247,8 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the adapter saved in ``directory`` to ``model`` (the same base it was trained on).
+    """Attach the adapter saved in ``directory`` to ``model`` (the same base it was trained on); a PEFT LoRA
+    adapter directory is loaded by `peft_import.load_peft`.
 
     Nothing is attached until the config and every file-level check passed; a check that needs the
     attached layers (tensor names and shapes, the size of the loaded update) detaches again on failure.
@@ -245,7 +256,11 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if getattr(model, STATE_ATTR, None) is not None:
         raise LorakitError("this model already has a lorakit adapter; detach(model) it before loading another")
     path = Path(directory)
-    data = read_adapter_config(path)
+    data = read_config_json(path)
+    from .peft_import import is_peft_config, load_peft  # imports this module
+    if is_peft_config(data):
+        return load_peft(model, path, data)
+    data = check_adapter_config(path / CONFIG_NAME, data)
     method, config = _read_method_config(path, data)
     tensors = read_adapter_tensors(path)
     try:

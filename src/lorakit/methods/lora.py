@@ -3,12 +3,13 @@
 ``W = W0 + s · B A`` with ``B ∈ R^{d_out×r}`` zero-initialised and ``A ∈ R^{r×d_in}`` Kaiming-uniform
 (eq. 3 of the LoRA paper; PEFT's init), ``s = α/r`` (LoRA) or ``α/√r`` (rsLoRA, eq. 5).
 The forward is ``W0 x + B (s · A dropout(x))``: the scale multiplies the r-wide intermediate.
+``rank_pattern`` / ``alpha_pattern`` give single layers their own r and α, matched as PEFT matches them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,22 +17,71 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
+from ..core.inject import regex_matcher
 from ..core.layer import AdapterLayer, init_skipped
 from ..core.linalg import seeded_generator
 from ..core.registry import Method, register
+from ..errors import ConfigError, TargetError
+
+# Methods whose layers read the per-layer patterns; any other LoraConfig subclass refuses them.
+PATTERN_METHODS = frozenset({"lora", "rslora", "dora"})
+
+
+def pattern_key(patterns: dict[str, object], name: str) -> str | None:
+    """The first key of ``patterns`` that matches module ``name`` as PEFT's ``get_pattern_key`` matches it:
+    ``re.match(rf"(.*\\.)?({key})$", name)``, i.e. the key is a regex matching a dot-separated suffix."""
+    for key in patterns:
+        try:
+            if regex_matcher(rf"(.*\.)?({key})")(name):
+                return key
+        except TargetError as err:
+            raise ConfigError(f"pattern key {key!r:.120} ({err})") from err
+    return None
 
 
 @dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
-    """LoRA.  ``use_rslora`` switches the scale to ``α/√r``; ``alpha=None`` means ``α = r``."""
+    """LoRA.  ``use_rslora`` switches the scale to ``α/√r``; ``alpha=None`` means ``α = r``.
+
+    ``rank_pattern`` / ``alpha_pattern`` (PEFT's names): module-name pattern -> that layer's r / α
+    (see `pattern_key`); a layer no key matches uses ``r`` / ``alpha``.
+    """
 
     method: ClassVar[str] = "lora"
     use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict, hash=False)
+    alpha_pattern: dict[str, float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.rank_pattern or self.alpha_pattern) and self.method not in PATTERN_METHODS:
+            raise ConfigError(f"rank_pattern/alpha_pattern are supported by {sorted(PATTERN_METHODS)}, "
+                              f"not {self.method!r}; leave them empty")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise ConfigError(f"rank_pattern[{key!r:.120}] must be a positive integer, got {r!r}")
+        for key, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+                raise ConfigError(f"alpha_pattern[{key!r:.120}] must be positive and finite, got {alpha!r}")
+        for key in [*self.rank_pattern, *self.alpha_pattern]:
+            pattern_key({key: None}, "")  # an invalid or too costly regex fails here, not at attach
 
     @property
     def scale(self) -> float:
         alpha = self.alpha if self.alpha is not None else self.r
         return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
+
+    def rank_for(self, name: str) -> int:
+        """The rank of layer ``name``: its `rank_pattern` entry, else ``r``."""
+        key = pattern_key(self.rank_pattern, name) if self.rank_pattern else None
+        return self.r if key is None else self.rank_pattern[key]
+
+    def scale_for(self, name: str) -> float:
+        """Layer ``name``'s scale ``α/r`` (``α/√r`` with rsLoRA) from its own r and α (PEFT's rule)."""
+        r = self.rank_for(name)
+        key = pattern_key(self.alpha_pattern, name) if self.alpha_pattern else None
+        alpha = self.alpha_pattern[key] if key is not None else self.alpha if self.alpha is not None else self.r
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 @dataclass(frozen=True)
@@ -53,10 +103,15 @@ class LoraLayer(AdapterLayer):
 
     def __init__(self, base: nn.Module, config: LoraConfig, name: str = "") -> None:
         super().__init__(base, config, name)
-        self.scale = config.scale
+        self.r, self.scale = config.r, config.scale
+        if isinstance(config, LoraConfig) and (config.rank_pattern or config.alpha_pattern):
+            self.r, self.scale = config.rank_for(name), config.scale_for(name)
+            if self.r > min(self.out_features, self.in_features):
+                raise ConfigError(f"rank_pattern gives layer '{name}' rank {self.r}, larger than min(d_in, d_out) = "
+                                  f"{min(self.out_features, self.in_features)}; lower it")
         device, dtype = self.adapter_device_dtype()
         if init_skipped():
-            B, A = torch.zeros(self.out_features, config.r), torch.zeros(config.r, self.in_features)
+            B, A = torch.zeros(self.out_features, self.r), torch.zeros(self.r, self.in_features)
         else:
             B, A = self.init_factors(seeded_generator(config.seed, name))
         self.lora_A = nn.Parameter(A.to(device, dtype).contiguous())
@@ -64,7 +119,7 @@ class LoraLayer(AdapterLayer):
 
     def init_factors(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(B, A)``: A Kaiming-uniform, B zero (random when ``init_weights=False``)."""
-        r = self.config.r
+        r = self.r
         A = kaiming_uniform(r, self.in_features, generator)
         if self.config.init_weights:
             B = torch.zeros(self.out_features, r)
@@ -95,6 +150,9 @@ class LoraLayer(AdapterLayer):
 
     def as_lora(self) -> tuple[Tensor, Tensor]:
         return self.lora_B * self.scale, self.lora_A
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.in_features}, d_out={self.out_features}, r={self.r}"
 
 
 def lora_params(d_out: int, d_in: int, config: AdapterConfig) -> int:
