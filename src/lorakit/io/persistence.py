@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..api import STATE_ATTR, attach, detach, get_state
 from ..core.inject import find_targets
 from ..core.layer import base_shape, skip_init
+from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import get_method
 from ..errors import AdapterFileError, LorakitError
 
@@ -37,15 +38,20 @@ SAVED_PREFIX = "modules_to_save."
 PROBES = 16
 
 
-def weight_fingerprint(weight: Tensor) -> dict[str, Any]:
-    """Norm and 16 evenly spaced entries of a weight in ``(d_out, d_in)`` layout, as float64."""
+def weight_fingerprint(weight: Tensor, quant: str | None = None) -> dict[str, Any]:
+    """Norm and 16 evenly spaced entries of a weight in ``(d_out, d_in)`` layout, as float64; ``quant``
+    records the base's quantization (`lorakit.core.quant`), which sets the tolerance of `fingerprints_match`."""
     flat = weight.detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, PROBES).long().to(flat.device)
     return {"shape": list(weight.shape), "norm": float(flat.double().norm()),
-            "probe": [float(v) for v in flat[idx].double().cpu()]}
+            "probe": [float(v) for v in flat[idx].double().cpu()], "quant": quant}
 
 
-def fingerprints_match(saved: dict[str, Any], current: dict[str, Any], rtol: float = 1e-2) -> bool:
+def fingerprints_match(saved: dict[str, Any], current: dict[str, Any], rtol: float | None = None) -> bool:
+    """Same shape, norm and probes within ``rtol`` (default: the coarser quantization's tolerance, 1% for
+    float on both sides), so a float base and its nf4/int8 copy match and another model does not."""
+    if rtol is None:
+        rtol = max(FINGERPRINT_RTOL.get(saved.get("quant")), FINGERPRINT_RTOL.get(current.get("quant")))
     if saved["shape"] != current["shape"]:
         return False
     if abs(saved["norm"] - current["norm"]) > rtol * max(saved["norm"], 1e-12):
@@ -54,14 +60,17 @@ def fingerprints_match(saved: dict[str, Any], current: dict[str, Any], rtol: flo
     return all(abs(a - b) <= rtol * scale for a, b in zip(saved["probe"], current["probe"]))
 
 
-def _original_weight(module: nn.Module) -> Tensor:
+def _original_weight(module: nn.Module) -> tuple[Tensor, str | None]:
+    """The untouched W0 of a target (``d_out, d_in``; dequantized when quantized) and its quantization."""
     from ..core.layer import AdapterLayer
     if isinstance(module, AdapterLayer):
-        w = module.original_weight if module.original_weight is not None else module.base.weight
         if module.merged:
             raise LorakitError(f"layer '{module.name}' is merged; unmerge(model) before saving")
-        return w.T if module.transposed else w
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+        return module.original_float(), module.quant
+    kind = quant_kind(module)
+    if kind is not None:
+        return dequantize(module), kind
+    return (module.weight.T if type(module).__name__ == "Conv1D" else module.weight), None
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -99,7 +108,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "method": state.method.name,
         "config": state.config.to_dict(),
         "base_model": state.base_model_name,
-        "fingerprint": {n: weight_fingerprint(_original_weight(layer)) for n, layer in state.layers.items()},
+        "fingerprint": {n: weight_fingerprint(*_original_weight(layer)) for n, layer in state.layers.items()},
         "modules_to_save": list(state.saved_modules),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model).items()}
@@ -163,7 +172,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise AdapterFileError(f"the adapter in {directory} does not fit this model: layers in the adapter but "
                                f"not the model {missing[:5]}, in the model but not the adapter {extra[:5]}")
     for name, module in targets.items():
-        if not fingerprints_match(saved_fp[name], weight_fingerprint(_original_weight(module))):
+        if not fingerprints_match(saved_fp[name], weight_fingerprint(*_original_weight(module))):
             raise AdapterFileError(
                 f"base weights differ at '{name}': this adapter was trained on "
                 f"{data.get('base_model') or 'another model'!r}; load it on that base model")
