@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit.core import quant
 from lorakit.core.layer import keep_original
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from tests.tiny_models import INIT_STD, KINDS, VOCAB, attach, max_diff, perturb, train_steps
 
 

@@ -185,7 +185,8 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
                        sum(errors.values()) / len(errors), max(errors.values()))
     elif kinds:
         logger.warning("merge_and_unload: %d %s layers were merged into dequantized float nn.Linear layers "
-                       "(pass requantize=True to quantize them back)", len(kinds), "/".join(sorted(set(kinds.values()))))
+                       "(pass requantize=True to quantize them back)", len(kinds),
+                       "/".join(sorted(set(kinds.values()))))
     delattr(model, STATE_ATTR)
     return model
 

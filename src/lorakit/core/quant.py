@@ -111,7 +111,14 @@ def restore(base: nn.Module, weight: nn.Parameter) -> None:
     packed(base)
     base.weight = weight
     if quant_kind(base) == "int8":
-        base.state.CB = base.state.SCB = None  # reloaded from the incoming weight at the next forward
+        _fresh_int8_state(base)
+
+
+def _fresh_int8_state(base: nn.Module) -> None:
+    """A new matmul state for a new int8 weight (filled from it at the next forward); the old state object
+    stays with any autograd graph that still needs it for its backward."""
+    base.state = copy.copy(base.state)
+    base.state.CB = base.state.SCB = None
 
 
 @torch.no_grad()
@@ -131,7 +138,7 @@ def requantize(base: nn.Module, weight: Tensor) -> None:
         base.weight = _bnb().nn.Int8Params(weight.to("cpu", torch.float16 if device.type == "cuda"
                                                      else torch.float32),
                                            requires_grad=False, has_fp16_weights=False).to(device)
-        base.state.CB = base.state.SCB = None
+        _fresh_int8_state(base)
     elif kind in ("torchao-int8", "torchao-int4"):
         base.weight = nn.Parameter(_torchao_quantize(weight.to(device, old.dtype), kind,
                                                      int(old.block_size[-1])),
