@@ -1,7 +1,7 @@
 """Quantized base layers (bitsandbytes nf4/fp4/int8, torchao int8) and the no-second-copy-of-W0 property.
 
-Every registered method on a quantized tiny Llama either works end to end (attach, train, save, load,
-export_peft, merge_and_unload) or refuses at attach with a `LorakitError`; fingerprints match across float
+Every registered method works end to end on a quantized tiny Llama (attach, train, save, load, export_peft,
+merge_and_unload); a quantization lorakit cannot read is refused at attach; fingerprints match across float
 and quantized copies of one model; inits that move W0 re-quantize the residual and report its error.
 """
 
@@ -65,12 +65,7 @@ def test_every_method_on_a_quantized_base(method_name: str, kind: str, tmp_path:
     model = quantized(kind)
     before = out(model)
     own_error = rel(before, out(build()))  # the quantized base's own output error
-    try:
-        attach(model, method, LLAMA)
-    except lorakit.LorakitError as err:  # a refusal names the method, the layer and the quantization
-        assert method_name in str(err) and kind in str(err) and "model.layers." in str(err)
-        assert not hasattr(model, "_lorakit") and not any(p.requires_grad is False for p in [])
-        return
+    attach(model, method, LLAMA)
     layers = lorakit.adapter_layers(model)
     assert all(layer.quant == kind for layer in layers.values())
     if method.moves_base:  # the re-quantized residual changes the output by the quantization error only
@@ -183,3 +178,29 @@ def test_unsupported_quantization_refused() -> None:
             quant.quantize_model(build(0), "torchao-int4")
     with pytest.raises(lorakit.LorakitError, match="quantization must be one of"):
         quant.quantize_model(build(0), "int3")
+
+
+def test_unreadable_quantization_refused_at_attach() -> None:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model = build()
+    quantize_(model.model.layers[0].self_attn.q_proj, Int8DynamicActivationInt8WeightConfig())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(lorakit.LorakitError, match=r"dora cannot adapt layer 'model\.layers\.0\.self_attn\.q_proj'"
+                       r": the weight of this Linear is a torchao Int8Tensor"):
+        lorakit.attach(model, lorakit.DoraConfig(r=4))
+    assert not hasattr(model, "_lorakit")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_packed_gptq_layers_are_refused_not_skipped() -> None:
+    class QuantLinear(nn.Module):  # the shape of auto-gptq's / AWQ's packed layers
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("qweight", torch.zeros(8, 64, dtype=torch.int32))
+
+    model = build()
+    model.model.layers[1].mlp.down_proj = QuantLinear()
+    with pytest.raises(lorakit.TargetError, match=r"'all-linear' would skip 1 packed quantized layers \(e\.g\. "
+                       r"'model\.layers\.1\.mlp\.down_proj', a QuantLinear\)"):
+        lorakit.attach(model, lorakit.LoraConfig(r=4))

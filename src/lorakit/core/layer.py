@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -74,10 +73,6 @@ class AdapterLayer(nn.Module):
     (`lorakit.core.quant`) is read dequantized through `weight` and written back re-quantized.
     """
 
-    # Why the method cannot train on a quantized base (bitsandbytes, torchao; see `lorakit.core.quant`), or
-    # "" when it can: `__init__` then refuses at attach with a message naming the method, layer and type.
-    quantized_refusal: ClassVar[str] = ""
-
     def __init__(self, base: nn.Module, config: AdapterConfig, name: str = "") -> None:
         super().__init__()
         self.base = base
@@ -88,13 +83,12 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        self.quant = quant_kind(base)
+        try:
+            self.quant = quant_kind(base)
+        except LorakitError as err:
+            raise LorakitError(f"{config.method} cannot adapt layer '{name}': {err}") from None
         if self.quant is not None:
             prepare(base)
-        if self.quant is not None and self.quantized_refusal:
-            raise LorakitError(f"{config.method} cannot adapt layer '{name}': its base is {self.quant}-quantized "
-                               f"({type(base).__name__}) and {self.quantized_refusal}; load the model unquantized "
-                               "for this method")
         self.keep_original = _KEEP_ORIGINAL
         self.original_weight: Tensor | None = None  # W0 kept by move_base (packed, or under keep_original)
         self.residual_quant_error: float | None = None

@@ -42,8 +42,8 @@ def _bnb() -> Any:
 def quant_kind(base: nn.Module) -> str | None:
     """The quantization of ``base``'s weight (one of `QUANT_KINDS`), ``None`` for a float weight.
 
-    Raises `LorakitError` for a quantized weight lorakit cannot read (another torchao tensor subclass,
-    a bitsandbytes 8-bit layer that still holds float weights is treated as float).
+    Raises `LorakitError` for a quantized weight lorakit cannot read (another torchao tensor subclass); a
+    bitsandbytes layer that still holds float weights (not moved to a device yet) is a float layer.
     """
     w = getattr(base, "weight", None)
     if w is None:
@@ -60,7 +60,8 @@ def quant_kind(base: nn.Module) -> str | None:
             return "torchao-int8"
         if name.startswith("Int4") and name.endswith("Tensor"):
             return "torchao-int4"
-        raise LorakitError(f"the weight of this {type(base).__name__} is a torchao {name}; lorakit reads torchao "
+        what = f"{name} with activation quantization" if name == "Int8Tensor" else name
+        raise LorakitError(f"the weight of this {type(base).__name__} is a torchao {what}; lorakit reads torchao "
                            "weight-only Int8Tensor and Int4*Tensor weights (Int8WeightOnlyConfig, "
                            "Int4WeightOnlyConfig); quantize the base with one of those")
     return None
