@@ -204,3 +204,69 @@ def test_packed_gptq_layers_are_refused_not_skipped() -> None:
     with pytest.raises(lorakit.TargetError, match=r"'all-linear' would skip 1 packed quantized layers \(e\.g\. "
                        r"'model\.layers\.1\.mlp\.down_proj', a QuantLinear\)"):
         lorakit.attach(model, lorakit.LoraConfig(r=4))
+
+
+@pytest.fixture(scope="module")
+def wide_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The width-64 tiny Llama with a real (BERT WordPiece) tokenizer, saved as a local model directory."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models import minilm_dir
+
+    out = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_load_model_quantized(wide_lm: Path) -> None:
+    from lorakit.models import load_model
+
+    for kind in ("nf4", "int8", "torchao-int8"):  # through transformers' BitsAndBytesConfig / TorchAoConfig
+        model, _ = load_model(str(wide_lm), "causal-lm", quantize=kind)
+        assert quant.quant_kind(model.model.layers[1].mlp.down_proj) == kind
+        assert quant.quant_kind(model.lm_head) is None  # the head stays float
+    with pytest.raises(lorakit.ConfigError, match="quantize must be one of"):
+        load_model(str(wide_lm), "causal-lm", quantize="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(lorakit.LorakitError, match="torchao-int4' needs a CUDA GPU"):
+            load_model(str(wide_lm), "causal-lm", quantize="torchao-int4", device="cpu")
+
+
+def test_cli_trains_pissa_on_an_nf4_base(wide_lm: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", "train", "--model", str(wide_lm), "--task", "arith", "--steps", "2",
+         "--batch-size", "2", "--eval-limit", "2", "--max-new-tokens", "2", "--warmup-steps", "1",
+         "--device", "cpu", "--quantize", "nf4", "--method", "pissa", "-o", "r=2", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["quantize"] == "nf4" and len(run["train"]["losses"]) == 2
+    reloaded = lorakit.load(quant.quantize_model(LlamaForCausalLM.from_pretrained(wide_lm), "nf4"),
+                            out / "adapter")
+    assert all(layer.quant == "nf4" for layer in lorakit.adapter_layers(reloaded).values())
+
+
+def test_cpu_repacked_4bit_weight_is_read_back() -> None:
+    """bitsandbytes' CPU inference path repacks a 4-bit weight in place (e.g. when a model is evaluated before
+    attach); lorakit undoes it so the adapter sees the same W0 (up to the bf16 absmax the repacking keeps)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    layer = quant.quantize_linear(build().model.layers[1].mlp.down_proj, "nf4")
+    w0 = quant.dequantize(layer)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    assert quant.quant_kind(layer) == "nf4"
+    assert rel(quant.dequantize(layer), w0) < 1e-2
+    assert not layer.weight.quant_state.packing_format_for_cpu and not layer.support_avx512bf16_for_cpu

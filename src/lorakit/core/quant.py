@@ -80,8 +80,12 @@ def prepare(base: nn.Module) -> None:
     w = base.weight
     if type(w).__name__ == "Params4bit" and hasattr(base, "support_avx512bf16_for_cpu"):
         base.support_avx512bf16_for_cpu = False
-        if getattr(w.quant_state, "packing_format_for_cpu", False):
-            w.data, w.quant_state = _bnb().functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        state = w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            nested, dtype = state.original_nested, state.original_dtype
+            w.data, w.quant_state = _bnb().functional._convert_weight_packed_for_cpu_inverse(w.data, state)
+            if not nested:  # bitsandbytes 0.50's inverse leaves this absmax transposed, in bf16
+                w.quant_state.absmax = w.quant_state.absmax.T.reshape(-1).to(dtype)
 
 
 @torch.no_grad()
