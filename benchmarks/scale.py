@@ -1,7 +1,7 @@
 """Memory and speed of quantized bases and of inits that move W0 (run by hand, CPU or CUDA).
 
     python benchmarks/scale.py                    # every configuration (about 10 minutes on 2 CPU cores)
-    python benchmarks/scale.py --steps 3 --out /tmp/x --data /work/shared/data
+    python benchmarks/scale.py --steps 3 --out /tmp/x --data /work/shared/data --model /tmp/smollm2-135m
 
 SmolLM2-135M on GSM8K (``../shared/data/gsm8k``, batch 8, max length 256), r=8 on every linear layer of the
 decoder.  Each configuration runs in its own process (peak RSS from ``/proc``, sampled every millisecond):
@@ -72,11 +72,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def child(name: str, steps: int) -> dict[str, Any]:
+def child(name: str, steps: int, spec: str) -> dict[str, Any]:
     """One configuration in this (fresh) process: load, attach, warm-up step, timed steps."""
     kind, who, method = CONFIGS[name]
     with PeakRSS() as rss:
-        model, tok = load_model("smollm2-135m", "causal-lm", quantize=kind)
+        model, tok = load_model(spec, "causal-lm", quantize=kind)
         model.train()
         batches = gsm8k_batches(tok, 1 + (1 if method == "lora-ga" else 0) + max(steps, 1), 8)
         weights = weight_bytes(model)
@@ -111,17 +111,17 @@ def child(name: str, steps: int) -> dict[str, Any]:
             "residual_quant_error": residual_error}
 
 
-def run_child(name: str, steps: int) -> dict[str, Any]:
+def run_child(name: str, steps: int, spec: str) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps), "--data",
-                          str(speed.DATA)], capture_output=True, text=True)
+                          str(speed.DATA), "--model", spec], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def merge_error() -> dict[str, float]:
+def merge_error(spec: str) -> dict[str, float]:
     """Relative output error of merge_and_unload(requantize=True) on the nf4 base, LoRA with random B."""
-    model, tok = load_model("smollm2-135m", "causal-lm", quantize="nf4")
+    model, tok = load_model(spec, "causal-lm", quantize="nf4")
     batch = gsm8k_batches(tok, 1, 8)[0]
     lorakit.attach(model, lorakit.LoraConfig(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS),
                                              init_weights=False))
@@ -131,7 +131,7 @@ def merge_error() -> dict[str, float]:
         adapted = model(**batch).logits.float()
         float_merged = lorakit.merge_and_unload(model)
         dequantized = float_merged(**batch).logits.float()
-    model, _ = load_model("smollm2-135m", "causal-lm", quantize="nf4")
+    model, _ = load_model(spec, "causal-lm", quantize="nf4")
     lorakit.attach(model, lorakit.LoraConfig(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS),
                                              init_weights=False))
     with torch.no_grad():
@@ -206,14 +206,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--data", default=str(speed.DATA), help="the shared data folder (holds gsm8k/)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="SmolLM2-135M: the alias (its GGUF, quantized after loading) or a saved float copy "
+                             "(quantized by transformers' BitsAndBytesConfig while loading; much faster to load)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     speed.DATA = Path(args.data)
     if args.child:
-        print(json.dumps(child(args.child, args.steps)))
+        print(json.dumps(child(args.child, args.steps, args.model)))
         return
-    measured = {name: run_child(name, args.steps) for name in CONFIGS}
-    model, _ = load_model("smollm2-135m", "causal-lm")
+    measured = {}
+    for name in CONFIGS:
+        measured[name] = run_child(name, args.steps, args.model)
+        print(json.dumps(measured[name]), flush=True)
+    model, _ = load_model(args.model, "causal-lm")
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in SMOL_TARGETS)
     other = sum(p.numel() for p in model.parameters()) - linear
@@ -232,7 +238,7 @@ def main() -> None:
                                                                   / f["peak_rss_attach_step_mib"], 3),
     }
     res = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "configs": measured, "targets": targets, "merge": merge_error(),
+           "torch": torch.__version__, "configs": measured, "targets": targets, "merge": merge_error(args.model),
            "extrapolation": extrapolate(measured, linear, other), "quant_kinds": list(quant.QUANT_KINDS)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

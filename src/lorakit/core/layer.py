@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -215,26 +216,38 @@ class AdapterLayer(nn.Module):
             return
         if self.quant is not None:
             restore(self.base, self.original_weight)
+        elif self.original_weight is not None:
+            self.base.weight.data = self.original_weight.to(self.base.weight.device)
         else:
-            w = self.base.weight
-            w0 = self.original_float()
-            w.data = (w0.T if self.transposed else w0).to(w.dtype) if self.original_weight is None \
-                else self.original_weight.to(w.device)
+            w, w0 = self.base.weight, self.original_float()
+            w.data = (w0.T if self.transposed else w0).to(w.dtype)
         self.original_weight = None
         self.base_offset_B = self.base_offset_A = None
 
     @contextlib.contextmanager
     def original_base(self) -> Iterator[None]:
-        """Inside the block the base holds W0 (a temporary copy for a float base whose W0 was moved)."""
+        """Inside the block the base computes with W0 (after `move_base`): a kept W0 (quantized, or under
+        `keep_original`) is swapped in; otherwise a hook adds ``offset_B (offset_A x)`` to the residual's
+        output, so no full-size W0 is formed (the output equals W0 x within float rounding)."""
         if self.base_offset_B is None:
             yield
+            return
+        if self.original_weight is None:
+            B, A = self.base_offset_B, self.base_offset_A
+
+            def add_offset(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+                return out + F.linear(F.linear(args[0].to(A.dtype), A), B).to(out.dtype)
+            handle = self.base.register_forward_hook(add_offset)
+            try:
+                yield
+            finally:
+                handle.remove()
             return
         current = self.base.weight if self.quant is not None else self.base.weight.data
         if self.quant is not None:
             restore(self.base, self.original_weight)
         else:
-            w0 = self.original_float()
-            self.base.weight.data = (w0.T if self.transposed else w0).to(current.dtype)
+            self.base.weight.data = self.original_weight.to(current.device)
         try:
             yield
         finally:
