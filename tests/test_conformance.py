@@ -129,7 +129,8 @@ def test_04_disabled_gives_base_output(method_name: str, kind_name: str) -> None
     adapted = output(model, x)
     assert max_diff(adapted, base) > 1e-3
     with lorakit.disabled(model):
-        assert_close(output(model, x), base, 1e-6, "inside disabled()")
+        # a moved W0 is recomputed as residual + offset (no copy is kept): exact within fp32 rounding
+        assert_close(output(model, x), base, 1e-5 if method.moves_base else 1e-6, "inside disabled()")
     assert_close(output(model, x), adapted, 1e-6, "after disabled()")
     lorakit.merge(model)
     with lorakit.disabled(model):  # a merged adapter is switched off too
@@ -390,11 +391,11 @@ def test_12_detach_restores(method_name: str, kind_name: str, merged: bool) -> N
         assert p.requires_grad == flags[name], f"requires_grad of {name} not restored"
         assert p.grad is None, name
     for key, value in model.state_dict().items():
-        if merged:  # detach unmerges: W + ΔW - ΔW, exact only up to fp32 rounding
+        if merged or method.moves_base:  # unmerge W + ΔW - ΔW / W0 = residual + offset: fp32 rounding
             assert_close(value, weights[key], 1e-6, key)
         else:
             assert torch.equal(value, weights[key]), f"{key} not restored bit for bit"
-    if merged:
+    if merged or method.moves_base:
         assert_close(output(model, x), base, 1e-5, "after merged detach")
     else:
         assert torch.equal(output(model, x), base)

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
+from lorakit.core.layer import keep_original
 from lorakit.core.linalg import principal_cosines, randomized_svd, truncated_svd
 
 
@@ -171,7 +172,8 @@ def test_residual_plus_adapter_is_w0(method: str) -> None:
     model = tiny_llama()
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("proj")}
     cfg = lorakit.get_method(method).config_class(r=4, alpha=8)
-    lorakit.attach(model, cfg)
+    with keep_original():  # detach then restores W0 bit for bit
+        lorakit.attach(model, cfg)
     for name, layer in lorakit.adapter_layers(model).items():
         assert torch.allclose(layer.base.weight + layer.delta_weight(), originals[name], atol=1e-5), name
         assert not torch.equal(layer.base.weight, originals[name])

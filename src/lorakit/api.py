@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import AdapterConfig
+from .core import quant
 from .core.hooks import TrainingHooks
 from .core.inject import find_modules_to_save, find_targets, replace_module
 from .core.layer import AdapterLayer, base_shape
@@ -132,14 +133,20 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_finite(layers: dict[str, AdapterLayer]) -> None:
+    for layer in layers.values():
+        if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
+            raise LorakitError(f"refusing to merge: layer '{layer.name}' has NaN or inf in its update; "
+                               "no layer was merged")
+
+
 def merge(model: nn.Module, safe: bool = True) -> None:
-    """Fold every adapter update into its base weight (``W <- W + ΔW``); ``safe`` refuses NaN/inf."""
+    """Fold every adapter update into its base weight (``W <- W + ΔW``); ``safe`` refuses NaN/inf.
+
+    A quantized base is dequantized, updated and re-quantized in place (lossy, as in PEFT)."""
     layers = get_state(model).layers
     if safe:
-        for layer in layers.values():
-            if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
-                raise LorakitError(f"refusing to merge: layer '{layer.name}' has NaN or inf in its update; "
-                                   "no layer was merged")
+        _check_finite(layers)
     for layer in layers.values():
         layer.merge()
 
@@ -149,13 +156,41 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
-    """Merge, then replace each adapter layer by its (now updated) base layer; keeps trained heads."""
+def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.Module:
+    """Merge, then replace each adapter layer by its (now updated) base layer; keeps trained heads.
+
+    A quantized base (`lorakit.core.quant`) is merged in float32 from its dequantized weight: by default
+    it is replaced by a plain ``nn.Linear`` in its compute dtype (exact merge, float memory);
+    ``requantize=True`` quantizes the merged weight back into the original layer (its format, block size
+    and double quantization), and logs each layer's relative weight error ``‖q(W) − W‖/‖W‖``.
+    """
     state = get_state(model)
-    merge(model, safe=safe)
+    if safe:
+        _check_finite(state.layers)
+    errors: dict[str, float] = {}
+    kinds: dict[str, str] = {}
     for name, layer in state.layers.items():
+        kind, quantized = layer.quant, layer.base
+        if kind is not None:
+            kinds[name] = kind
+            layer.base, layer.quant, layer.original_weight = quant.dequantized_linear(quantized), None, None
+        layer.merge()
+        merged = layer.base
+        if kind is not None and requantize:
+            quant.requantize(quantized, merged.weight)
+            quantized.bias = merged.bias
+            errors[name] = quant.relative_error(quantized, merged.weight)
+            merged = quantized
         layer.original_weight = None
-        replace_module(model, name, layer.base)
+        replace_module(model, name, merged)
+    if errors:
+        logger.warning("merge_and_unload: %d %s layers re-quantized after the merge; relative weight error "
+                       "mean %.4g, max %.4g", len(errors), "/".join(sorted(set(kinds.values()))),
+                       sum(errors.values()) / len(errors), max(errors.values()))
+    elif kinds:
+        logger.warning("merge_and_unload: %d %s layers were merged into dequantized float nn.Linear layers "
+                       "(pass requantize=True to quantize them back)", len(kinds),
+                       "/".join(sorted(set(kinds.values()))))
     delattr(model, STATE_ATTR)
     return model
 
@@ -170,10 +205,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     merged = [layer for layer in state.layers.values() if layer.merged]
     for layer in merged:
         layer.unmerge()
-    moved = [layer for layer in state.layers.values() if layer.original_weight is not None]
-    residuals = {layer.name: layer.base.weight.data for layer in moved}
-    for layer in moved:
-        layer.base.weight.data = layer.original_weight.to(layer.base.weight.device)
+    originals = contextlib.ExitStack()
+    for layer in state.layers.values():
+        originals.enter_context(layer.original_base())
     for name, (original, _) in state.saved_modules.items():
         replace_module(model, name, original)
     for layer in state.layers.values():
@@ -185,8 +219,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
         for name, (_, trainable) in state.saved_modules.items():
             replace_module(model, name, trainable)
-        for layer in moved:
-            layer.base.weight.data = residuals[layer.name]
+        originals.close()
         for layer in merged:
             layer.merge()
 

@@ -43,6 +43,8 @@ RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("max_new_tokens", {"type": int, "help": "generation length for exact-match scoring"}),
     ("init_samples", {"type": int, "help": "training examples fed to data-driven inits (LoRA-GA, LoRA-SB)"}),
     ("dtype", {"choices": ["fp32", "bf16", "fp16"]}),
+    ("quantize", {"choices": ["nf4", "fp4", "int8", "torchao-int8", "torchao-int4"],
+                  "help": "load the base quantized (the quant extra; torchao-int4 needs CUDA)", "shown": "none"}),
     ("device", {"choices": ["cpu", "cuda", "auto"]}),
     ("output_dir", {"help": "where checkpoints, logs, run.json and the adapter go"}),
     ("save_every", {"type": int, "help": "checkpoint every N steps, and at the end (0: never)",

@@ -19,10 +19,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedTokenizerBase,
+    TorchAoConfig,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from .core import quant
+from .core.inject import HEAD_NAMES
 from .errors import ConfigError, LorakitError
 
 logger = logging.getLogger(__name__)
@@ -162,25 +166,45 @@ def _load_weights(where: str, task_type: TaskType, num_labels: int | None, kw: d
     return AutoModelForSequenceClassification.from_pretrained(where, **kw)
 
 
+def _quantization_config(kind: str, dtype: torch.dtype) -> Any:
+    """transformers' config that loads a checkpoint as ``kind`` (see `lorakit.core.quant.QUANT_KINDS`)."""
+    if kind in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    return TorchAoConfig(Int8WeightOnlyConfig() if kind == "torchao-int8" else Int4WeightOnlyConfig(group_size=128))
+
+
 def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
                dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-               device: Literal["cpu", "cuda", "auto"] = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+               device: Literal["cpu", "cuda", "auto"] = "cpu",
+               quantize: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode; the tokenizer always has a pad token.
 
     ``spec``: an alias (see `ALIASES`), a local directory, a ``.gguf`` file (dequantized to float), or a
     Hugging Face Hub id. Sentence-transformers checkpoints loaded for classification get a
     `MeanPoolClassifier`; other classifiers use ``AutoModelForSequenceClassification``.
     ``model.config._name_or_path`` records ``spec`` so that adapters can name their base model.
+    ``quantize`` (``nf4``, ``fp4``, ``int8``, ``torchao-int8``, ``torchao-int4``; needs the ``quant`` extra)
+    loads every linear layer but the heads quantized, computing in ``dtype``: a causal LM checkpoint through
+    transformers' ``BitsAndBytesConfig``/``TorchAoConfig``, a GGUF file or a classifier by quantizing the
+    loaded float layers the same way (`lorakit.core.quant.quantize_model`).  ``torchao-int4`` needs CUDA.
     """
     if task_type not in ("causal-lm", "classification"):
         raise ConfigError(f"task_type must be 'causal-lm' or 'classification', got {task_type!r}")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in quant.QUANT_KINDS:
+        raise ConfigError(f"quantize must be one of {', '.join(quant.QUANT_KINDS)} (or None), got {quantize!r}")
     if task_type == "causal-lm" and num_labels is not None:
         raise ConfigError(f"num_labels={num_labels} only applies to classification; drop it for causal-lm")
     if num_labels is not None and num_labels < 2:
         raise ConfigError(f"num_labels must be at least 2, got {num_labels}")
     torch_device = _device(device)
+    if quantize == "torchao-int4" and torch_device.type != "cuda":
+        raise LorakitError("quantize='torchao-int4' needs a CUDA GPU (torchao's int4 kernels do not run on a "
+                           "CPU); use torchao-int8, int8 or nf4 here")
 
     source = str(ALIASES[spec]()) if spec in ALIASES else spec
     path = Path(source).expanduser()
@@ -201,6 +225,10 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
     logger.info("loading %s (%s, %s) from %s", spec, task_type, dtype, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        by_transformers = quantize is not None and task_type == "causal-lm" and "gguf_file" not in kw
+        if by_transformers:
+            kw["quantization_config"] = _quantization_config(quantize, DTYPES[dtype])
+            kw["device_map"] = str(torch_device)
         model = _load_weights(where, task_type, num_labels, {**kw, "dtype": DTYPES[dtype]})
     except LorakitError:
         raise
@@ -221,4 +249,8 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config._name_or_path = spec
-    return model.to(device=torch_device, dtype=DTYPES[dtype]).eval(), tokenizer
+    if quantize is None:
+        return model.to(device=torch_device, dtype=DTYPES[dtype]).eval(), tokenizer
+    if not by_transformers:
+        quant.quantize_model(model.to(device=torch_device, dtype=DTYPES[dtype]), quantize, skip=tuple(HEAD_NAMES))
+    return model.eval(), tokenizer

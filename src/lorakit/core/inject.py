@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import regex
+import torch
 from torch import nn
 
 from ..errors import TargetError
@@ -31,6 +32,11 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASES)]
 
 
+def _packed_linear(module: nn.Module) -> bool:
+    """A GPTQ/AWQ-style quantized linear (packed ``qweight``, not an ``nn.Linear``) that lorakit cannot wrap."""
+    return not isinstance(module, SUPPORTED_BASES) and isinstance(getattr(module, "qweight", None), torch.Tensor)
+
+
 def _hint(model: nn.Module) -> str:
     names = _linear_names(model)
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
@@ -51,6 +57,13 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str],
         found = [(n, m) for n, m in model.named_modules()
                  if isinstance(m, SUPPORTED_BASES) and m is not head
                  and n.rsplit(".", 1)[-1] not in HEAD_NAMES]
+        packed = [n for n, m in model.named_modules() if _packed_linear(m) and not any(
+            _suffix_match(n, e) for e in excluded)]
+        if packed:
+            raise TargetError(f"'all-linear' would skip {len(packed)} packed quantized layers (e.g. "
+                              f"'{packed[0]}', a {type(model.get_submodule(packed[0])).__name__}): lorakit adapts "
+                              "nn.Linear bases, bitsandbytes 4/8-bit and torchao weight-only ones, not GPTQ/AWQ "
+                              "kernels; load the model unquantized or with --quantize nf4|int8")
     else:
         if isinstance(target_modules, str):
             matches = regex_matcher(target_modules)

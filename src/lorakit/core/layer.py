@@ -13,17 +13,20 @@ import logging
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
 from ..config import AdapterConfig
 from ..errors import LorakitError
+from .quant import dequantize, packed, prepare, quant_kind, relative_error, requantize, restore
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BASES = (nn.Linear, Conv1D)
 _SKIP_INIT = False
+_KEEP_ORIGINAL = False
 
 
 @contextlib.contextmanager
@@ -41,6 +44,19 @@ def init_skipped() -> bool:
     return _SKIP_INIT
 
 
+@contextlib.contextmanager
+def keep_original() -> Iterator[None]:
+    """Layers built inside this block keep the untouched W0 in CPU memory when their init moves it
+    (`AdapterLayer.move_base`), so `detach` restores it bit for bit; the cost is one copy of every moved
+    weight in CPU memory.  By default W0 is not kept and `detach` recomputes it within float rounding."""
+    global _KEEP_ORIGINAL
+    previous, _KEEP_ORIGINAL = _KEEP_ORIGINAL, True
+    try:
+        yield
+    finally:
+        _KEEP_ORIGINAL = previous
+
+
 def base_shape(base: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a Linear or Conv1D."""
     if isinstance(base, Conv1D):
@@ -55,7 +71,8 @@ class AdapterLayer(nn.Module):
 
     Methods whose initialisation moves W0 (PiSSA, OLoRA, LoRA-GA) call `move_base` with low-rank
     factors of the offset; the factors are saved with the adapter so `load` rebuilds the same
-    residual, and the untouched W0 is kept so `detach` restores it bit for bit.
+    residual, and `detach` restores W0 (see `move_base` for what is kept).  A quantized base
+    (`lorakit.core.quant`) is read dequantized through `weight` and written back re-quantized.
     """
 
     def __init__(self, base: nn.Module, config: AdapterConfig, name: str = "") -> None:
@@ -68,7 +85,15 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        self.original_weight: Tensor | None = None
+        try:
+            self.quant = quant_kind(base)
+        except LorakitError as err:
+            raise LorakitError(f"{config.method} cannot adapt layer '{name}': {err}") from None
+        if self.quant is not None:
+            prepare(base)
+        self.keep_original = _KEEP_ORIGINAL
+        self.original_weight: Tensor | None = None  # W0 kept by move_base (packed, or under keep_original)
+        self.residual_quant_error: float | None = None
         self.register_buffer("base_offset_B", None)  # set by move_base
         self.register_buffer("base_offset_A", None)
 
@@ -94,7 +119,10 @@ class AdapterLayer(nn.Module):
     # -- weights -------------------------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        """The base weight in ``(d_out, d_in)`` layout (a view for Conv1D)."""
+        """The base weight in ``(d_out, d_in)`` layout (a view for Conv1D; dequantized to float32, a new
+        tensor, for a quantized base)."""
+        if self.quant is not None:
+            return dequantize(self.base)
         w = self.base.weight
         return w.T if self.transposed else w
 
@@ -105,6 +133,10 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def _add_to_base(self, update: Tensor) -> None:
+        """``W <- W + update``; a quantized base is dequantized, updated and re-quantized (as PEFT merges)."""
+        if self.quant is not None:
+            requantize(self.base, dequantize(self.base) + update.float())
+            return
         w = self.base.weight
         w.add_((update.T if self.transposed else update).to(w.dtype))
 
@@ -131,38 +163,111 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     @torch.no_grad()
+    def original_float(self) -> Tensor:
+        """The untouched W0 in float32 (``d_out, d_in``): dequantized on a quantized base; on a float base
+        whose W0 was moved and not kept, recomputed as ``residual + offset_B @ offset_A``."""
+        if self.quant is not None:
+            return dequantize(self.base, self.original_weight)
+        if self.original_weight is not None:
+            w = self.original_weight.to(self.base.weight.device, torch.float32)
+            return w.T if self.transposed else w
+        w = self.weight.float()
+        if self.base_offset_B is not None:
+            w = w + self.base_offset_B @ self.base_offset_A
+        return w
+
+    @torch.no_grad()
     def move_base(self, offset_B: Tensor, offset_A: Tensor) -> None:
-        """``W0 <- W0 - offset_B @ offset_A`` in float32, then cast back; keeps the original W0 for `detach`.
+        """``W0 <- W0 - offset_B @ offset_A`` in float32, then cast back (re-quantized on a quantized base).
 
         Used by inits that make the adapter carry part of W0 (PiSSA, OLoRA) or that cancel their own
         initial output (LoRA-GA).  The factors are saved, so loading recomputes the identical residual.
+        The base's device then holds the residual only: a float W0 is not kept (`restore_base` recomputes
+        it) unless the layer was built inside `keep_original`, which keeps it in CPU memory; a quantized
+        base keeps its packed W0 (no copy: the residual is a new packed weight), so `detach` is exact.
+        On a quantized base the residual's relative quantization error is logged and kept in
+        ``residual_quant_error`` (as PEFT reports it for PiSSA on 4-bit bases).
         """
         w = self.base.weight
-        self.register_buffer("base_offset_B", offset_B.detach().to(w.device, torch.float32).clone())
-        self.register_buffer("base_offset_A", offset_A.detach().to(w.device, torch.float32).clone())
-        offset = self.base_offset_B @ self.base_offset_A
-        offset = offset.T if self.transposed else offset
         if isinstance(w, DTensor):  # sharded by FSDP2: rewrite this rank's rows in place (FSDP gathers from them)
-            if self.original_weight is None:
+            self.register_buffer("base_offset_B", offset_B.detach().to(w.device, torch.float32).clone())
+            self.register_buffer("base_offset_A", offset_A.detach().to(w.device, torch.float32).clone())
+            offset = self.base_offset_B @ self.base_offset_A
+            if self.original_weight is None:  # this rank's shard of W0 (1/world of the weight)
                 self.original_weight = w.detach().clone()
-            local = distribute_tensor(offset, w.device_mesh, w.placements, src_data_rank=None)
+            local = distribute_tensor(offset.T if self.transposed else offset, w.device_mesh, w.placements,
+                                      src_data_rank=None)
             w.detach().copy_((self.original_weight.float() - local).to(w.dtype))
             return
-        if self.original_weight is None:
-            self.original_weight = w.data
-        original = self.original_weight.to(w.device, torch.float32)
-        w.data = (original - offset).to(w.dtype)
+        if self.quant is not None and self.original_weight is None:  # a plain attribute, not a parameter:
+            object.__setattr__(self, "original_weight", packed(self.base))
+        elif self.keep_original and self.original_weight is None:
+            self.original_weight = w.data.to("cpu")  # the untouched tensor (a copy only off the CPU)
+        w0 = self.original_float()
+        device = w0.device
+        self.register_buffer("base_offset_B", offset_B.detach().to(device, torch.float32).clone())
+        self.register_buffer("base_offset_A", offset_A.detach().to(device, torch.float32).clone())
+        residual = w0 - self.base_offset_B @ self.base_offset_A
+        if self.quant is not None:
+            requantize(self.base, residual)
+            self.residual_quant_error = relative_error(self.base, residual)
+            logger.info("%s: the %s-quantized residual W0 - BA has relative error %.4g", self.name, self.quant,
+                        self.residual_quant_error)
+        else:
+            w.data = (residual.T if self.transposed else residual).to(w.dtype)
 
     @torch.no_grad()
     def restore_base(self) -> None:
-        """Put back the untouched W0 object (after `move_base`), e.g. for `detach`."""
+        """Put back the untouched W0 (after `move_base`), e.g. for `detach`: bit for bit on a quantized base
+        or when kept (`keep_original`); otherwise ``residual + offset`` recomputed in float32 and cast to the
+        weight's dtype, i.e. W0 within one rounding of the residual in that dtype."""
         if self.merged:
             self.unmerge()
+        if self.base_offset_B is None:
+            return
         if isinstance(self.original_weight, DTensor):  # sharded (FSDP2): in place, as `move_base` wrote it
             self.base.weight.detach().copy_(self.original_weight)
+        elif self.quant is not None:
+            restore(self.base, self.original_weight)
         elif self.original_weight is not None:
             self.base.weight.data = self.original_weight.to(self.base.weight.device)
+        else:
+            w, w0 = self.base.weight, self.original_float()
+            w.data = (w0.T if self.transposed else w0).to(w.dtype)
         self.original_weight = None
+        self.base_offset_B = self.base_offset_A = None
+
+    @contextlib.contextmanager
+    def original_base(self) -> Iterator[None]:
+        """Inside the block the base computes with W0 (after `move_base`): a kept W0 (quantized, or under
+        `keep_original`) is swapped in; otherwise a hook adds ``offset_B (offset_A x)`` to the residual's
+        output, so no full-size W0 is formed (the output equals W0 x within float rounding)."""
+        if self.base_offset_B is None:
+            yield
+            return
+        if self.original_weight is None:
+            B, A = self.base_offset_B, self.base_offset_A
+
+            def add_offset(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+                return out + F.linear(F.linear(args[0].to(A.dtype), A), B).to(out.dtype)
+            handle = self.base.register_forward_hook(add_offset)
+            try:
+                yield
+            finally:
+                handle.remove()
+            return
+        current = self.base.weight if self.quant is not None else self.base.weight.data
+        if self.quant is not None:
+            restore(self.base, self.original_weight)
+        else:
+            self.base.weight.data = self.original_weight.to(current.device)
+        try:
+            yield
+        finally:
+            if self.quant is not None:
+                restore(self.base, current)
+            else:
+                self.base.weight.data = current
 
     # -- persistence ------------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, Tensor]:

@@ -34,6 +34,7 @@ from ..api import STATE_ATTR, attach, detach, get_state
 from ..config import AdapterConfig
 from ..core.inject import find_targets
 from ..core.layer import AdapterLayer, base_shape, skip_init
+from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import Method, get_method
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError, TargetError
 
@@ -51,15 +52,20 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_UPDATE_RATIO = 1e3
 
 
-def weight_fingerprint(weight: Tensor) -> dict[str, Any]:
-    """Norm and 16 evenly spaced entries of a weight in ``(d_out, d_in)`` layout, as float64."""
+def weight_fingerprint(weight: Tensor, quant: str | None = None) -> dict[str, Any]:
+    """Norm and 16 evenly spaced entries of a weight in ``(d_out, d_in)`` layout, as float64; ``quant``
+    records the base's quantization (`lorakit.core.quant`), which sets the tolerance of `fingerprints_match`."""
     flat = weight.detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, PROBES).long().to(flat.device)
     return {"shape": list(weight.shape), "norm": float(flat.double().norm()),
-            "probe": [float(v) for v in flat[idx].double().cpu()]}
+            "probe": [float(v) for v in flat[idx].double().cpu()], "quant": quant}
 
 
-def fingerprints_match(saved: dict[str, Any], current: dict[str, Any], rtol: float = 1e-2) -> bool:
+def fingerprints_match(saved: dict[str, Any], current: dict[str, Any], rtol: float | None = None) -> bool:
+    """Same shape, norm and probes within ``rtol`` (default: the coarser quantization's tolerance, 1% for
+    float on both sides), so a float base and its nf4/int8 copy match and another model does not."""
+    if rtol is None:
+        rtol = max(FINGERPRINT_RTOL.get(saved.get("quant")), FINGERPRINT_RTOL.get(current.get("quant")))
     if saved["shape"] != current["shape"]:
         return False
     if abs(saved["norm"] - current["norm"]) > rtol * max(saved["norm"], 1e-12):
@@ -68,14 +74,17 @@ def fingerprints_match(saved: dict[str, Any], current: dict[str, Any], rtol: flo
     return all(abs(a - b) <= rtol * scale for a, b in zip(saved["probe"], current["probe"]))
 
 
-def _original_weight(module: nn.Module) -> Tensor:
+def _original_weight(module: nn.Module) -> tuple[Tensor, str | None]:
+    """The untouched W0 of a target (``d_out, d_in``; dequantized when quantized) and its quantization."""
     from ..core.layer import AdapterLayer
     if isinstance(module, AdapterLayer):
-        w = module.original_weight if module.original_weight is not None else module.base.weight
         if module.merged:
             raise LorakitError(f"layer '{module.name}' is merged; unmerge(model) before saving")
-        return w.T if module.transposed else w
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+        return module.original_float(), module.quant
+    kind = quant_kind(module)
+    if kind is not None:
+        return dequantize(module), kind
+    return (module.weight.T if type(module).__name__ == "Conv1D" else module.weight), None
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -105,7 +114,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def fingerprints(model: nn.Module) -> dict[str, dict[str, Any]]:
     """`weight_fingerprint` of every adapted layer's original base weight, by layer name."""
-    return {n: weight_fingerprint(_original_weight(layer)) for n, layer in get_state(model).layers.items()}
+    return {n: weight_fingerprint(*_original_weight(layer)) for n, layer in get_state(model).layers.items()}
 
 
 def save(model: nn.Module, directory: str | os.PathLike,
@@ -215,7 +224,7 @@ def _expect(path: Path, key: str, value: Any, kind: type, expected: str) -> None
 
 
 def _check_fingerprint(path: Path, name: str, entry: Any) -> None:
-    """``{"shape": [d_out, d_in], "norm": x, "probe": [16 numbers]}``, every number finite."""
+    """``{"shape": [d_out, d_in], "norm": x, "probe": [16 numbers], "quant": null | kind}``, every number finite."""
     item = f"fingerprint of {name!r:.120}"
     if not isinstance(entry, dict) or not {"shape", "norm", "probe"} <= set(entry):
         raise _bad(path, item, "an object with 'shape', 'norm' and 'probe'", entry)
@@ -226,6 +235,9 @@ def _check_fingerprint(path: Path, name: str, entry: Any) -> None:
         raise _bad(path, f"{item}: 'norm'", "a finite number >= 0", norm)
     if not isinstance(probe, list) or len(probe) != PROBES or not all(_is_number(v) for v in probe):
         raise _bad(path, f"{item}: 'probe'", f"a list of {PROBES} finite numbers", probe)
+    if entry.get("quant") not in FINGERPRINT_RTOL:
+        raise _bad(path, f"{item}: 'quant'", f"null or one of {sorted(k for k in FINGERPRINT_RTOL if k)}",
+                   entry.get("quant"))
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
@@ -314,7 +326,7 @@ def _check_targets(path: Path, data: dict[str, Any], config: AdapterConfig, targ
         raise AdapterFileError(f"the adapter in {path} does not fit this model: layers in the adapter but "
                                f"not the model {missing[:5]}, in the model but not the adapter {extra[:5]}")
     for name, module in targets.items():
-        if not fingerprints_match(saved_fp[name], weight_fingerprint(_original_weight(module))):
+        if not fingerprints_match(saved_fp[name], weight_fingerprint(*_original_weight(module))):
             raise AdapterFileError(
                 f"{path}: base weights differ at '{name}': this adapter was trained on "
                 f"{data.get('base_model') or 'another model'!r}; load it on that base model")

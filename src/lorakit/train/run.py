@@ -106,6 +106,7 @@ class RunConfig:
     chat_template: bool | None = None
     group_by_length: bool = True
     dtype: str = "fp32"
+    quantize: str | None = None  # load the base quantized: nf4, fp4, int8, torchao-int8, torchao-int4
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False
@@ -318,7 +319,7 @@ def prepare(run: RunConfig) -> tuple[nn.Module, Any, TaskSpec, list[dict], list[
     check_metric(run.metric, spec)
     torch.manual_seed(run.seed)
     model, tokenizer = load_model(run.model, spec.type, num_labels=spec.num_labels, dtype=run.dtype,
-                                  device=run.device)
+                                  device=run.device, quantize=run.quantize)
     return (model, tokenizer, spec, encode(spec, train_examples, tokenizer, run), eval_examples,
             encode(spec, eval_examples, tokenizer, run))
 
