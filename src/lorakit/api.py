@@ -37,6 +37,7 @@ class AdapterState:
     hooks: TrainingHooks
     requires_grad: dict[int, bool] = field(default_factory=dict)  # id(param) -> flag before attach
     base_model_name: str = ""
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # of W0 at attach; `save` writes them
 
 
 def get_state(model: nn.Module) -> AdapterState:
@@ -106,8 +107,9 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
         saved[name] = (original, trainable)
 
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    from .io.persistence import layer_fingerprints  # persistence imports this module
     state = AdapterState(method, config, layers, saved, method.hooks_class(model, layers, config),
-                         flags, str(name_or_path))
+                         flags, str(name_or_path), layer_fingerprints(layers))
     setattr(model, STATE_ATTR, state)
     if initialize and method.initialize is not None:
         try:

@@ -57,6 +57,11 @@ def keep_original() -> Iterator[None]:
         _KEEP_ORIGINAL = previous
 
 
+def keeping_original() -> bool:
+    """Whether layers built now keep their untouched W0 (inside `keep_original`)."""
+    return _KEEP_ORIGINAL
+
+
 def base_shape(base: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a Linear or Conv1D."""
     if isinstance(base, Conv1D):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..api import STATE_ATTR, attach, detach, get_state
 from ..config import AdapterConfig
 from ..core.inject import find_targets
-from ..core.layer import AdapterLayer, base_shape, skip_init
+from ..core.layer import AdapterLayer, base_shape, keep_original, keeping_original, skip_init
 from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import Method, get_method
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError, TargetError
@@ -112,16 +112,24 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
+def layer_fingerprints(layers: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    """`weight_fingerprint` of every layer's original base weight, by layer name."""
+    return {n: weight_fingerprint(*_original_weight(layer)) for n, layer in layers.items()}
+
+
 def fingerprints(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """`weight_fingerprint` of every adapted layer's original base weight, by layer name."""
-    return {n: weight_fingerprint(*_original_weight(layer)) for n, layer in get_state(model).layers.items()}
+    """The base-weight fingerprints taken at `attach`, before any init moved W0: `save` writes these, so a
+    resumed, sharded or merged-round run writes the same file as an uninterrupted single-process one (W0
+    recomputed as residual + offset would differ in the last bits)."""
+    return get_state(model).fingerprints
 
 
-def save(model: nn.Module, directory: str | os.PathLike,
-         base_fingerprints: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Write the attached adapter to ``directory`` (created if needed); each file is replaced atomically.
-    ``base_fingerprints``: `fingerprints` taken before the model's base weights were sharded (FSDP)."""
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the attached adapter to ``directory`` (created if needed); each file is replaced atomically."""
     state = get_state(model)
+    merged = [n for n, layer in state.layers.items() if layer.merged]
+    if merged:
+        raise LorakitError(f"layer '{merged[0]}' is merged; unmerge(model) before saving")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -129,7 +137,7 @@ def save(model: nn.Module, directory: str | os.PathLike,
         "method": state.method.name,
         "config": state.config.to_dict(),
         "base_model": state.base_model_name,
-        "fingerprint": base_fingerprints if base_fingerprints is not None else fingerprints(model),
+        "fingerprint": fingerprints(model),
         "modules_to_save": list(state.saved_modules),
         "base_offsets": {n: int(layer.base_offset_B.shape[1]) for n, layer in state.layers.items()
                          if layer.base_offset_B is not None},
@@ -282,8 +290,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     _check_targets(path, data, config, targets)
     offsets = _declared_offsets(path, method, data, targets)
 
-    try:
-        with skip_init():
+    keeping = keeping_original()
+    try:  # W0 is kept until the load is checked, so a refused load puts it back bit for bit
+        with skip_init(), keep_original():
             attach(model, config, initialize=False)  # a failed attach leaves the model as it was
     except ConfigError as err:
         raise AdapterConfigError(f"{path / CONFIG_NAME}: {err}") from err
@@ -305,6 +314,10 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     except BaseException:
         detach(model)
         raise
+    if not keeping:  # checked: drop the float W0 copies kept for the roll-back (a packed W0 is the base's own)
+        for layer in state.layers.values():
+            if layer.quant is None:
+                layer.original_weight, layer.keep_original = None, False
     return model
 
 
@@ -443,7 +456,9 @@ def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tupl
         check(what, dense(), limit)
 
     for name, layer in layers.items():
-        limit = limit_of(layer.original_weight if layer.original_weight is not None else layer.base.weight)
+        # a quantized base is read dequantized (its packed tensor supports no reductions)
+        limit = limit_of(layer.weight if layer.quant is not None else layer.original_weight
+                         if layer.original_weight is not None else layer.base.weight)
         for key, tensor in layer.adapter_state().items():
             check(f"tensor '{name}.{key}'", tensor, limit)
         # as_lora() is the update itself for low-rank methods (the PEFT export relies on it)

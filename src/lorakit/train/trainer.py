@@ -55,7 +55,6 @@ from ..io.persistence import (
     _atomic_write,
     adapter_tensors,
     check_adapter_tensors,
-    fingerprints,
     read_adapter_tensors,
     save,
 )
@@ -611,7 +610,6 @@ class _Run:
             self.hooks = self.adapter.hooks
         self.out = Path(config.output_dir) if config.output_dir else None
         self.is_main = ddp.rank == 0
-        self.fingerprints: dict[str, Any] | None = None  # of the unsharded base weights, for `save` under fsdp
         if config.fsdp:
             if not ddp.active:
                 raise ConfigError("fsdp=True shards the model across torchrun ranks: launch with torchrun "
@@ -619,8 +617,6 @@ class _Run:
             if any(isinstance(p, DTensor) for p in model.parameters()):
                 raise ConfigError("fsdp=True: the model is already sharded; give train() the unsharded model with "
                                   "its adapter attached, and it shards the frozen base weights itself")
-            if self.adapter is not None:
-                self.fingerprints = fingerprints(model)
             shard_frozen_base(model, self.device)
         self.batches = _Batches(features, config.batch_size, config.seed, config.group_by_length)
         self.progress = _Progress()
@@ -664,7 +660,7 @@ class _Run:
         if p.step >= config.steps and self.out is not None and self.adapter is not None and config.save_adapter \
                 and self.is_main:
             try:
-                adapter_dir = str(save(model, self.out / ADAPTER_DIR, base_fingerprints=self.fingerprints))
+                adapter_dir = str(save(model, self.out / ADAPTER_DIR))
             except (OSError, SafetensorError) as err:
                 raise TrainingError(f"could not write the adapter to {self.out / ADAPTER_DIR} ({err}); free disk "
                                     f"space and resume. {self.checkpoint_note()}") from None
@@ -828,7 +824,7 @@ class _Run:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             if self.adapter is not None:
-                save(self.model, tmp, base_fingerprints=self.fingerprints)
+                save(self.model, tmp)
             save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
             _fsync_tree(tmp)
