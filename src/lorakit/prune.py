@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import ConfigError, LorakitError
@@ -158,6 +158,18 @@ def prune_llama(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], ratio
     return PruneReport(ratio, before, _num_params(model), pruned, tuple(shapes))
 
 
+def calibration_batches(tokenizer: Any, task: str = "arith", samples: int = 10, max_length: int = 128,
+                        data_dir: str | Path | None = None, seed: int = 0) -> list[dict[str, Tensor]]:
+    """``samples`` training examples of ``task`` as single-example causal-LM batches (LLM-Pruner uses 10)."""
+    from .train.data import collate, encode_causal_lm, load_task
+
+    if samples < 1:
+        raise ConfigError(f"calibration samples must be >= 1, got {samples}")
+    _, examples = load_task(task, "train", data_dir, seed=seed, limit=samples)
+    features = encode_causal_lm(examples[:samples], tokenizer, max_length, chat_template=False)
+    return [collate([f], tokenizer.pad_token_id).inputs for f in features]
+
+
 def _reshape(model: nn.Module, shapes: Any, source: str) -> None:
     """Give each block of a freshly built model the widths recorded in ``shapes``."""
     layers = _decoder_layers(model)
@@ -190,7 +202,13 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer: Any = None) -> Pat
         raise PruneError("this model was not pruned by lorakit.prune (its config has no "
                          f"{PRUNED_KEY}); save it with save_pretrained instead")
     out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
+    out.mkdir(parents=True, exist_ok=True)
+    # config + safetensors written directly: save_pretrained refuses models dequantized from GGUF
+    model.config.save_pretrained(out)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # shares the embedding's memory; load_pruned ties it back
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -228,4 +246,5 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     return model.to(dtype).eval()
 
 
-__all__ = ["PruneError", "PruneReport", "load_pruned", "prune_llama", "save_pruned", "taylor_scores"]
+__all__ = ["PruneError", "PruneReport", "calibration_batches", "load_pruned", "prune_llama", "save_pruned",
+           "taylor_scores"]

@@ -77,7 +77,8 @@ class RankAdaptorLayer(LoraLayer):
     """A LoRA layer whose factors have its block's rank (``rank``)."""
 
     def __init__(self, base: nn.Module, config: RankAdaptorConfig, name: str = "") -> None:
-        super().__init__(base, config.replace(r=config.rank_of(name), block_ranks=()), name)  # factors, seed and scale at r_l
+        # factors, seed and scale at the block's rank r_l; the layer keeps the whole config
+        super().__init__(base, config.replace(r=config.rank_of(name), block_ranks=()), name)
         self.config = config
 
     @property
@@ -166,7 +167,7 @@ def fit_predictor(configs: Sequence[tuple[int, ...]], scores: Sequence[float], m
     def predict(candidates: Sequence[tuple[int, ...]]) -> list[float]:
         return mlp(torch.tensor(candidates, dtype=torch.float32) / max_rank).squeeze(-1).tolist()
 
-    return predict, float(loss)
+    return predict, loss.item()
 
 
 def search_ranks(score: Callable[[tuple[int, ...]], float], costs: Sequence[int], r_uniform: int,
