@@ -1,4 +1,4 @@
-"""RankAdaptor on SmolLM2-135M pruned 20% and 50% (run by hand; reads ../shared/data/gsm8k).
+"""RankAdaptor on SmolLM2-135M pruned 20% and 50% (run by hand; reads GSM8K from --data-dir).
 
     python benchmarks/rankadaptor.py                       # the full budget below (hours on 2 CPU cores)
     python benchmarks/rankadaptor.py --small               # the committed run: minutes, see results/rankadaptor.md
@@ -42,14 +42,14 @@ SMALL = {"ratios": [0.2, 0.5], "seeds": [0, 1], "steps": 30, "search_steps": 8, 
 R_UNIFORM, LR, MAX_LENGTH = 8, 1e-3, 160
 
 
-def encoded(tokenizer: Any, budget: dict[str, Any]) -> dict[str, list[dict[str, list[int]]]]:
+def encoded(tokenizer: Any, budget: dict[str, Any], data_dir: Path) -> dict[str, list[dict[str, list[int]]]]:
     n, k = budget["train_n"], budget["eval_n"]
     enc = lambda examples: encode_causal_lm(examples, tokenizer, MAX_LENGTH, chat_template=False)  # noqa: E731
     arith_train = enc(load_task("arith", "train", limit=n)[1])
-    gsm_train = enc(load_task("gsm8k", "train", DATA, limit=n + k)[1])
+    gsm_train = enc(load_task("gsm8k", "train", data_dir, limit=n + k)[1])
     return {"train": arith_train + gsm_train[:n], "search_arith": enc(load_task("arith", "dev", limit=k)[1]),
             "search_gsm8k": gsm_train[n:n + k], "arith": enc(load_task("arith", "test", limit=k)[1]),
-            "gsm8k": enc(load_task("gsm8k", "test", DATA, limit=k)[1])}
+            "gsm8k": enc(load_task("gsm8k", "test", data_dir, limit=k)[1])}
 
 
 def nll(model: torch.nn.Module, data: dict[str, Any], keys: tuple[str, ...] = ("arith", "gsm8k")) -> dict[str, float]:
@@ -135,14 +135,15 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="the small budget (minutes, CPU)")
+    parser.add_argument("--data-dir", type=Path, default=DATA, help="folder holding gsm8k/")
     args = parser.parse_args()
     budget = SMALL if args.small else FULL
     torch.manual_seed(0)
     start = time.perf_counter()
     base, tokenizer = load_model("smollm2-135m", "causal-lm")
-    data = encoded(tokenizer, budget)
+    data = encoded(tokenizer, budget, args.data_dir)
     results: dict[str, Any] = {"budget": budget, "command": "python benchmarks/rankadaptor.py"
-                               + (" --small" if args.small else ""), "unpruned": nll(base, data), "ratios": []}
+                               + (" --small" if args.small else "") + f" --data-dir {args.data_dir}", "unpruned": nll(base, data), "ratios": []}
     for ratio in budget["ratios"]:
         results["ratios"].append(run_ratio(base, tokenizer, ratio, data, budget))
         print(json.dumps(results["ratios"][-1]["search"]["best"]), flush=True)
