@@ -142,8 +142,8 @@ def main() -> None:
     start = time.perf_counter()
     base, tokenizer = load_model("smollm2-135m", "causal-lm")
     data = encoded(tokenizer, budget, args.data_dir)
-    results: dict[str, Any] = {"budget": budget, "command": "python benchmarks/rankadaptor.py"
-                               + (" --small" if args.small else "") + f" --data-dir {args.data_dir}", "unpruned": nll(base, data), "ratios": []}
+    command = f"python benchmarks/rankadaptor.py{' --small' if args.small else ''} --data-dir {args.data_dir}"
+    results: dict[str, Any] = {"budget": budget, "command": command, "unpruned": nll(base, data), "ratios": []}
     for ratio in budget["ratios"]:
         results["ratios"].append(run_ratio(base, tokenizer, ratio, data, budget))
         print(json.dumps(results["ratios"][-1]["search"]["best"]), flush=True)
