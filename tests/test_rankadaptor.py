@@ -98,7 +98,9 @@ def test_block_costs_count_lora_parameters_per_unit_rank() -> None:
 def test_predictor_fits_and_ranks_configurations() -> None:
     configs = [tuple(random.Random(i).choice([2, 8, 16]) for _ in range(4)) for i in range(40)]
     scores = [float(c[1] - c[2]) for c in configs]
+    state = torch.random.get_rng_state()
     predict, mse = fit_predictor(configs, scores, 16)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
     assert mse < 0.05
     low, high = predict([(8, 2, 16, 8), (8, 16, 2, 8)])
     assert high > low

@@ -150,11 +150,12 @@ def sample_configurations(n: int, costs: Sequence[int], r_uniform: int, fixed: M
 def fit_predictor(configs: Sequence[tuple[int, ...]], scores: Sequence[float], max_rank: int,
                   seed: int = 0, steps: int = 300) -> tuple[Callable[[Sequence[tuple[int, ...]]], list[float]], float]:
     """The performance model (step 3): an MLP fitted to standardized scores; returns ``(predict, train MSE)``."""
-    torch.manual_seed(seed)  # the MLP's init; the search is reproducible from its seed
     x = torch.tensor(configs, dtype=torch.float32) / max_rank
     y = torch.tensor(scores, dtype=torch.float32)
     y = (y - y.mean()) / (y.std() + 1e-8) if len(scores) > 1 else y - y.mean()
-    mlp = nn.Sequential(nn.Linear(x.shape[1], 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 1))
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        mlp = nn.Sequential(nn.Linear(x.shape[1], 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 1))
     opt = torch.optim.Adam(mlp.parameters(), lr=1e-2, weight_decay=1e-4)
     loss = torch.zeros(())
     for _ in range(steps):
