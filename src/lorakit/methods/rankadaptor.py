@@ -21,9 +21,10 @@ The search (`search_ranks`, pure: it only calls the ``score`` function it is giv
 5. Repeat for ``rounds``; return the best *measured* configuration (uniform LoRA is always scored first, so the
    search never returns something it measured worse than the baseline).
 
-Choices the paper leaves open (ours): the paper trains its predictor offline on many pruned models and then
-explores with an RL policy; we fit the predictor online from the search's own measurements and propose by ranking
-random feasible samples (the lightweight loop the paper's Fig. 1 describes without the offline corpus).  The
+Where we differ or choose (checked against the official code, not the PDF): the official code trains its
+predictor offline on a corpus of (pruned model, rank configuration, benchmark scores) and explores with an RL policy
+network over it; we fit the predictor online from the search's own measurements and propose by ranking random
+feasible samples (no offline corpus exists for a new model).  The
 predictor's input is the normalized rank vector only (no per-layer SVD features); the pick is the best measured
 configuration, not the best predicted; proposals exclude configurations already scored; infeasible samples are
 repaired by lowering a random free block one step until the budget holds.  ``alpha=None`` means scale 1 in every
