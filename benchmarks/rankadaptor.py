@@ -113,7 +113,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Budget: `{json.dumps(budget)}`; uniform LoRA rank {R_UNIFORM}, lr {LR}, alpha = r (scale 1).",
              f"Command: `{results['command']}` ({results['seconds']:.0f} s wall, 2 shared CPU cores).", "",
              f"Unpruned: arith {results['unpruned']['arith']:.3f}, GSM8K {results['unpruned']['gsm8k']:.3f}.", "",
-             "| pruned | params removed | method | arith NLL | GSM8K NLL |", "|---|---|---|---|---|"]
+             "| pruned | params removed (of all, embeddings incl.) | method | arith NLL | GSM8K NLL |",
+             "|---|---|---|---|---|"]
     for r in results["ratios"]:
         share = f"{100 * r['removed_share']:.1f}%"
         lines.append(f"| {r['ratio']:.0%} | {share} | none (pruned) | {r['pruned']['arith']:.3f} | "
