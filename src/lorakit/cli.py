@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: train, eval, export, merge, methods, compare.
+"""The ``lorakit`` command: train, eval, export, merge, prune, methods, compare.
 
 Every option can also come from a YAML recipe (``--config recipe.yaml``, keys as the long option
 names with ``_``); flags given on the command line override the recipe.
@@ -243,6 +243,20 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.out}")
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .models import load_model
+    from .prune import calibration_batches, prune_llama, save_pruned
+    from .train.run import check_output_dir
+    check_output_dir(args.out, "--out")
+    model, tokenizer = load_model(args.model, "causal-lm")
+    batches = calibration_batches(tokenizer, args.task, args.samples, args.max_length, args.data_dir, args.seed)
+    report = prune_llama(model, batches, args.ratio, args.first, args.last)
+    save_pruned(model, args.out, tokenizer)
+    print(json.dumps({"out": args.out, "ratio": args.ratio, "params_before": report.params_before,
+                      "params_after": report.params_after, "removed_share": round(report.removed_share, 4),
+                      "pruned_blocks": list(report.pruned_blocks)}))
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     from .core.registry import methods
     if args.r < 1:
@@ -386,6 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rank-pattern", action="store_true", help="per-layer ranks instead of zero padding")
             p.add_argument("--modules-to-save", action="store_true", help="include trained heads")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("prune", help="structured (LLM-Pruner Taylor) pruning of a Llama model, for RankAdaptor",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="alias, local dir, .gguf file or hub id")
+    p.add_argument("--ratio", type=float, default=0.2, help="share of heads/channels removed per pruned block")
+    p.add_argument("--out", required=True, help="output directory (load it with lorakit.prune.load_pruned)")
+    p.add_argument("--task", default="arith", help="calibration examples' task")
+    p.add_argument("--data-dir", dest="data_dir", help="folder holding sst2/, trec/, gsm8k/")
+    p.add_argument("--samples", type=int, default=10, help="calibration examples")
+    p.add_argument("--max-length", dest="max_length", type=int, default=128, help="tokens per calibration example")
+    p.add_argument("--first", type=int, default=4, help="first blocks left unpruned")
+    p.add_argument("--last", type=int, default=2, help="last blocks left unpruned")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("methods", help="list methods, with trainable-parameter counts for --model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

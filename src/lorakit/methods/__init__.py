@@ -21,6 +21,7 @@ from . import (  # noqa: F401
     olora,
     pissa,
     prilora,
+    rankadaptor,
     sora,
     xgblora,
 )

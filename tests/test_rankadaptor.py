@@ -1,0 +1,197 @@
+"""RankAdaptor: per-block ranks (attach, save/load, PEFT export), the performance-model search, and the
+LLM-Pruner-style structured pruning it recovers from (`lorakit.prune`, `lorakit prune`)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit.cli import main
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.methods.rankadaptor import (
+    RankAdaptorConfig,
+    block_costs,
+    fit_predictor,
+    sample_configurations,
+    search_ranks,
+)
+from lorakit.prune import PRUNED_KEY, PruneError, load_pruned, prune_llama, save_pruned
+from tests.tiny_models import KINDS, output, perturb
+
+
+def _llama(blocks: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    """A random GQA Llama: 6 query heads in 2 KV groups, MLP width 64."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=blocks, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True, initializer_range=0.2)).eval()
+
+
+def _batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": (ids := torch.randint(0, 64, (2, 10), generator=g)), "labels": ids} for _ in range(n)]
+
+
+# -- the adapter -------------------------------------------------------------------------------------------------
+def test_block_ranks_shape_every_layer_and_export_both_forms(tmp_path: Path) -> None:
+    kind = KINDS["llama"]
+    model = lorakit.attach(kind.build(0), RankAdaptorConfig(r=4, block_ranks=(2, 4), seed=3))
+    perturb(model)
+    for name, layer in lorakit.api.adapter_layers(model).items():
+        assert layer.rank == (2 if ".0." in name else 4), name
+        assert layer.lora_A.shape[0] == layer.lora_B.shape[1] == layer.rank
+    ours = output(model, kind.inputs())
+    lorakit.save(model, tmp_path / "saved")
+    loaded = lorakit.load(kind.build(0), tmp_path / "saved")
+    torch.testing.assert_close(output(loaded, kind.inputs()), ours)
+    for pattern in (True, False):
+        out = tmp_path / f"peft-{pattern}"
+        lorakit.export_peft(model, out, rank_pattern=pattern)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["r"] == 4
+        assert (len(cfg["rank_pattern"]) == 7) if pattern else cfg["rank_pattern"] == {}  # block 0's 7 matrices
+        theirs = output(PeftModel.from_pretrained(kind.build(0), str(out)), kind.inputs())
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_block_ranks_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"block_ranks\[1\] must be an integer in \[1, r=4\], got 8"):
+        RankAdaptorConfig(r=4, block_ranks=(2, 8))
+    model = KINDS["llama"].build(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"block_ranks has 1 entries but module 'model\.layers\.1"):
+        lorakit.attach(model, RankAdaptorConfig(r=4, block_ranks=(2,)))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())  # attach rolled back
+
+
+# -- the search --------------------------------------------------------------------------------------------------
+def test_samples_respect_the_uniform_parameter_budget_and_fixed_blocks() -> None:
+    costs = [10, 30, 30, 30, 10]
+    configs = sample_configurations(200, costs, 8, {0: 8, 4: 8}, random.Random(0))
+    assert len(set(configs)) > 100
+    for c in configs:
+        assert sum(k * w for k, w in zip(c, costs)) <= 8 * sum(costs)
+        assert c[0] == c[4] == 8 and set(c) <= {2, 4, 6, 8, 10, 12, 14, 16}
+    with pytest.raises(ConfigError, match="no configuration fits"):
+        sample_configurations(1, costs, 1, {}, random.Random(0))
+
+
+def test_block_costs_count_lora_parameters_per_unit_rank() -> None:
+    model = _llama(blocks=2)
+    prune_llama(model, _batches(1), 0.5, first=1, last=0)
+    shapes = [(n, m.out_features, m.in_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")]
+    costs = block_costs(shapes)
+    assert costs[0] > costs[1]  # the pruned block is narrower
+    lorakit.attach(model, RankAdaptorConfig(r=4, block_ranks=(1, 1)))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(costs)
+
+
+def test_predictor_fits_and_ranks_configurations() -> None:
+    configs = [tuple(random.Random(i).choice([2, 8, 16]) for _ in range(4)) for i in range(40)]
+    scores = [float(c[1] - c[2]) for c in configs]
+    state = torch.random.get_rng_state()
+    predict, mse = fit_predictor(configs, scores, 16)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert mse < 0.05
+    low, high = predict([(8, 2, 16, 8), (8, 16, 2, 8)])
+    assert high > low
+
+
+def test_search_finds_a_better_allocation_than_uniform_within_budget() -> None:
+    costs = [1] * 6
+    target = (8, 16, 2, 16, 2, 8)  # rank sum 52 > the budget 48: the search must trade off
+
+    def score(ranks: tuple[int, ...]) -> float:
+        return -sum(abs(a - b) for a, b in zip(ranks, target))
+
+    calls: list[tuple[int, ...]] = []
+    result = search_ranks(lambda c: calls.append(c) or score(c), costs, 8, fixed_blocks=(0, 5), rounds=4,
+                          per_round=6, pool=500, seed=0)
+    assert len(calls) == 1 + 4 * 6 == len(result.history) and calls[0] == (8,) * 6
+    assert len(set(calls)) == len(calls)  # never the same configuration twice
+    assert result.best_score > score((8,) * 6) and result.best_score == max(s for _, s in result.history)
+    assert all(sum(c) <= 48 and c[0] == c[5] == 8 for c in calls)
+    assert len(result.predictor_fit) == 3
+    again = search_ranks(score, costs, 8, fixed_blocks=(0, 5), rounds=4, per_round=6, pool=500, seed=0)
+    assert again.history == result.history  # reproducible from the seed
+
+
+# -- pruning -----------------------------------------------------------------------------------------------------
+def test_prune_removes_heads_per_kv_group_and_channels_and_round_trips(tmp_path: Path) -> None:
+    model = _llama()
+    with torch.no_grad():  # head 4 (KV group 1) and MLP channel 5 of block 1 do nothing: Taylor score zero
+        model.model.layers[1].self_attn.o_proj.weight[:, 4 * 8:5 * 8] = 0
+        model.model.layers[1].mlp.down_proj.weight[:, 5] = 0
+    report = prune_llama(model, _batches(), 0.2, first=1, last=1)
+    assert report.pruned_blocks == (1, 2)
+    assert [s["heads"] for s in report.layers] == [6, 4, 4, 6]  # round(0.2 * 3) = 1 query head per KV group
+    assert [s["intermediate"] for s in report.layers] == [64, 51, 51, 64]
+    assert 0 < report.removed_share < 0.2 and report.params_after == sum(p.numel() for p in model.parameters())
+    attn = model.model.layers[1].self_attn
+    assert attn.q_proj.out_features == 32 and attn.num_key_value_groups == 2 and attn.k_proj.out_features == 16
+    ids = _batches(1)[0]["input_ids"]
+    logits = output(model, {"input_ids": ids})
+    assert torch.isfinite(logits).all()
+    save_pruned(model, tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)  # a standard Llama config plus the recorded widths
+    assert config.model_type == "llama" and getattr(config, PRUNED_KEY)[1] == {"heads": 4, "intermediate": 51}
+    loaded = load_pruned(tmp_path)
+    torch.testing.assert_close(output(loaded, {"input_ids": ids}), logits)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_prune_drops_the_zero_importance_head_and_channel() -> None:
+    model = _llama()
+    with torch.no_grad():
+        o_proj, down = model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj
+        o_proj.weight[:, 4 * 8:5 * 8] = 0
+        down.weight[:, 5] = 0
+        kept_col = down.weight[:, 6].clone()
+    prune_llama(model, _batches(), 0.2, first=1, last=1)
+    down = model.model.layers[1].mlp.down_proj
+    assert not (down.weight == 0).all(0).any()  # the dead channel is gone
+    assert any(torch.equal(down.weight[:, j], kept_col) for j in range(down.in_features))
+    assert not (model.model.layers[1].self_attn.o_proj.weight.view(48, 4, 8) == 0).all(2).all(0).any()
+
+
+def test_prune_and_load_refuse_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"pruning ratio must be in \(0, 1\), got 1.5"):
+        prune_llama(_llama(), _batches(), 1.5)
+    with pytest.raises(ConfigError, match="leave nothing to prune in 4 blocks"):
+        prune_llama(_llama(), _batches(), 0.2, first=2, last=2)
+    with pytest.raises(PruneError, match="Llama-architecture"):
+        prune_llama(KINDS["gpt2"].build(0), _batches(), 0.2)
+    with pytest.raises(PruneError, match="no calibration batch"):
+        prune_llama(_llama(), [], 0.2, first=1, last=1)
+    with pytest.raises(PruneError, match=r"not pruned by lorakit\.prune"):
+        save_pruned(_llama(), tmp_path / "x")
+    _llama().save_pretrained(tmp_path / "plain")
+    with pytest.raises(PruneError, match="not a pruned model"):
+        load_pruned(tmp_path / "plain")
+    model = _llama()
+    prune_llama(model, _batches(), 0.5, first=1, last=1)
+    save_pruned(model, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    cfg[PRUNED_KEY][1]["intermediate"] = 40
+    (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PruneError, match="do not fit the recorded shapes"):
+        load_pruned(tmp_path / "p")
+    cfg[PRUNED_KEY][1]["heads"] = 5
+    (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PruneError, match="block 1 has 5 heads"):
+        load_pruned(tmp_path / "p")
+    assert issubclass(PruneError, LorakitError)
+
+
+def test_cli_prune_reports_a_missing_model_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
