@@ -31,7 +31,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..api import STATE_ATTR, AdapterState
+from ..core.checkpoint import find_latest, write_atomically
 from ..core.hooks import TrainingHooks
 from ..core.loss import model_loss
 from ..errors import AdapterFileError, ConfigError, TrainingError
@@ -395,10 +395,7 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], meta: Mapping[str, Any])
 
 def find_checkpoint(out: Path) -> Path | None:
     """The last complete checkpoint in ``out``: ``checkpoint/``, or the previous one if a swap was interrupted."""
-    for directory in (out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}-old"):
-        if (directory / STATE_JSON).is_file():
-            return directory
-    return None
+    return find_latest(out, CHECKPOINT_DIR, STATE_JSON)
 
 
 def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
@@ -421,23 +418,6 @@ def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
         raise AdapterFileError(f"{path} is incomplete or damaged (missing {missing or 'valid config/progress'}); "
                                f"delete {directory} to start over")
     return meta
-
-
-def _fsync_tree(directory: Path, files: bool = True) -> None:
-    """Flush ``directory``'s files (with ``files``) and the directory entry itself to disk."""
-    if files:
-        for path in directory.rglob("*"):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @torch.no_grad()
@@ -822,26 +802,19 @@ class _Run:
                 "hooks": hook_state,
                 "trainable": [n for n, p in self.model.named_parameters() if p.requires_grad],
                 "progress": dataclasses.asdict(self.progress)}
-        final, tmp, old = (self.out / CHECKPOINT_DIR, self.out / f".{CHECKPOINT_DIR}-tmp",
-                           self.out / f".{CHECKPOINT_DIR}-old")
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+
+        def write(tmp: Path) -> None:
             if self.adapter is not None:
                 save(self.model, tmp, base_fingerprints=self.fingerprints)
             save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-            _fsync_tree(tmp)
+
+        try:
+            final = write_atomically(self.out, CHECKPOINT_DIR, write)
         except (OSError, SafetensorError) as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(f"could not write the checkpoint of step {self.progress.step} in {tmp} ({err}); "
-                                f"free disk space and resume. {self.checkpoint_note()}") from None
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_tree(self.out, files=False)
-        shutil.rmtree(old, ignore_errors=True)
+            raise TrainingError(f"could not write the checkpoint of step {self.progress.step} in "
+                                f"{self.out / f'.{CHECKPOINT_DIR}-tmp'} ({err}); free disk space and resume. "
+                                f"{self.checkpoint_note()}") from None
         logger.info("checkpoint at step %d in %s", self.progress.step, final)
 
     def resume(self) -> None:
