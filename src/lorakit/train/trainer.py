@@ -7,18 +7,19 @@ hooks exactly where `lorakit.core.hooks` says::
     hooks.on_train_begin(steps)
     every step:  hooks.before_forward(step)
                  for each of grad_accum micro-batches: (task loss + hooks.regularizer()).backward()
+                     (`lorakit.core.driver.step_loss`: hooks.after_forward(batch, loss, logits) in between)
                  hooks.after_loss(step, the step's task loss)
                  [under torchrun: gradients summed across ranks, see `_Distributed`]
                  clip; hooks.after_backward(step); set this step's lr; optimizer.step()
                  hooks.after_step(step); optimizer.zero_grad()
-                 a fresh optimizer from hooks.build_optimizer if hooks.optimizer_reset_requested
+                 a fresh optimizer if hooks.optimizer_reset_requested (`lorakit.core.driver.reset_optimizer`)
                  log, evaluate, checkpoint
 
 Checkpoints (``output_dir/checkpoint``: safetensors + JSON, never pickle) hold the adapter, the
 optimizer state, the step, the RNG states, the batcher position and the hooks' counters; the whole
-directory is written beside the old one, flushed to disk (fsync) and swapped in, so ``resume=True`` always
-finds a complete checkpoint and continues bit for bit (on CPU) as if the run had never stopped; a write that
-fails (disk full) is a `TrainingError` that leaves the last checkpoint in place.
+directory is written beside the old one, flushed to disk (fsync) and swapped in (`lorakit.core.checkpoint`),
+so ``resume=True`` always finds a complete checkpoint and continues bit for bit (on CPU) as if the run had
+never stopped; a write that fails (disk full) is a `TrainingError` that leaves the last checkpoint in place.
 """
 
 from __future__ import annotations
@@ -47,14 +48,12 @@ from torch.distributed.tensor import DTensor
 
 from ..api import STATE_ATTR, AdapterState
 from ..core.checkpoint import find_latest, write_atomically
+from ..core.driver import build_optimizer, load_adapter_tensors, reset_optimizer, step_loss, trainable
 from ..core.hooks import TrainingHooks
-from ..core.loss import model_loss
 from ..errors import AdapterFileError, ConfigError, TrainingError
 from ..io.persistence import (
-    SAVED_PREFIX,
     _atomic_write,
     adapter_tensors,
-    check_adapter_tensors,
     fingerprints,
     read_adapter_tensors,
     save,
@@ -420,21 +419,6 @@ def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-@torch.no_grad()
-def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
-    """Copy a saved adapter's tensors (``lorakit.save``'s names) into the adapter attached to ``model``,
-    rebuilding any base offset (merged rounds, moved W0)."""
-    state: AdapterState = getattr(model, STATE_ATTR)
-    check_adapter_tensors(model, dict(tensors), source)
-    for name, layer in state.layers.items():
-        own = {k[len(name) + 1:]: v for k, v in tensors.items()
-               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
-        layer.load_adapter_state(own)
-    for name, (_, module) in state.saved_modules.items():
-        for key, tensor in module.state_dict().items():
-            tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -566,7 +550,7 @@ def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config:
     ddp = _Distributed(device)
     try:
         return _Run(model, train_features, config, eval_fn, collate or functools.partial(
-            data.collate, pad_token_id=pad_token_id), loss_fn or model_loss, ddp).run()
+            data.collate, pad_token_id=pad_token_id), loss_fn, ddp).run()
     finally:
         ddp.close()
 
@@ -575,7 +559,7 @@ class _Run:
     """One call of `train`: the loop in `run`, the checkpoint in `save_checkpoint` / `resume`."""
 
     def __init__(self, model: nn.Module, features: Sequence[Mapping[str, Any]], config: TrainConfig,
-                 eval_fn: EvalFn | None, collate: Callable[[list[Mapping[str, Any]]], Batch], loss_fn: LossFn,
+                 eval_fn: EvalFn | None, collate: Callable[[list[Mapping[str, Any]]], Batch], loss_fn: LossFn | None,
                  ddp: _Distributed):
         self.model, self.features, self.config = model, features, config
         self.eval_fn, self.collate, self.loss_fn, self.ddp = eval_fn, collate, loss_fn, ddp
@@ -676,9 +660,8 @@ class _Run:
             mine = sum(_targets(self.features[i]) for i in shard)
             weight = 0.0 if idle else (mine / everyone if everyone else len(shard) / len(indices)) / config.grad_accum
             batch = self.collate([self.features[i] for i in shard]).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                task = self.loss_fn(self.model, batch.inputs).float()
-            reg = hooks.regularizer()
+            task, reg = step_loss(self.model, batch.inputs, hooks, self.loss_fn,
+                                  torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16))
             loss = task if reg is None else task + reg
             (loss * weight).backward()
             totals[0] += task.detach().double() * weight
@@ -710,22 +693,16 @@ class _Run:
         hooks.after_step(step)
         self.optimizer.zero_grad(set_to_none=True)
         if hooks.optimizer_reset_requested:
-            self.optimizer = self.build_optimizer()
+            reset_optimizer(self.model, hooks, self.optimizer, self.config.lr, self.config.weight_decay)
         return _StepStats(task_loss, reg_value if has_reg else None, grad_norm, int(real), int(padded),
                           time.perf_counter() - start)
 
     # -- helpers -----------------------------------------------------------------------------------------
     def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return trainable(self.model)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        params = self.trainable()
-        if not params:
-            raise TrainingError("the model has no trainable parameters; attach an adapter (lorakit.attach) first")
-        optimizer = self.hooks.build_optimizer(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        for group in optimizer.param_groups:  # the schedule scales each group's own lr (LoRA+ has several)
-            group["base_lr"] = group["lr"]
-        return optimizer
+        return build_optimizer(self.model, self.hooks, self.config.lr, self.config.weight_decay)
 
     def check_ranks_agree(self) -> None:
         """Under torchrun every rank must start from the same adapter (same seeds and init data)."""
