@@ -28,7 +28,8 @@ parameters that require grad *before* ``on_train_begin``):
   loss to ``after_loss``.
 
 A callback cannot reach the loss or the optimizer's construction, so methods whose hooks define a
-regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the loss (``after_loss``: XGBLoRA) or build their own optimizer
+regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the forward or the loss (``after_forward``: BA-LoRA, ALoRA, PRILoRA;
+``after_loss``: XGBLoRA) or build their own optimizer
 (LoRA+, LoRA-Pro, LoRA-RITE, XGBLoRA) need
 `LorakitTrainerMixin` in the trainer class (``LorakitTrainer`` for the
 plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
