@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..api import get_state
 from ..errors import TrainingError
-from ..io.persistence import adapter_tensors, check_adapter_tensors
+from ..io.persistence import adapter_tensors, check_adapter_tensors, copy_adapter_tensors
 from .hooks import TrainingHooks
 from .loss import model_forward
 
@@ -51,21 +51,11 @@ def loader_batches(loader: Iterable[Any], count: int) -> list[Any]:
     return [dict(b) if isinstance(b, Mapping) else b for b in itertools.islice(loader, count)]
 
 
-@torch.no_grad()
 def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
-    """Copy a saved adapter's tensors (``lorakit.save``'s names) into the adapter attached to ``model``,
-    rebuilding any base offset (merged rounds, moved W0)."""
-    from ..io.persistence import SAVED_PREFIX
-
-    state = get_state(model)
+    """Check ``tensors`` (``lorakit.save``'s names) against the adapter attached to ``model`` and copy them in
+    (`lorakit.io.persistence.copy_adapter_tensors`); ``source`` names them in errors."""
     check_adapter_tensors(model, dict(tensors), source)
-    for name, layer in state.layers.items():
-        own = {k[len(name) + 1:]: v for k, v in tensors.items()
-               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
-        layer.load_adapter_state(own)
-    for name, (_, module) in state.saved_modules.items():
-        for key, tensor in module.state_dict().items():
-            tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
+    copy_adapter_tensors(model, tensors)
 
 
 def data_init(model: nn.Module, batches: list[Any], loss_fn: LossFn | None = None) -> None:
@@ -75,11 +65,22 @@ def data_init(model: nn.Module, batches: list[Any], loss_fn: LossFn | None = Non
     state = get_state(model)
     if state.method.initialize is None:
         return
-    before = {k: v.detach().clone() for k, v in adapter_tensors(model).items()}
+    layers = {name: ({k: v.detach().clone() for k, v in layer.adapter_state().items()}, layer.base_offset_B is None)
+              for name, layer in state.layers.items()}
+    saved = {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+             for name, (_, module) in state.saved_modules.items()}
     try:
         state.method.initialize(model, state.layers, state.config, batches, loss_fn)
     except BaseException:
-        load_adapter_tensors(model, before, "the adapter before the failed init")
+        with torch.no_grad():
+            for name, (before, unmoved) in layers.items():
+                layer = state.layers[name]
+                if unmoved and layer.base_offset_B is not None:  # the init moved W0: put the original back
+                    layer.restore_base()
+                    layer.base_offset_B = layer.base_offset_A = None
+                layer.load_adapter_state(before)
+            for name, (_, module) in state.saved_modules.items():
+                module.load_state_dict(saved[name])
         raise
     share_rank0_adapter(model)
 
