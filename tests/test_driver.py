@@ -18,6 +18,7 @@ from lorakit.core.hooks import TrainingHooks
 from lorakit.core.loss import model_loss
 from lorakit.io.persistence import adapter_tensors
 from tests.tiny_models import KINDS
+from tests.tiny_models import attach as tiny_attach
 
 MLP = KINDS["mlp"]
 
@@ -114,3 +115,20 @@ def test_reset_optimizer_is_a_fresh_optimizer_in_the_same_object() -> None:
     params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert id(layers["lin0"].lora_B) in params and id(layers["lin1"].lora_A) not in params
     assert all(g["lr"] == g["base_lr"] == 0.05 for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("name", sorted(lorakit.methods()))
+def test_every_hooks_class_declares_the_state_a_checkpoint_carries(name: str) -> None:
+    kind = KINDS["llama"]
+    model = tiny_attach(kind.build(0), lorakit.get_method(name), kind)
+    hooks = lorakit.hooks(model)
+    assert hooks.state_dict()[2] == []  # every public attribute is declared (or it would be lost on resume)
+    assert {"total_steps", "optimizer_reset_requested"} <= set(hooks.declared_state())
+
+
+def test_undeclared_hook_state_is_reported() -> None:
+    model = lorakit.attach(MLP.build(0), lorakit.LoraConfig(r=2))
+    hooks = lorakit.hooks(model)
+    hooks.counter = 3
+    plain, _, unsupported = hooks.state_dict()
+    assert unsupported == ["counter"] and "counter" not in plain and plain["total_steps"] is None

@@ -38,9 +38,11 @@ class TrainingHooks:
     """Default hooks: plain AdamW on the trainable parameters, nothing else.
 
     ``needs_logits``: whether `after_forward` must receive the logits of every position (the driver then computes
-    them; a custom ``loss_fn``, which gives none, is refused)."""
+    them; a custom ``loss_fn``, which gives none, is refused).  ``state_attrs``: the attributes a checkpoint
+    carries; each class lists its own, `state_dict` takes them over the class hierarchy."""
 
     needs_logits: ClassVar[bool] = False
+    state_attrs: ClassVar[tuple[str, ...]] = ("total_steps", "optimizer_reset_requested")
 
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AdapterConfig) -> None:
         self.model = model
@@ -97,17 +99,21 @@ class TrainingHooks:
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor], list[str]]:
         """What a resumed run needs: ``(plain, tensors, unsupported)``.
 
-        ``plain``: the public attributes that survive a JSON round trip (counters, budgets, masks as lists);
-        ``tensors``: tensor attributes, alone or in str-keyed dicts of tensors or of tuples of tensors (EMAs,
-        moments), flattened to ``attr/key/i``; ``unsupported``: the names of anything else.
+        Of the declared ``state_attrs`` (those set): ``plain``, the values that survive a JSON round trip
+        (counters, budgets, masks as lists); ``tensors``, tensor attributes, alone or in str-keyed dicts of tensors
+        or of tuples of tensors (EMAs, moments), flattened to ``attr/key/i``; ``unsupported``: the names of
+        anything else, and of public attributes that are not declared (their state would be lost on resume).
         """
         plain: dict[str, Any] = {}
         tensors: dict[str, Tensor] = {}
         layout: dict[str, str] = {}
-        unsupported: list[str] = []
-        for name, value in vars(self).items():
-            if name.startswith("_") or name in ("model", "layers", "config"):
+        declared = self.declared_state()
+        unsupported = [name for name in vars(self) if not name.startswith("_") and name not in declared
+                       and name not in ("model", "layers", "config")]
+        for name in declared:
+            if name not in vars(self):
                 continue
+            value = getattr(self, name)
             if isinstance(value, Tensor):
                 tensors[name], layout[name] = value, "tensor"
             elif isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and all(
@@ -124,6 +130,14 @@ class TrainingHooks:
                 unsupported.append(name)
         plain["__tensor_layout__"] = layout
         return plain, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, unsupported
+
+    @classmethod
+    def declared_state(cls) -> list[str]:
+        """The ``state_attrs`` of this class and its bases, base classes first."""
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            names += [n for n in vars(klass).get("state_attrs", ()) if n not in names]
+        return names
 
     def load_state_dict(self, plain: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         """Restore `state_dict`'s output (tensors move to the device of the first adapter layer)."""

@@ -137,6 +137,8 @@ class AloraLayer(AdapterLayer):
 class AloraHooks(TrainingHooks):
     """AB-LoRA scoring, pruning and re-allocation on the prune schedule."""
 
+    state_attrs = ("prune_steps", "rounds_done")
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AloraConfig) -> None:
         super().__init__(model, layers, config)
         self.prune_steps: list[int] = []

@@ -94,6 +94,8 @@ class BaLoraHooks(TrainingHooks):
     """Keeps each training forward's batch and logits (`after_forward`) and adds the three weighted regularisers
     on them (`regularizer`)."""
 
+    state_attrs = ("last",)
+
     needs_logits = True
 
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: BaLoraConfig) -> None:

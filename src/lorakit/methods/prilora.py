@@ -140,6 +140,8 @@ class PriLoraHooks(TrainingHooks):
     """EMA of the input-feature norms (noted by the layers, folded in `after_forward`) and the per-row pruning of A
     after optimizer steps."""
 
+    state_attrs = ("input_norm_ema",)
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: PriLoraConfig) -> None:
         super().__init__(model, layers, config)
         self.input_norm_ema: dict[str, Tensor] = {}
