@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 import lorakit
+from lorakit.core.driver import step_loss
 from lorakit.core.linalg import principal_cosines, truncated_svd
-from lorakit.core.loss import model_loss
 from lorakit.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,8 +194,7 @@ def build(name: str, model: torch.nn.Module, which: str, batches: list[dict]) ->
     def step(batch: dict) -> float:  # the lorakit trainer's step: the method's hooks and optimizer
         i = next(counter)
         hooks.before_forward(i)
-        loss = model_loss(model, batch)
-        reg = hooks.regularizer()
+        loss, reg = step_loss(model, batch, hooks)
         (loss if reg is None else loss + reg).backward()
         hooks.after_backward(i)
         optimizer.step()

@@ -368,9 +368,11 @@ def test_prilora_prunes_lowest_weight_times_input_norm() -> None:
     model.train()
     x1, x2 = MLP.inputs(seed=1)["input"], MLP.inputs(seed=2)["input"]
     with torch.enable_grad():
-        model(input=x1)
+        model(input=x1)  # the layer notes its input norms; the hooks fold them in when handed the forward
+        hooks.after_forward({"input": x1}, torch.tensor(0.0), None)
         assert torch.allclose(hooks.input_norm_ema["lin0"], x1.norm(dim=0))
         model(input=x2)
+        hooks.after_forward({"input": x2}, torch.tensor(0.0), None)
     norms = 0.5 * x1.norm(dim=0) + 0.5 * x2.norm(dim=0)
     assert torch.allclose(hooks.input_norm_ema["lin0"], norms)
     A = layer.lora_A.detach().clone()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.core.driver import step_loss
 from lorakit.errors import ConfigError
 from lorakit.io.persistence import adapter_tensors
 from lorakit.train.trainer import TrainConfig, train
@@ -49,8 +50,7 @@ def first_step_grads(model: torch.nn.Module, checkpointing: bool) -> dict[str, t
         model.activation_checkpointing_enable({"use_reentrant": False})
     torch.manual_seed(0)
     hooks.before_forward(0)
-    loss = model(**LLAMA.batches(1)[0]).loss
-    reg = hooks.regularizer()
+    loss, reg = step_loss(model, LLAMA.batches(1)[0], hooks)
     (loss if reg is None else loss + reg).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.core.driver import step_loss
 from lorakit.core.loss import model_loss
+from lorakit.errors import TrainingError
 from lorakit.methods.ba_lora import consistency_loss, diversity_loss, svd_loss
 from lorakit.methods.flat_lora import flat_noise
 from lorakit.methods.lora_pro import LoraProHooks, adjusted_gradients
@@ -306,15 +308,21 @@ def test_ba_lora_hooks_add_weighted_regularisers(kind_name: str, task: str) -> N
     with torch.no_grad(), lorakit.disabled(model):
         pre = model.eval()(**batch).logits
     model.train()
+    assert hooks.needs_logits
     hooks.before_forward(0)
-    fine = model(**batch).logits
+    out = model(**batch)
+    fine = out.logits
+    hooks.after_forward(batch, out.loss.detach(), fine)
     reg = hooks.regularizer()
     expected = (0.5 * consistency_loss(fine, pre, task) + 0.2 * diversity_loss(fine, task) + 0.3 * svd_loss(fine, 2))
     assert torch.allclose(reg, expected, rtol=1e-5)
     assert hooks.metrics()["ba_consistency"] > 0
     reg.backward()  # the regulariser reaches the adapter
     assert all(layer.lora_A.grad is not None for layer in lorakit.adapter_layers(model).values())
-    assert hooks.regularizer() is None  # one value per captured forward
-    if kind_name == "llama":  # the trainer's loss runs decoder and head apart: same logits, same value
-        model_loss(model, batch)
-        assert torch.allclose(hooks.regularizer(), reg, rtol=1e-5)
+    assert hooks.regularizer() is None  # one value per forward
+    # the driver's step loss hands the logits over; for llama its loss runs decoder and head apart: same logits
+    task, driven = step_loss(model, batch, hooks)
+    assert torch.allclose(driven, reg, rtol=1e-5)
+    assert torch.allclose(task, model_loss(model, batch))
+    with pytest.raises(TrainingError, match="needs the model's logits"):
+        step_loss(model, batch, hooks, loss_fn=lambda m, b: m(**b).loss)

@@ -216,7 +216,10 @@ def train_steps(model: nn.Module, batches: list[dict[str, Tensor]], steps: int =
     model.train()
     for step in range(steps):
         hooks.before_forward(step)
-        loss = model(**batches[step % len(batches)]).loss
+        batch = batches[step % len(batches)]
+        out = model(**batch)
+        loss = out.loss
+        hooks.after_forward(batch, loss.detach().float(), out.logits if hooks.needs_logits else None)
         reg = hooks.regularizer()
         if reg is not None:
             loss = loss + reg

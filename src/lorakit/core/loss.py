@@ -22,12 +22,14 @@ PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "ph
 IGNORE_INDEX = -100
 
 
-def _own_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+def _own_loss(model: nn.Module, batch: Mapping[str, Any], logits: bool) -> tuple[Tensor, Tensor | None]:
     out = model(**batch)
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise LorakitError("model(**batch) returned no loss: include labels in the batches or pass loss_fn=")
-    return loss
+    if not logits:
+        return loss, None
+    return loss, out["logits"] if isinstance(out, Mapping) else out.logits
 
 
 def supports_fast_loss(model: nn.Module) -> bool:
@@ -40,15 +42,22 @@ def supports_fast_loss(model: nn.Module) -> bool:
 
 def model_loss(model: nn.Module, batch: Any) -> Tensor:
     """Mean next-token cross-entropy over supervised tokens (causal LMs), else ``model(**batch).loss``."""
+    return model_forward(model, batch, logits=False)[0]
+
+
+def model_forward(model: nn.Module, batch: Any, logits: bool) -> tuple[Tensor, Tensor | None]:
+    """`model_loss`, and with ``logits`` the logits of every position (on the supervised-positions path, the
+    output head applied to the decoder's hidden states; else the model output's ``logits``)."""
     if not isinstance(batch, Mapping):
         raise LorakitError(f"the default loss needs dict batches (model(**batch).loss); got {type(batch).__name__}: "
                            "pass loss_fn=(model, batch) -> loss")
     labels = batch.get("labels")
     if labels is None or labels.ndim != 2 or not supports_fast_loss(model):
-        return _own_loss(model, batch)
+        return _own_loss(model, batch, logits)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model.base_model(**inputs).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    head = model.get_output_embeddings()
+    loss = F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
+    return loss, head(hidden) if logits else None

@@ -3,8 +3,8 @@
 ``output_dir/server/`` holds ``state.safetensors`` (global trainable tensors, Fed-SB's frozen factors and
 FedEx-LoRA's folded base offsets, under ``global/``, ``frozen/`` and ``offsets/``) and ``state.json``
 (round, offsets version, communication ledger, history, and the settings a resumed run must share).
-The directory is written beside the old one and swapped in with renames, so a crash mid-write leaves
-the previous complete checkpoint in place.
+The directory is written beside the old one and swapped in with renames (`lorakit.core.checkpoint`, shared
+with the trainer), so a crash mid-write leaves the previous complete checkpoint in place.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..core.checkpoint import find_latest, write_atomically
 from .comm import CommLedger
 from .config import FedConfig
 from .errors import CheckpointError
@@ -53,22 +53,16 @@ class ServerState:
 
 def save(directory: str | os.PathLike, state: ServerState, config: FedConfig) -> Path:
     """Write ``state`` to ``directory/server`` atomically (write a sibling, then swap it in)."""
-    out = Path(directory)
-    final, tmp, old = out / DIRNAME, out / f".{DIRNAME}-tmp", out / f".{DIRNAME}-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = {f"{group}/{k}": v.detach().cpu().contiguous()
                for group, d in zip(_GROUPS, (state.tensors, state.frozen, state.offsets)) for k, v in d.items()}
-    save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "version": VERSION, "round": state.round, "offsets_version": state.offsets_version,
             "config": config.to_record(), "ledger": state.ledger.to_json(), "history": state.history}
-    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+    return write_atomically(Path(directory), DIRNAME, write)
 
 
 def load(directory: str | os.PathLike, config: FedConfig) -> ServerState | None:
@@ -76,12 +70,9 @@ def load(directory: str | os.PathLike, config: FedConfig) -> ServerState | None:
 
     Raises `CheckpointError` if the files are corrupt or were written by a different federation.
     """
-    where = Path(directory) / DIRNAME
-    if not (where / META).is_file():
-        old = Path(directory) / f".{DIRNAME}-old"  # a crash between the two renames of `save`
-        if not (old / META).is_file():
-            return None
-        where = old
+    where = find_latest(Path(directory), DIRNAME, META)  # `.server-old` after a crash between the two renames
+    if where is None:
+        return None
     try:
         meta = json.loads((where / META).read_text())
         tensors = load_file(str(where / TENSORS))

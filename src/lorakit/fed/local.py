@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import api
+from ..core.driver import init_batches
 from ..core.gradients import dense_gradients
 from ..core.layer import AdapterLayer
 from ..core.loss import model_loss
@@ -206,8 +207,7 @@ def gradient_sum(ws: Workspace, features: list[dict[str, Any]]) -> dict[str, Ten
     them), so nothing of this sum reaches the client's local training.
     """
     cfg = ws.config
-    head = features[: cfg.init_samples]
-    batches = [collate(head[i:i + cfg.batch_size], ws.pad_id).inputs for i in range(0, len(head), cfg.batch_size)]
+    batches = init_batches(features, cfg.init_samples, cfg.batch_size, lambda chunk: collate(chunk, ws.pad_id).inputs)
 
     def summed_loss(model: nn.Module, batch: Any) -> Tensor:
         return model_loss(model, batch) * batch["input_ids"].shape[0]

@@ -14,18 +14,22 @@ parameters that require grad *before* ``on_train_begin``):
   parameters.  Data-driven methods (LoRA-GA, LoRA-SB) are attached without their init.
 * ``on_train_begin``: under ``gradient_checkpointing``, make gradients reach the adapters inside checkpointed
   blocks (`LorakitCallback._gradients_through_checkpoints`); ``hooks.on_train_begin(max_steps)``, then the
-  data-driven init on the first ``init_batches`` batches of the trainer's own train dataloader (in place:
-  the optimizer keeps the same parameter objects; under DDP rank 0's result is broadcast).  LoRA-SB
+  data-driven init on the first ``init_batches`` batches of the trainer's own train dataloader
+  (`lorakit.core.driver.data_init`: in place, so the optimizer keeps the same parameter objects; rolled back
+  on failure; under DDP every rank takes rank 0's result).  LoRA-SB
   without ``init_lr`` gets η = learning_rate / warm-up steps (`lorakit.methods.lora_sb.first_step_lr`).
 * ``on_step_begin``: ``before_forward``.  ``on_pre_optimizer_step``: ``after_backward`` (transformers
   has clipped the gradients here, as the lorakit trainer does before this hook).
   ``on_optimizer_step``: ``after_step`` (gradients still present).  ``on_step_end``: a requested
-  optimizer reset clears the optimizer state (and adds parameters that became trainable).
+  optimizer reset (`lorakit.core.driver.reset_optimizer`: a fresh optimizer from ``hooks.build_optimizer``,
+  moved into the Trainer's optimizer object; the lr schedule carries on).
   ``on_log``: ``hooks.metrics()`` join the log history as ``lorakit/<name>``.  `LorakitTrainerMixin`'s
-  ``compute_loss`` hands each micro-batch's loss to ``after_loss``.
+  ``compute_loss`` hands each micro-batch's inputs, loss (and logits, for BA-LoRA) to ``after_forward`` and its
+  loss to ``after_loss``.
 
 A callback cannot reach the loss or the optimizer's construction, so methods whose hooks define a
-regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the loss (``after_loss``: XGBLoRA) or build their own optimizer
+regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the forward or the loss (``after_forward``: BA-LoRA, ALoRA, PRILoRA;
+``after_loss``: XGBLoRA) or build their own optimizer
 (LoRA+, LoRA-Pro, LoRA-RITE, XGBLoRA) need
 `LorakitTrainerMixin` in the trainer class (``LorakitTrainer`` for the
 plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
@@ -40,14 +44,12 @@ data-driven method the callback then runs its init, unless ``init_batches=0`` (a
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -55,12 +57,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
+from ..core.driver import data_init, loader_batches, reset_optimizer
 from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
 from ..errors import LorakitError
-from ..io.persistence import adapter_tensors
 from ..methods.lora_sb import LoraSbConfig, first_step_lr
-from ..train.trainer import load_adapter_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -141,16 +142,13 @@ class LorakitCallback(TrainerCallback):
         if self.init_batches == 0 or train_dataloader is None:
             raise LorakitError(f"{adapter.method.name} initialises from gradients: give init_batches > 0 and a "
                                "train_dataset, or attach the adapter with data= before building the Trainer")
-        batches = [dict(b) if isinstance(b, Mapping) else b
-                   for b in itertools.islice(train_dataloader, self.init_batches)]
+        batches = loader_batches(train_dataloader, self.init_batches)
         logger.info("%s: gradient init on %d batches of the trainer's train dataloader", adapter.method.name,
                     len(batches))
-        assert adapter.method.initialize is not None
         if isinstance(adapter.config, LoraSbConfig) and adapter.config.init_lr is None:  # η: the first-step lr
             eta = first_step_lr(args.learning_rate, args.get_warmup_steps(state.max_steps))
             adapter.config = adapter.config.replace(init_lr=eta)
-        adapter.method.initialize(model, adapter.layers, adapter.config, batches, self.loss_fn)
-        self._share_rank0_adapter(model)
+        data_init(model, batches, self.loss_fn)  # in place, rolled back on failure; every rank takes rank 0's
         self.pending_init = False
 
     @staticmethod
@@ -162,22 +160,13 @@ class LorakitCallback(TrainerCallback):
         if not hooked and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
-    @staticmethod
-    def _share_rank0_adapter(model: nn.Module) -> None:
-        """Each rank initialised from its own batches: every rank takes rank 0's adapter."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        tensors = {k: v.detach().clone() for k, v in adapter_tensors(model).items()}
-        for tensor in tensors.values():
-            dist.broadcast(tensor, src=0)
-        load_adapter_tensors(model, tensors, "rank 0")
-
     def _check_integration(self, adapter: AdapterState) -> None:
         hooks = adapter.hooks
         needs = []
         if type(hooks).regularizer is not TrainingHooks.regularizer:
             needs.append("a regularizer in the loss")
-        if type(hooks).after_loss is not TrainingHooks.after_loss:
+        if type(hooks).after_loss is not TrainingHooks.after_loss or \
+                type(hooks).after_forward is not TrainingHooks.after_forward:
             needs.append("the training loss")
         if type(hooks).build_optimizer is not TrainingHooks.build_optimizer:
             needs.append("its own optimizer")
@@ -204,10 +193,12 @@ class LorakitCallback(TrainerCallback):
         if not hooks.optimizer_reset_requested or optimizer is None:
             return
         inner = _unwrap(optimizer)
-        inner.state.clear()
-        known = {id(p) for group in inner.param_groups for p in group["params"]}
-        inner.param_groups[0]["params"].extend(p for p in model.parameters() if p.requires_grad and id(p) not in known)
-        hooks.optimizer_reset_requested = False
+        first = inner.param_groups[0]
+        factor = first["lr"] / first.get("initial_lr", args.learning_rate)  # the lr schedule's current factor
+        reset_optimizer(model, hooks, inner, args.learning_rate, args.weight_decay)
+        for group in inner.param_groups:  # the lr scheduler sets the next step's lr; this step keeps its own
+            group["initial_lr"] = group["lr"]
+            group["lr"] *= factor
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -241,15 +232,19 @@ class LorakitTrainerMixin:
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Any:
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         hooks = self._lorakit_hooks()
         if not model.training:
-            return out
-        loss, outputs = out if return_outputs else (out, None)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        want = return_outputs or hooks.needs_logits
+        out = super().compute_loss(model, inputs, return_outputs=want, num_items_in_batch=num_items_in_batch)
+        loss, outputs = out if want else (out, None)
+        logits = outputs["logits"] if hooks.needs_logits else None
+        hooks.after_forward(inputs, loss.detach().float(), logits)
         hooks.after_loss(self.state.global_step, float(loss.detach()))
         reg = hooks.regularizer()
         if reg is None:
-            return out
+            return (loss, outputs) if return_outputs else loss
         # The Trainer divides a per-batch mean by the accumulation steps itself, but not a loss already
         # normalised over the whole accumulated batch; the regularizer must count once per optimizer step.
         scaled = self.loss_is_scaled_for_ga

@@ -21,7 +21,7 @@ import math
 import os
 import reprlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -303,13 +303,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         state.base_model_name = data.get("base_model", "")
         _check_tensors(adapter_tensors(model), tensors, path)
         _check_offsets(state.layers, offsets, tensors, path)
-        for name, layer in state.layers.items():
-            own = {k for k in tensors if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
-            layer.load_adapter_state({k[len(name) + 1:]: tensors[k] for k in own})
-        with torch.no_grad():
-            for name, (_, trainable) in state.saved_modules.items():
-                for key, tensor in trainable.state_dict().items():
-                    tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
+        copy_adapter_tensors(model, tensors)
         _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
     except BaseException:
         detach(model)
@@ -393,6 +387,20 @@ def _check_offsets(layers: dict[str, AdapterLayer], offsets: dict[str, int | Non
                                    f"{tuple(b.shape)} and {tuple(a.shape)}, which do not fit a "
                                    f"{layer.out_features}x{layer.in_features} layer"
                                    + (f" at the recorded rank {rank}" if rank is not None else ""))
+
+
+@torch.no_grad()
+def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` (``save``'s names, already checked) into the adapter attached to ``model``, rebuilding any
+    base offset (moved W0, merged rounds).  Used by `load`, trainer checkpoints and rank-0 broadcasts."""
+    state = get_state(model)
+    for name, layer in state.layers.items():
+        own = {k[len(name) + 1:]: v for k, v in tensors.items()
+               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
+        layer.load_adapter_state(own)
+    for name, (_, module) in state.saved_modules.items():
+        for key, tensor in module.state_dict().items():
+            tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
 
 
 def check_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike) -> None:

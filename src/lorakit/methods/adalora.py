@@ -166,6 +166,8 @@ class SvdLayer(AdapterLayer):
 class SvdBudgetHooks(TrainingHooks):
     """Orthogonality regularizer, sensitivity × uncertainty importance, cubic budget and global masking."""
 
+    state_attrs = ("budget", "tinit", "tfinal", "delta_t", "final_mask", "allocation", "ema", "unc")
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AdaLoraConfig) -> None:
         super().__init__(model, layers, config)
         self.budget = self.initial_budget

@@ -25,8 +25,8 @@ following half (a training too short for one warmup step and one step between ro
 ``prune_per_round = None`` means 10 % of the budget; the freed ranks go round-robin to the eligible modules in
 order of their mean IS (highest first); if those have no free slot left, to any module with one (same order).
 A re-activated slot is re-initialised.  Validation batches come from `AloraHooks.set_validation_data`; without
-them the most recent training batch seen by ``model(**batch)`` is used (the trainer's causal-LM fast path bypasses
-that call: pass validation data there).  Under data parallelism every rank must score on the same batches.
+them the most recent training batch (handed to ``after_forward``) is used.  Under data parallelism every rank must
+score on the same batches.
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ class AloraLayer(AdapterLayer):
 class AloraHooks(TrainingHooks):
     """AB-LoRA scoring, pruning and re-allocation on the prune schedule."""
 
+    state_attrs = ("prune_steps", "rounds_done")
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AloraConfig) -> None:
         super().__init__(model, layers, config)
         self.prune_steps: list[int] = []
@@ -144,7 +146,6 @@ class AloraHooks(TrainingHooks):
         self._data: list[Any] | None = None
         self._loss_fn: Callable[[nn.Module, Any], Tensor] = model_loss
         self._captured: Mapping[str, Any] | None = None
-        self._capture_handle: Any = None
 
     @property
     def alora_layers(self) -> dict[str, AloraLayer]:
@@ -186,16 +187,15 @@ class AloraHooks(TrainingHooks):
                                 f"{self.budget} ranks; lower it")
         super().on_train_begin(total_steps)
         self.prune_steps = steps
-        if self._capture_handle is None and steps:
-            self._capture_handle = self.model.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def prune_per_round(self) -> int:
         n = self.config.prune_per_round
         return n if n is not None else max(1, math.ceil(0.1 * self.budget))
 
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if module.training and kwargs and not args:
-            self._captured = {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    def after_forward(self, batch: Any, loss: Tensor, logits: Tensor | None) -> None:
+        """Keep the latest training batch: the validation batch when none was set."""
+        if self.prune_steps and isinstance(batch, Mapping):
+            self._captured = {k: v.detach() if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     def validation_batches(self) -> list[Any]:
         if self._data is not None:

@@ -18,12 +18,13 @@ Documented choices: the pre-trained model is this model with the adapter switche
 original W0, no second copy in memory), run in eval mode without gradients; the KL uses log-softmax for both
 distributions (the official ``softmax(...).log()`` can hit log 0); the official code flattens NLG logits to
 ``batch × (seq·vocab)`` and then indexes singular values per example, which fails, so the SVD term is taken per
-sequence as its indexing intends.  The batch and the logits are captured by forward hooks during training steps
-(armed by the first ``before_forward``); each captured forward gets one regulariser value.
+sequence as its indexing intends.  The batch and the logits of every training forward reach the hooks through
+``after_forward`` (``needs_logits``); each forward gets one regulariser value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,7 +36,7 @@ from ..api import disabled
 from ..core.hooks import TrainingHooks
 from ..core.layer import AdapterLayer
 from ..core.registry import Method, register
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .lora import lora_params
 from .pissa import PissaConfig, PissaLayer
 
@@ -89,70 +90,43 @@ def svd_loss(fine: Tensor, k: int) -> Tensor:
     return -ratio.mean()
 
 
-def _logits(output: Any) -> Tensor:
-    return output if isinstance(output, Tensor) else output.logits
-
-
 class BaLoraHooks(TrainingHooks):
-    """Captures each training forward (inputs and logits) and adds the three weighted regularisers.
+    """Keeps each training forward's batch and logits (`after_forward`) and adds the three weighted regularisers
+    on them (`regularizer`)."""
 
-    The logits come from the model's own forward, or, when a trainer runs the decoder and the output head apart
-    (lorakit's supervised-positions loss), from the decoder's forward followed by the output head on every
-    position (the full logits BA-LoRA regularises)."""
+    state_attrs = ("last",)
+
+    needs_logits = True
 
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: BaLoraConfig) -> None:
         super().__init__(model, layers, config)
-        self.armed = False
-        self.captured: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
-        self.captured_hidden: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
-        self._handles: list[Any] = []
+        self._forward: tuple[Mapping[str, Any], Tensor] | None = None
         self.last: dict[str, float] = {}
 
-    def _head(self) -> nn.Module | None:
-        get = getattr(self.model, "get_output_embeddings", None)
-        return get() if callable(get) else None
-
-    def before_forward(self, step: int) -> None:
-        if not self._handles:
-            self._handles.append(self.model.register_forward_hook(self._capture, with_kwargs=True))
-            decoder = getattr(self.model, "base_model", self.model)
-            if decoder is not self.model and self._head() is not None:
-                self._handles.append(decoder.register_forward_hook(self._capture_hidden, with_kwargs=True))
-        self.armed = True
-
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self.armed and module.training:
-            self.captured = (args, kwargs, _logits(output))
-
-    def _capture_hidden(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self.armed and module.training:
-            self.captured_hidden = (args, kwargs, output[0])
+    def after_forward(self, batch: Any, loss: Tensor, logits: Tensor | None) -> None:
+        if logits is None or not isinstance(batch, Mapping):
+            raise TrainingError("BA-LoRA regularises the logits of dict batches: the front end passed "
+                                f"logits={type(logits).__name__}, batch={type(batch).__name__}")
+        self._forward = ({k: v for k, v in batch.items() if k != "labels"}, logits)
 
     @torch.no_grad()
-    def pretrained_logits(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """The frozen pre-trained model's logits on the captured batch (adapter off, eval mode)."""
-        was_training, self.armed = self.model.training, False
+    def pretrained_logits(self, inputs: Mapping[str, Any]) -> Tensor:
+        """The frozen pre-trained model's logits on ``inputs`` (adapter off, eval mode)."""
+        was_training = self.model.training
         self.model.eval()
         try:
             with disabled(self.model):
-                return _logits(self.model(*args, **kwargs)).detach()
+                return self.model(**inputs).logits.detach()
         finally:
             self.model.train(was_training)
-            self.armed = True
 
     def regularizer(self) -> Tensor | None:
-        if self.captured is not None:
-            args, kwargs, fine = self.captured
-        elif self.captured_hidden is not None:
-            args, kwargs, hidden = self.captured_hidden
-            head = self._head()
-            assert head is not None
-            fine = head(hidden)
-        else:
+        if self._forward is None:
             return None
-        self.captured = self.captured_hidden = None
+        inputs, fine = self._forward
+        self._forward = None
         c = self.config
-        pre = self.pretrained_logits(args, kwargs)
+        pre = self.pretrained_logits(inputs)
         fine32, pre32 = fine.float(), pre.float()
         terms = {"consistency": consistency_loss(fine32, pre32, c.task), "diversity": diversity_loss(fine32, c.task),
                  "svd": svd_loss(fine32, c.top_k)}

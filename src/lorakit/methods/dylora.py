@@ -98,6 +98,8 @@ class DyLoraLayer(LoraLayer):
 class DyLoraHooks(TrainingHooks):
     """Samples this step's rank b before the forward and sets it on every layer."""
 
+    state_attrs = ("sampled_rank",)
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: DyLoraConfig) -> None:
         super().__init__(model, layers, config)
         self.sampled_rank = config.r

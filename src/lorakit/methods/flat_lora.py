@@ -104,6 +104,8 @@ class FlatLoraLayer(LoraLayer):
 class FlatLoraHooks(TrainingHooks):
     """Sets each layer's perturbation before the forward and clears it after backward (before the update)."""
 
+    state_attrs = ("sigma_now",)
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: FlatLoraConfig) -> None:
         super().__init__(model, layers, config)
         self.sigma_now = 0.0

@@ -104,6 +104,8 @@ def adjusted_gradients(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, scale: fl
 class LoraProHooks(TrainingHooks):
     """Adjusts the LoRA gradients after backward; the optimizer is plain SGD."""
 
+    state_attrs = ("adam_step", "moments")
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: LoraProConfig) -> None:
         super().__init__(model, layers, config)
         self.adam_step = 0

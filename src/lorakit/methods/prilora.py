@@ -18,9 +18,10 @@ layers; the forward and `as_lora` use only the first r_l ranks, and the export w
 or pads to r_max.
 
 Choices where the paper could not be checked ([unconfirmed]): ``r_min = None`` means ⌊r_max/3⌋ (the paper's
-4 -> 12); ``prune_ratio = 0.1`` per row; ``prune_interval = 1``; EMA factor 0.9.  The input norms are collected by
-forward pre-hooks that the training hooks register in ``on_train_begin`` (train mode with gradients only); they
-are training statistics: not saved with the adapter, carried by the trainer's checkpoint.
+4 -> 12); ``prune_ratio = 0.1`` per row; ``prune_interval = 1``; EMA factor 0.9.  Each layer notes its input's
+column norms in its own forward (train mode with gradients only); the training hooks fold them into the EMA in
+``after_forward``, once per training forward.  The EMAs are training statistics: not saved with the adapter,
+carried by the trainer's checkpoint.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class PriLoraLayer(LoraLayer):
         super().__init__(base, config, name)
         self.register_buffer("rank_mask", torch.ones(config.r, device=self.lora_A.device, dtype=self.lora_A.dtype))
         self.layer_rank = config.r
+        self.input_norms: Tensor | None = None  # of the last training forward's input, until the hooks take it
 
     @torch.no_grad()
     def set_rank(self, rank: int) -> None:
@@ -107,6 +109,11 @@ class PriLoraLayer(LoraLayer):
         self.layer_rank = int(self.rank_mask.sum())
 
     def delta(self, x: Tensor) -> Tensor:
+        # Not in backward: gradient checkpointing reruns the forward there, and each batch counts once.
+        # (torch's private graph-task id is -1 outside backward; torch's own FSDP tests it the same way.)
+        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self.input_norms = torch.linalg.vector_norm(flat, dim=0)
         k = self.layer_rank
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A[:k])
         return F.linear(h * self.scale, self.lora_B[:, :k])
@@ -130,12 +137,14 @@ def initialize_ranks(model: nn.Module, layers: dict[str, AdapterLayer], config: 
 
 
 class PriLoraHooks(TrainingHooks):
-    """EMA of the input-feature norms (forward pre-hooks) and the per-row pruning of A after optimizer steps."""
+    """EMA of the input-feature norms (noted by the layers, folded in `after_forward`) and the per-row pruning of A
+    after optimizer steps."""
+
+    state_attrs = ("input_norm_ema",)
 
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: PriLoraConfig) -> None:
         super().__init__(model, layers, config)
         self.input_norm_ema: dict[str, Tensor] = {}
-        self._handles: list[Any] = []
 
     def prilora_layers(self) -> dict[str, PriLoraLayer]:
         return {n: layer for n, layer in self.layers.items() if isinstance(layer, PriLoraLayer)}
@@ -145,26 +154,18 @@ class PriLoraHooks(TrainingHooks):
             raise TrainingError(f"final_steps={self.config.final_steps} leaves no step to prune in a training of "
                                 f"{total_steps} steps; lower final_steps or train longer")
         super().on_train_begin(total_steps)
-        if not self._handles:
-            for name, layer in self.prilora_layers().items():
-                self._handles.append(layer.register_forward_pre_hook(self._recorder(name)))
 
-    def _recorder(self, name: str) -> Any:
+    def after_forward(self, batch: Any, loss: Tensor, logits: Tensor | None) -> None:
+        """Fold each layer's input norms of this forward into its EMA: ``n ← β·n + (1 − β)·‖x_j‖``."""
         beta = self.config.ema_beta
-
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            # Not in backward: gradient checkpointing reruns the forward there, and each batch counts once.
-            # (torch's private graph-task id is -1 outside backward; torch's own FSDP tests it the same way.)
-            if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
-                return
-            x = args[0].detach()
-            norms = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]).float(), dim=0)
+        for name, layer in self.prilora_layers().items():
+            norms, layer.input_norms = layer.input_norms, None
+            if norms is None:
+                continue
             previous = self.input_norm_ema.get(name)
             if previous is not None:
                 norms = beta * previous.to(norms.device) + (1 - beta) * norms
             self.input_norm_ema[name] = norms
-
-        return record
 
     @torch.no_grad()
     def share_norms(self) -> None:

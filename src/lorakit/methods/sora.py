@@ -108,6 +108,8 @@ def soft_threshold(g: Tensor, xi: float) -> Tensor:
 class SoraHooks(TrainingHooks):
     """L1 term, gate parameter group, proximal step and the sparsifying schedule."""
 
+    state_attrs = ("current_threshold",)
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: SoraConfig) -> None:
         super().__init__(model, layers, config)
         self.current_threshold = config.threshold

@@ -112,6 +112,8 @@ class BoostingHooks(TrainingHooks):
     """Rounds of boosters shared by XGBLoRA and Chain of LoRA: which layers are boosted, when a round ends,
     the merge, fresh boosters and the optimizer reset.  Subclasses define `round_length`."""
 
+    state_attrs = ("round", "round_steps", "active")
+
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AdapterConfig) -> None:
         super().__init__(model, layers, config)
         self.round = 0
@@ -180,6 +182,8 @@ class BoostingHooks(TrainingHooks):
 class XgbLoraHooks(BoostingHooks):
     """XGBLoRA's rounds: κ steps, or the loss-plateau rule when ``patience`` is set (the loss comes from
     ``after_loss``); at a round's end only the boosters' optimizer state is reset."""
+
+    state_attrs = ("pending", "smoothed", "best", "stale")
 
     def __init__(self, model: nn.Module, layers: dict[str, AdapterLayer], config: AdapterConfig) -> None:
         super().__init__(model, layers, config)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import api
+from ..core.driver import data_init, init_batches
 from ..core.registry import get_method
 from ..errors import ConfigError, TrainingError
 from ..methods.lora_sb import first_step_lr
@@ -330,13 +331,12 @@ def attach_method(model: nn.Module, run: RunConfig, spec: TaskSpec, features: li
         model.requires_grad_(True)
         return
     config = method_config(run, spec, model)
-    data = None
-    if get_method(run.method).needs_data:
+    needs_data = get_method(run.method).needs_data
+    api.attach(model, config, initialize=not needs_data)
+    if needs_data:
         device = next(model.parameters()).device
-        head = features[: run.init_samples]
-        data = [collate(head[i:i + run.batch_size], pad_id).to(device).inputs
-                for i in range(0, len(head), run.batch_size)]
-    api.attach(model, config, data=data)
+        data_init(model, init_batches(features, run.init_samples, run.batch_size,
+                                      lambda chunk: collate(chunk, pad_id).to(device).inputs))
 
 
 def run_training(run: RunConfig) -> RunResult:

@@ -7,18 +7,19 @@ hooks exactly where `lorakit.core.hooks` says::
     hooks.on_train_begin(steps)
     every step:  hooks.before_forward(step)
                  for each of grad_accum micro-batches: (task loss + hooks.regularizer()).backward()
+                     (`lorakit.core.driver.step_loss`: hooks.after_forward(batch, loss, logits) in between)
                  hooks.after_loss(step, the step's task loss)
                  [under torchrun: gradients summed across ranks, see `_Distributed`]
                  clip; hooks.after_backward(step); set this step's lr; optimizer.step()
                  hooks.after_step(step); optimizer.zero_grad()
-                 a fresh optimizer from hooks.build_optimizer if hooks.optimizer_reset_requested
+                 a fresh optimizer if hooks.optimizer_reset_requested (`lorakit.core.driver.reset_optimizer`)
                  log, evaluate, checkpoint
 
 Checkpoints (``output_dir/checkpoint``: safetensors + JSON, never pickle) hold the adapter, the
 optimizer state, the step, the RNG states, the batcher position and the hooks' counters; the whole
-directory is written beside the old one, flushed to disk (fsync) and swapped in, so ``resume=True`` always
-finds a complete checkpoint and continues bit for bit (on CPU) as if the run had never stopped; a write that
-fails (disk full) is a `TrainingError` that leaves the last checkpoint in place.
+directory is written beside the old one, flushed to disk (fsync) and swapped in (`lorakit.core.checkpoint`),
+so ``resume=True`` always finds a complete checkpoint and continues bit for bit (on CPU) as if the run had
+never stopped; a write that fails (disk full) is a `TrainingError` that leaves the last checkpoint in place.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,14 +47,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..api import STATE_ATTR, AdapterState
+from ..core.checkpoint import find_latest, write_atomically
+from ..core.driver import build_optimizer, load_adapter_tensors, reset_optimizer, step_loss, trainable
 from ..core.hooks import TrainingHooks
-from ..core.loss import model_loss
 from ..errors import AdapterFileError, ConfigError, TrainingError
 from ..io.persistence import (
-    SAVED_PREFIX,
     _atomic_write,
     adapter_tensors,
-    check_adapter_tensors,
     read_adapter_tensors,
     save,
 )
@@ -394,10 +393,7 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], meta: Mapping[str, Any])
 
 def find_checkpoint(out: Path) -> Path | None:
     """The last complete checkpoint in ``out``: ``checkpoint/``, or the previous one if a swap was interrupted."""
-    for directory in (out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}-old"):
-        if (directory / STATE_JSON).is_file():
-            return directory
-    return None
+    return find_latest(out, CHECKPOINT_DIR, STATE_JSON)
 
 
 def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
@@ -420,38 +416,6 @@ def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
         raise AdapterFileError(f"{path} is incomplete or damaged (missing {missing or 'valid config/progress'}); "
                                f"delete {directory} to start over")
     return meta
-
-
-def _fsync_tree(directory: Path, files: bool = True) -> None:
-    """Flush ``directory``'s files (with ``files``) and the directory entry itself to disk."""
-    if files:
-        for path in directory.rglob("*"):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@torch.no_grad()
-def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
-    """Copy a saved adapter's tensors (``lorakit.save``'s names) into the adapter attached to ``model``,
-    rebuilding any base offset (merged rounds, moved W0)."""
-    state: AdapterState = getattr(model, STATE_ATTR)
-    check_adapter_tensors(model, dict(tensors), source)
-    for name, layer in state.layers.items():
-        own = {k[len(name) + 1:]: v for k, v in tensors.items()
-               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
-        layer.load_adapter_state(own)
-    for name, (_, module) in state.saved_modules.items():
-        for key, tensor in module.state_dict().items():
-            tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -585,7 +549,7 @@ def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config:
     ddp = _Distributed(device)
     try:
         return _Run(model, train_features, config, eval_fn, collate or functools.partial(
-            data.collate, pad_token_id=pad_token_id), loss_fn or model_loss, ddp).run()
+            data.collate, pad_token_id=pad_token_id), loss_fn, ddp).run()
     finally:
         ddp.close()
 
@@ -594,7 +558,7 @@ class _Run:
     """One call of `train`: the loop in `run`, the checkpoint in `save_checkpoint` / `resume`."""
 
     def __init__(self, model: nn.Module, features: Sequence[Mapping[str, Any]], config: TrainConfig,
-                 eval_fn: EvalFn | None, collate: Callable[[list[Mapping[str, Any]]], Batch], loss_fn: LossFn,
+                 eval_fn: EvalFn | None, collate: Callable[[list[Mapping[str, Any]]], Batch], loss_fn: LossFn | None,
                  ddp: _Distributed):
         self.model, self.features, self.config = model, features, config
         self.eval_fn, self.collate, self.loss_fn, self.ddp = eval_fn, collate, loss_fn, ddp
@@ -692,9 +656,8 @@ class _Run:
             mine = sum(_targets(self.features[i]) for i in shard)
             weight = 0.0 if idle else (mine / everyone if everyone else len(shard) / len(indices)) / config.grad_accum
             batch = self.collate([self.features[i] for i in shard]).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                task = self.loss_fn(self.model, batch.inputs).float()
-            reg = hooks.regularizer()
+            task, reg = step_loss(self.model, batch.inputs, hooks, self.loss_fn,
+                                  torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16))
             loss = task if reg is None else task + reg
             (loss * weight).backward()
             totals[0] += task.detach().double() * weight
@@ -726,22 +689,16 @@ class _Run:
         hooks.after_step(step)
         self.optimizer.zero_grad(set_to_none=True)
         if hooks.optimizer_reset_requested:
-            self.optimizer = self.build_optimizer()
+            reset_optimizer(self.model, hooks, self.optimizer, self.config.lr, self.config.weight_decay)
         return _StepStats(task_loss, reg_value if has_reg else None, grad_norm, int(real), int(padded),
                           time.perf_counter() - start)
 
     # -- helpers -----------------------------------------------------------------------------------------
     def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return trainable(self.model)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        params = self.trainable()
-        if not params:
-            raise TrainingError("the model has no trainable parameters; attach an adapter (lorakit.attach) first")
-        optimizer = self.hooks.build_optimizer(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        for group in optimizer.param_groups:  # the schedule scales each group's own lr (LoRA+ has several)
-            group["base_lr"] = group["lr"]
-        return optimizer
+        return build_optimizer(self.model, self.hooks, self.config.lr, self.config.weight_decay)
 
     def check_ranks_agree(self) -> None:
         """Under torchrun every rank must start from the same adapter (same seeds and init data)."""
@@ -818,26 +775,19 @@ class _Run:
                 "hooks": hook_state,
                 "trainable": [n for n, p in self.model.named_parameters() if p.requires_grad],
                 "progress": dataclasses.asdict(self.progress)}
-        final, tmp, old = (self.out / CHECKPOINT_DIR, self.out / f".{CHECKPOINT_DIR}-tmp",
-                           self.out / f".{CHECKPOINT_DIR}-old")
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+
+        def write(tmp: Path) -> None:
             if self.adapter is not None:
                 save(self.model, tmp)
             save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-            _fsync_tree(tmp)
+
+        try:
+            final = write_atomically(self.out, CHECKPOINT_DIR, write)
         except (OSError, SafetensorError) as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(f"could not write the checkpoint of step {self.progress.step} in {tmp} ({err}); "
-                                f"free disk space and resume. {self.checkpoint_note()}") from None
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_tree(self.out, files=False)
-        shutil.rmtree(old, ignore_errors=True)
+            raise TrainingError(f"could not write the checkpoint of step {self.progress.step} in "
+                                f"{self.out / f'.{CHECKPOINT_DIR}-tmp'} ({err}); free disk space and resume. "
+                                f"{self.checkpoint_note()}") from None
         logger.info("checkpoint at step %d in %s", self.progress.step, final)
 
     def resume(self) -> None:
