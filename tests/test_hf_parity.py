@@ -3,7 +3,7 @@
 
 Both front ends are configured identically: the same batches in the same order (lorakit's seeded batch order, fed
 to the Trainer as a sequential data set), constant lr without warm-up, clipping at 1.0, AdamW without weight decay
-(the method's `build_optimizer` under `LorakitTrainer`), data-driven inits run once at attach on the same batches.
+(the method's `build_optimizer`: `LorakitTrainer`, which resuming needs), data-driven inits run once at attach on the same batches.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 import lorakit
 import tests.tiny_models as tiny
-from lorakit.core.hooks import TrainingHooks
 from lorakit.integrations.hf import LorakitCallback, LorakitTrainer
 from lorakit.io.persistence import adapter_tensors
 from lorakit.train import data
-from lorakit.train.trainer import TrainConfig, _Batches, train
+from lorakit.train.trainer import LOG_FILE, TrainConfig, _Batches, read_log, train
 from tests.tiny_models import KINDS, VOCAB
 
-STEPS, BATCH, LR, SAVE_EVERY, KILLED_AT = 4, 4, 1e-3, 2, 3
+STEPS, BATCH, LR, SAVE_EVERY = 4, 4, 1e-3, 2
 LLAMA = KINDS["llama"]
 
 
@@ -58,60 +57,44 @@ def attached(name: str) -> torch.nn.Module:
     return model
 
 
-def needs_trainer_mixin(model: torch.nn.Module) -> bool:
-    hooks = type(lorakit.hooks(model))
-    return any(getattr(hooks, h) is not getattr(TrainingHooks, h)
-               for h in ("regularizer", "after_loss", "build_optimizer"))
-
-
-class StopAt(TrainerCallback):
-    """A kill after step ``step`` (the last checkpoint is older)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
-def hf_run(name: str, out: Path, *, stop_at: int | None = None, resume: bool = False,
-           integrated: bool = True) -> tuple[torch.nn.Module, list[float]]:
+def hf_run(name: str, out: Path, resume_from: Path | None = None) -> tuple[torch.nn.Module, list[float]]:
     model = attached(name)
     args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR,
                              lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                              optim="adamw_torch", train_sampling_strategy="sequential", save_strategy="steps",
                              save_steps=SAVE_EVERY, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
                              seed=0, dataloader_num_workers=0)
-    callbacks = [LorakitCallback(init_batches=0)] + ([StopAt(stop_at)] if stop_at else [])
-    trainer_class = LorakitTrainer if integrated or needs_trainer_mixin(model) else Trainer
-    trainer = trainer_class(model=model, args=args, train_dataset=in_lorakit_order(), data_collator=collate,
+    callbacks = [LorakitCallback(init_batches=0)]
+    trainer = LorakitTrainer(model=model, args=args, train_dataset=in_lorakit_order(), data_collator=collate,
                             callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 @pytest.mark.parametrize("name", sorted(lorakit.methods()))
 def test_hf_trainer_matches_lorakit_trainer_and_resumes_bitwise(tmp_path, name):
+    """The Trainer's logged loss is the objective (task loss + the method's regularizer); lorakit logs both terms.
+    The resumed Trainer starts from the uninterrupted run's ``checkpoint-2`` (a kill there leaves the same files;
+    `test_hf_checkpoints` kills a run for real)."""
     model = attached(name)
-    ours = train(model, FEATURES, TrainConfig(steps=STEPS, batch_size=BATCH, lr=LR, schedule="constant",
-                                               max_grad_norm=1.0, group_by_length=False, seed=0, progress=False,
-                                               log_every=0))
+    train(model, FEATURES, TrainConfig(steps=STEPS, batch_size=BATCH, lr=LR, schedule="constant", max_grad_norm=1.0,
+                                       group_by_length=False, seed=0, progress=False, log_every=1,
+                                       output_dir=str(tmp_path / "lorakit"), save_adapter=False))
     expected = adapter_tensors(model)
+    objective = [r["loss"] + r.get("regularizer", 0.0) for r in read_log(tmp_path / "lorakit" / LOG_FILE)]
 
-    full, losses = hf_run(name, tmp_path / "full", integrated=False)
-    assert losses == pytest.approx(ours.losses, abs=1e-5, rel=0)
+    full, losses = hf_run(name, tmp_path / "full")
+    assert losses == pytest.approx(objective, abs=1e-5, rel=0)
     got = adapter_tensors(full)
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0, msg=key)
 
-    hf_run(name, tmp_path / "killed", stop_at=KILLED_AT)
-    resumed, resumed_losses = hf_run(name, tmp_path / "killed", resume=True)
+    resumed, resumed_losses = hf_run(name, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint-2")
     assert resumed_losses == losses
     final, resumed_state = full.state_dict(), resumed.state_dict()
     assert final.keys() == resumed_state.keys()
     for key in final:  # the base weights too: a data-driven init's W0 offset is not applied twice
         assert torch.equal(final[key], resumed_state[key]), key
-    saved = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))  # on_train_end
+    saved = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))  # on_train_end
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
