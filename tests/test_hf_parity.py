@@ -3,7 +3,10 @@
 
 Both front ends are configured identically: the same batches in the same order (lorakit's seeded batch order, fed
 to the Trainer as a sequential data set), constant lr without warm-up, clipping at 1.0, AdamW without weight decay
-(the method's `build_optimizer`: `LorakitTrainer`, which resuming needs), data-driven inits run once at attach on the same batches.
+(the method's `build_optimizer`: `LorakitTrainer`, which resuming needs), data-driven inits run once at attach on the same batches,
+and the same loss, ``model(**batch).loss`` (lorakit's default computes the logits of the supervised positions only,
+and the Trainer divides a sum by the batch's token count: both round differently, and Adam turns a 1e-7 rounding
+difference in a near-zero gradient into a 3e-5 difference of BA-LoRA's adapter after four steps).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def hf_run(name: str, out: Path, resume_from: Path | None = None) -> tuple[torch
     callbacks = [LorakitCallback(init_batches=0)]
     trainer = LorakitTrainer(model=model, args=args, train_dataset=in_lorakit_order(), data_collator=collate,
                             callbacks=callbacks)
+    trainer.model_accepts_loss_kwargs = False  # model(**batch).loss, the mean, as lorakit's trainer below
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -79,7 +83,8 @@ def test_hf_trainer_matches_lorakit_trainer_and_resumes_bitwise(tmp_path, name):
     model = attached(name)
     train(model, FEATURES, TrainConfig(steps=STEPS, batch_size=BATCH, lr=LR, schedule="constant", max_grad_norm=1.0,
                                        group_by_length=False, seed=0, progress=False, log_every=1,
-                                       output_dir=str(tmp_path / "lorakit"), save_adapter=False))
+                                       output_dir=str(tmp_path / "lorakit"), save_adapter=False),
+          loss_fn=lambda m, batch: m(**batch).loss)
     expected = adapter_tensors(model)
     objective = [r["loss"] + r.get("regularizer", 0.0) for r in read_log(tmp_path / "lorakit" / LOG_FILE)]
 
@@ -94,7 +99,8 @@ def test_hf_trainer_matches_lorakit_trainer_and_resumes_bitwise(tmp_path, name):
     assert resumed_losses == losses
     final, resumed_state = full.state_dict(), resumed.state_dict()
     assert final.keys() == resumed_state.keys()
-    for key in final:  # the base weights too: a data-driven init's W0 offset is not applied twice
-        assert torch.equal(final[key], resumed_state[key]), key
+    differ = {k: float((final[k] - resumed_state[k]).abs().max()) for k in final
+              if not torch.equal(final[k], resumed_state[k])}
+    assert not differ  # the base weights too: a data-driven init's W0 offset is not applied twice
     saved = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))  # on_train_end
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
