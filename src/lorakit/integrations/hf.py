@@ -35,6 +35,16 @@ regularizer (BA-LoRA, XGBLoRA, AdaLoRA), read the forward or the loss (``after_f
 plain Trainer; ``class MySFT(LorakitTrainerMixin, SFTTrainer)`` for TRL).  The callback refuses to start
 without it for those methods instead of silently training something else.
 
+Checkpoints (``checkpoint-N``, written by ``save_strategy``) hold the lorakit adapter (``adapter_config.json`` +
+``adapter_model.safetensors``, what `lorakit.load` reads), the hooks' state and the trainable parameter names
+(``lorakit_state.json`` + ``lorakit_state.safetensors``, `TrainingHooks.state_dict`), and transformers' own
+optimizer, scheduler, RNG and trainer state; never the full model (``on_save`` deletes the weights
+``save_pretrained`` wrote, `LorakitTrainerMixin._save` does not write them).  ``train(resume_from_checkpoint=...)``
+needs `LorakitTrainerMixin` (transformers' own loader knows only whole models and PEFT adapters): it restores the
+adapter and the trainable set before the optimizer is built, the hooks' state after ``hooks.on_train_begin``,
+and never re-runs a data-driven init (LoRA-GA, PiSSA, OLoRA, LoRA-SB moved W0 once; doing it again would move it
+twice).  ``on_train_end`` saves the final adapter to ``output_dir/adapter``.
+
 ``gradient_checkpointing=True`` in the arguments works with every method.  DeepSpeed ZeRO-3 and accelerate's FSDP
 are refused with a clear error (see `_refuse_sharding`); lorakit's own trainer shards with FSDP2 instead.
 
@@ -44,12 +54,17 @@ data-driven method the callback then runs its init, unless ``init_batches=0`` (a
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -57,13 +72,23 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
-from ..core.driver import data_init, loader_batches, reset_optimizer
+from ..core.driver import data_init, load_adapter_tensors, loader_batches, reset_optimizer
 from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
-from ..errors import LorakitError
+from ..errors import AdapterFileError, LorakitError
+from ..io.persistence import WEIGHTS_NAME, read_adapter_tensors, save
 from ..methods.lora_sb import LoraSbConfig, first_step_lr
+from ..train.trainer import ADAPTER_DIR
 
 logger = logging.getLogger(__name__)
+
+STATE_JSON = "lorakit_state.json"
+STATE_TENSORS = "lorakit_state.safetensors"
+STATE_FORMAT = "lorakit-hf-checkpoint"
+STATE_VERSION = 1
+# What ``save_pretrained`` writes for the whole model: a checkpoint must not hold it (see `LorakitCallback.on_save`).
+_FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -88,6 +113,66 @@ def _refuse_sharding(args: TrainingArguments, model: nn.Module) -> None:
                            "shards the frozen base weights and keeps the adapter whole")
 
 
+def save_checkpoint_state(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the adapter (`lorakit.save`), the hooks' state (`TrainingHooks.state_dict`) and the names of the
+    trainable parameters into ``directory``, and delete any whole-model weights there."""
+    out = Path(directory)
+    state = get_state(model)
+    save(model, out)
+    plain, tensors, unsupported = state.hooks.state_dict()
+    if unsupported:
+        logger.warning("the %s hooks hold state that the checkpoint cannot carry (%s): a resumed run will not "
+                       "match an uninterrupted one exactly", type(state.hooks).__name__, ", ".join(unsupported))
+    save_file(tensors, str(out / STATE_TENSORS), metadata={"format": STATE_FORMAT})
+    meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "hooks": plain,
+            "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
+    (out / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    for name in _FULL_MODEL_FILES:
+        (out / name).unlink(missing_ok=True)
+    for shard in itertools.chain(out.glob("model-*-of-*.safetensors"), out.glob("pytorch_model-*-of-*.bin")):
+        shard.unlink()
+
+
+def _read_checkpoint_state(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``lorakit_state.json`` (checked) and its tensors."""
+    path = directory / STATE_JSON
+    if not path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise AdapterFileError(f"{directory} is not a lorakit checkpoint (expected {WEIGHTS_NAME} and {STATE_JSON} "
+                               "written by LorakitCallback; found neither or only one)")
+    try:
+        meta = json.loads(path.read_text())
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise AdapterFileError(f"the lorakit state in {directory} is corrupt ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION \
+            or not isinstance(meta.get("hooks"), dict) or not isinstance(meta.get("trainable"), list):
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterFileError(f"{path} is not a lorakit checkpoint state this version reads (expected format "
+                               f"{STATE_FORMAT!r} version {STATE_VERSION} with hooks and trainable; found {found!r})")
+    return meta, tensors
+
+
+def load_checkpoint_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copy the checkpoint's adapter into the attached one and restore which parameters train (before the
+    optimizer is built: boosting rounds and rank schedules change that set)."""
+    path = Path(directory)
+    meta, _ = _read_checkpoint_state(path)
+    load_adapter_tensors(model, read_adapter_tensors(path), str(path))
+    trainable = set(meta["trainable"])
+    unknown = trainable - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise AdapterFileError(f"{path / STATE_JSON}: trainable parameters {sorted(unknown)[:3]} are not in the "
+                               "model; the checkpoint belongs to another model or method")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+
+
+def load_checkpoint_hooks(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Restore the hooks' state saved by `save_checkpoint_state` (after ``hooks.on_train_begin``)."""
+    meta, tensors = _read_checkpoint_state(Path(directory))
+    get_state(model).hooks.load_state_dict(meta["hooks"], tensors)
+
+
 class LorakitCallback(TrainerCallback):
     """Attach ``config``'s method to the Trainer's model and call its training hooks at every step.
 
@@ -103,6 +188,7 @@ class LorakitCallback(TrainerCallback):
         self.init_batches = init_batches
         self.loss_fn = loss_fn
         self.pending_init = False  # a data-driven init still has to run (at train begin)
+        self.resume_dir: Path | None = None  # the checkpoint LorakitTrainerMixin resumes from
         self.trainer_integrated = False  # set by LorakitTrainerMixin: it adds the regularizer, builds the optimizer
 
     def _state(self, model: nn.Module | None) -> AdapterState:
@@ -137,6 +223,14 @@ class LorakitCallback(TrainerCallback):
         if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
             self._gradients_through_checkpoints(model)
         adapter.hooks.on_train_begin(state.max_steps)
+        if self.resume_dir is not None:
+            load_checkpoint_hooks(model, self.resume_dir)
+            self.resume_dir = None
+            self.pending_init = False
+        elif state.global_step > 0 and self.pending_init:
+            raise LorakitError(f"resuming at step {state.global_step} without LorakitTrainerMixin: "
+                               f"{adapter.method.name}'s data-driven init would run again on the checkpoint's "
+                               "weights; train with lorakit.integrations.hf.LorakitTrainer (or the mixin)")
         if not self.pending_init:
             return
         if self.init_batches == 0 or train_dataloader is None:
@@ -200,6 +294,19 @@ class LorakitCallback(TrainerCallback):
             group["initial_lr"] = group["lr"]
             group["lr"] *= factor
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: nn.Module | None = None, **kwargs: Any) -> None:
+        """Put the adapter and the hooks' state in the checkpoint just written, instead of the whole model."""
+        self._state(model)
+        if args.should_save:
+            save_checkpoint_state(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     model: nn.Module | None = None, **kwargs: Any) -> None:
+        """Save the final adapter to ``output_dir/adapter`` (what `lorakit.load` reads)."""
+        if args.should_save and model is not None and getattr(model, STATE_ATTR, None) is not None:
+            save(model, Path(args.output_dir) / ADAPTER_DIR)
+
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                model: nn.Module | None = None, **kwargs: Any) -> None:
         metrics = self._state(model).hooks.metrics()
@@ -219,6 +326,20 @@ class LorakitTrainerMixin:
             raise LorakitError("LorakitTrainer needs a LorakitCallback: pass callbacks=[LorakitCallback(config)]")
         for callback in callbacks:
             callback.trainer_integrated = True
+        self._lorakit_callbacks = callbacks
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``save_model`` and checkpoints: the lorakit adapter, not the whole model."""
+        if self.args.should_save:
+            save(self.model, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume: the checkpoint's adapter and trainable set now; its hooks' state at train begin (after
+        ``hooks.on_train_begin``); no data-driven init."""
+        load_checkpoint_adapter(model if model is not None else self.model, resume_from_checkpoint)
+        for callback in self._lorakit_callbacks:
+            callback.resume_dir = Path(resume_from_checkpoint)
+            callback.pending_init = False
 
     def _lorakit_hooks(self) -> TrainingHooks:
         return get_state(self.model).hooks
