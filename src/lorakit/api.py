@@ -17,7 +17,7 @@ from .config import AdapterConfig
 from .core import quant
 from .core.hooks import TrainingHooks
 from .core.inject import find_modules_to_save, find_targets, replace_module
-from .core.layer import AdapterLayer, base_shape
+from .core.layer import AdapterLayer, base_shape, originals_kept
 from .core.registry import Method, get_method
 from .errors import ConfigError, LorakitError
 
@@ -112,11 +112,12 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
                          flags, str(name_or_path), layer_fingerprints(layers))
     setattr(model, STATE_ATTR, state)
     if initialize and method.initialize is not None:
-        try:
-            method.initialize(model, layers, config, data, loss_fn)
-        except BaseException:
-            detach(model)
-            raise
+        with originals_kept(layers.values()):  # while the init runs, so a failed attach restores W0 bit for bit
+            try:
+                method.initialize(model, layers, config, data, loss_fn)
+            except BaseException:
+                detach(model)
+                raise
     return model
 
 

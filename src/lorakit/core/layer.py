@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +57,21 @@ def keep_original() -> Iterator[None]:
         _KEEP_ORIGINAL = previous
 
 
-def keeping_original() -> bool:
-    """Whether layers built now keep their untouched W0 (inside `keep_original`)."""
-    return _KEEP_ORIGINAL
+@contextlib.contextmanager
+def originals_kept(layers: Iterable[AdapterLayer]) -> Iterator[None]:
+    """Inside the block `move_base` keeps each float W0, so a failed init or load is undone bit for bit by
+    `restore_base`; when the block succeeds the copies are dropped, except in layers built inside `keep_original`."""
+    layers = list(layers)
+    flags = [layer.keep_original for layer in layers]
+    for layer in layers:
+        layer.keep_original = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, flags):
+            layer.keep_original = flag
+            if not flag and layer.quant is None and not isinstance(layer.original_weight, DTensor):
+                layer.original_weight = None
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:

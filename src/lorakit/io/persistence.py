@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..api import STATE_ATTR, attach, detach, get_state
 from ..config import AdapterConfig
 from ..core.inject import find_targets
-from ..core.layer import AdapterLayer, base_shape, keep_original, keeping_original, skip_init
+from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
 from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import Method, get_method
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError, TargetError
@@ -49,7 +49,7 @@ MAX_CONFIG_BYTES = 64 << 20
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # A loaded tensor, update or base offset with entries beyond MAX_UPDATE_RATIO * max(1, max|W0|) is refused: no
 # training produces one, and it overflows the activations (e.g. alpha = 1e30 in a hand-edited config).
-MAX_UPDATE_RATIO = 1e3
+MAX_UPDATE_RATIO = 1e5
 
 
 def weight_fingerprint(weight: Tensor, quant: str | None = None) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model).items()}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(
-        tensors, p, metadata={"format": "lorakit", "lorakit_format_version": str(FORMAT_VERSION)}))
+        tensors, p, metadata={"format": "lorakit"}))  # one key: safetensors writes a map in random order
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return out
 
@@ -290,28 +290,24 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     _check_targets(path, data, config, targets)
     offsets = _declared_offsets(path, method, data, targets)
 
-    keeping = keeping_original()
-    try:  # W0 is kept until the load is checked, so a refused load puts it back bit for bit
-        with skip_init(), keep_original():
+    try:
+        with skip_init():
             attach(model, config, initialize=False)  # a failed attach leaves the model as it was
     except ConfigError as err:
         raise AdapterConfigError(f"{path / CONFIG_NAME}: {err}") from err
     except LorakitError as err:
         raise AdapterFileError(f"{path / CONFIG_NAME}: {err}") from err
-    try:
-        state = get_state(model)
-        state.base_model_name = data.get("base_model", "")
-        _check_tensors(adapter_tensors(model), tensors, path)
-        _check_offsets(state.layers, offsets, tensors, path)
-        copy_adapter_tensors(model, tensors)
-        _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
-    except BaseException:
-        detach(model)
-        raise
-    if not keeping:  # checked: drop the float W0 copies kept for the roll-back (a packed W0 is the base's own)
-        for layer in state.layers.values():
-            if layer.quant is None:
-                layer.original_weight, layer.keep_original = None, False
+    state = get_state(model)
+    with originals_kept(state.layers.values()):  # until checked, so a refused load puts W0 back bit for bit
+        try:
+            state.base_model_name = data.get("base_model", "")
+            _check_tensors(adapter_tensors(model), tensors, path)
+            _check_offsets(state.layers, offsets, tensors, path)
+            copy_adapter_tensors(model, tensors)
+            _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
+        except BaseException:
+            detach(model)
+            raise
     return model
 
 
