@@ -131,13 +131,16 @@ def test_lora_sb_eta_is_the_runs_first_step_lr(tmp_path) -> None:
     from lorakit.integrations.hf import LorakitCallback
     from lorakit.methods.lora_sb import first_step_lr
     from lorakit.train.data import TaskSpec
-    from lorakit.train.run import RunConfig, method_config
+    from lorakit.train.run import ARITH_LORA_SB_ETA, RunConfig, method_config
 
     assert first_step_lr(1e-2, 5) == pytest.approx(2e-3) and first_step_lr(1e-3, 0) == 1e-3
     with pytest.raises(lorakit.ConfigError, match=r"needs init_lr.*first_step_lr"):
         lorakit.attach(tiny_llama(), lorakit.LoraSbConfig(r=2), data=make_batches())
     spec = TaskSpec(name="arith", type="causal-lm", metric="exact_match")
-    assert method_config(RunConfig(lr=1e-2, warmup_steps=5).resolved(), spec, None).init_lr == pytest.approx(2e-3)
+    derived = RunConfig(task="gsm8k", lr=1e-2, warmup_steps=5).resolved()
+    assert method_config(derived, spec, None).init_lr == pytest.approx(2e-3)
+    # the main job (built-in arith) keeps the official arithmetic script's η scale: lr / warm-up collapsed it
+    assert method_config(RunConfig(lr=1e-2, warmup_steps=5).resolved(), spec, None).init_lr == ARITH_LORA_SB_ETA
     given = RunConfig(lr=1e-2, method_options={"init_lr": 1e-6}).resolved()
     assert method_config(given, spec, None).init_lr == 1e-6
 
