@@ -15,9 +15,10 @@ from safetensors import SafetensorError
 
 import lorakit
 from lorakit.errors import TrainingError
-from lorakit.train import trainer as trainer_module
+from lorakit.train import state as state_module
+from lorakit.train.progress import read_log
 from lorakit.train.run import RunConfig
-from lorakit.train.trainer import TrainConfig, read_log, train
+from lorakit.train.trainer import TrainConfig, train
 from tests import test_cli
 from tests.test_cli import train_args
 from tests.test_trainer import llama_with, lm_features
@@ -94,7 +95,7 @@ def test_read_log_drops_a_torn_tail(tmp_path: Path, caplog: pytest.LogCaptureFix
 def test_a_failed_checkpoint_write_is_one_clear_error_and_keeps_the_last_one(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Disk full while writing the step-4 checkpoint: a `TrainingError` naming the intact step-2 checkpoint."""
-    real_save_file = trainer_module.save_file
+    real_save_file = state_module.save_file
     calls = []
 
     def full_disk(tensors, path, metadata=None):  # the second checkpoint hits a full disk
@@ -105,14 +106,14 @@ def test_a_failed_checkpoint_write_is_one_clear_error_and_keeps_the_last_one(tmp
             raise SafetensorError("Error while serializing: IoError(No space left on device)")
         real_save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(trainer_module, "save_file", full_disk)
+    monkeypatch.setattr(state_module, "save_file", full_disk)
     config = TrainConfig(steps=6, batch_size=4, save_every=2, output_dir=str(tmp_path), progress=False)
     with pytest.raises(TrainingError, match=r"checkpoint of step 4 .*No space left.*last good checkpoint "
                                             r"\(step 2\).*is intact"):
         train(llama_with(lorakit.LoraConfig(r=4)), lm_features(8), config)
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     assert not (tmp_path / ".checkpoint-tmp").exists()
-    monkeypatch.setattr(trainer_module, "save_file", real_save_file)
+    monkeypatch.setattr(state_module, "save_file", real_save_file)
     resumed = train(llama_with(lorakit.LoraConfig(r=4)), lm_features(8),
                     TrainConfig(steps=6, batch_size=4, save_every=2, output_dir=str(tmp_path), progress=False,
                                 resume=True))

@@ -11,6 +11,7 @@ difference in a near-zero gradient into a 3e-5 difference of BA-LoRA's adapter a
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ import tests.tiny_models as tiny
 from lorakit.integrations.hf import LorakitCallback, LorakitTrainer
 from lorakit.io.persistence import adapter_tensors
 from lorakit.train import data
-from lorakit.train.trainer import LOG_FILE, TrainConfig, _Batches, read_log, train
+from lorakit.train.progress import LOG_FILE, read_log
+from lorakit.train.trainer import TrainConfig, train
 from tests.tiny_models import KINDS, VOCAB
 
 STEPS, BATCH, LR, SAVE_EVERY = 4, 4, 1e-3, 2
@@ -45,8 +47,8 @@ FEATURES = features()
 
 def in_lorakit_order() -> list[dict]:
     """The examples of lorakit's first ``STEPS`` batches, in order: the Trainer reads them sequentially."""
-    batches = _Batches(FEATURES, BATCH, seed=0, group_by_length=False)
-    return [FEATURES[i] for _ in range(STEPS) for i in batches.next()]
+    batches = data.batch_indices(FEATURES, BATCH, seed=0, group_by_length=False)
+    return [FEATURES[i] for _, indices in itertools.islice(batches, STEPS) for i in indices]
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -16,8 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import lorakit
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.train import data, evaluate
+from lorakit.train.config import lr_factor
 from lorakit.train.data import Batch, Example
-from lorakit.train.trainer import TrainConfig, TrainResult, _Batches, lr_factor, train
+from lorakit.train.trainer import TrainConfig, TrainResult, train
 from tests import tiny_models as tiny
 from tests.tiny_models import KINDS, TinyMLP, output
 
@@ -52,13 +53,16 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
 # ---------------------------------------------------------------------------------------------- pieces
 
 
-def test_batcher_draws_the_same_batches_as_data_batches():
+def test_the_trainer_draws_the_same_batches_as_data_batches():
     feats = lm_features(13)
     for group in (True, False):
-        ours = _Batches(feats, 4, seed=5, group_by_length=group)
+        ours = data.batch_indices(feats, 4, seed=5, group_by_length=group)
         theirs = data.batches(feats, 4, seed=5, group_by_length=group, pad_token_id=0)
         for _ in range(12):  # three epochs
-            assert ours.next() == next(theirs).indices
+            batch = next(theirs)
+            assert next(ours) == (batch.epoch, batch.indices)
+    with pytest.raises(TrainingError, match="empty after encoding"):
+        data.batch_indices([], 4, seed=0)
 
 
 def test_lr_schedules():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import random
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import ConfigError, LorakitError
+from ..errors import ConfigError, LorakitError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -471,25 +472,35 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
     return batches
 
 
+def batch_indices(features: Sequence[dict[str, Any]], batch_size: int, seed: int,
+                  group_by_length: bool = True) -> Iterator[tuple[int, list[int]]]:
+    """``(epoch, indices)`` of every batch, forever: `batches`' order without collating (the trainer shards each
+    batch over its ranks, and skips the batches a checkpoint has drawn already)."""
+    if not features:
+        raise TrainingError("no training features to batch; the data set is empty after encoding")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
+    lengths = [len(f["input_ids"]) for f in features] if group_by_length else None
+
+    def epochs() -> Iterator[tuple[int, list[int]]]:
+        rng = random.Random(seed)
+        for epoch in itertools.count():
+            epoch_seed = rng.getrandbits(64)
+            order = (length_grouped_batches(lengths, batch_size, epoch_seed) if lengths is not None
+                     else random_batches(len(features), batch_size, epoch_seed))
+            for indices in order:
+                yield epoch, indices
+
+    return epochs()
+
+
 def batches(features: Sequence[dict[str, Any]], batch_size: int, seed: int, group_by_length: bool = True, *,
             pad_token_id: int, padding_side: Literal["right", "left"] = "right") -> Iterator[Batch]:
     """Collated batches forever, epoch after epoch; each epoch covers every feature once, reshuffled.
 
     Deterministic for a seed; ``batch.epoch`` counts epochs from 0. Stop after your step budget.
     """
-    if not features:
-        raise LorakitError("no training features to batch; the data set is empty after encoding")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
-    rng = random.Random(seed)
-    lengths = [len(f["input_ids"]) for f in features]
-    epoch = 0
-    while True:
-        epoch_seed = rng.getrandbits(64)
-        order = (length_grouped_batches(lengths, batch_size, epoch_seed) if group_by_length
-                 else random_batches(len(features), batch_size, epoch_seed))
-        for indices in order:
-            batch = collate([features[i] for i in indices], pad_token_id, padding_side)
-            batch.epoch, batch.indices = epoch, indices
-            yield batch
-        epoch += 1
+    for epoch, indices in batch_indices(features, batch_size, seed, group_by_length):
+        batch = collate([features[i] for i in indices], pad_token_id, padding_side)
+        batch.epoch, batch.indices = epoch, indices
+        yield batch

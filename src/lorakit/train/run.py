@@ -31,8 +31,10 @@ from ..errors import ConfigError, TrainingError
 from ..methods.lora_sb import first_step_lr
 from ..models import load_model
 from . import evaluate
+from .config import SCHEDULES, TrainConfig
 from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, load_task
-from .trainer import SCHEDULES, TrainConfig, TrainResult, find_checkpoint, read_checkpoint_meta, train
+from .state import find_checkpoint, read_checkpoint_meta
+from .trainer import TrainResult, train
 
 logger = logging.getLogger(__name__)
 
