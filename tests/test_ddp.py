@@ -4,10 +4,6 @@ global batch."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,20 +11,12 @@ from safetensors.torch import load_file
 
 from lorakit.io.persistence import adapter_tensors
 from tests.ddp_train import build_model, run
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.torchrun import torchrun
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     single = run(str(tmp_path / "single"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "tests/ddp_train.py", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=180)
-    except subprocess.TimeoutExpired:
-        pytest.fail("torchrun with 2 processes did not finish in 180 s")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("tests/ddp_train.py", tmp_path / "ddp", timeout=180)
 
     a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))

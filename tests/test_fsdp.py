@@ -5,10 +5,6 @@ resume a sharded run bit for bit."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,19 +16,11 @@ from lorakit.errors import ConfigError
 from lorakit.train.trainer import TrainConfig, train
 from tests.ddp_train import features
 from tests.fsdp_train import METHODS, build_model, run
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.torchrun import torchrun
 
 
 def test_sharded_runs_match_single_process_runs_and_write_the_same_adapter(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "tests/fsdp_train.py", str(tmp_path / "fsdp")], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail("torchrun with 2 processes did not finish in 300 s")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("tests/fsdp_train.py", tmp_path / "fsdp", timeout=300)
     sharded = json.loads((tmp_path / "fsdp" / "sharded.json").read_text())
     # q_proj is 32 x 32: each of the 2 ranks held 16 rows of the base weight, as a DTensor; the ranks' adapters agree
     assert sharded == {name: {"type": "DTensor", "local_rows": 16, "ranks_agree": True}
