@@ -117,15 +117,15 @@ class _Run:
         if config.fsdp:  # each rank keeps 1/world of the frozen base weights
             shard_frozen_base(model, ranks)
         batches = data.batch_indices(self.features, config.batch_size, config.seed, config.group_by_length)
-        torch.manual_seed(config.seed)
-        self.hooks.on_train_begin(config.steps)
+        torch.manual_seed(config.seed)  # the same dropout masks on every rerun (a resume restores the stream)
+        self.hooks.on_train_begin(config.steps)  # methods with schedules (AdaLoRA's budget) need the length
         self.optimizer = build_optimizer(model, self.hooks, config.lr, config.weight_decay)
         self.progress, drawn = Progress(), 0
         if config.resume and (resumed := self.checkpoints.resume(model, self.hooks)) is not None:
             self.optimizer, self.progress, drawn = resumed
         self.batches: Iterator[tuple[int, list[int]]] = itertools.islice(batches, drawn, None)  # the unseen ones
-        self.epoch = -1
-        ranks.check_same_start(model)
+        self.epoch = -1  # the epoch of the last batch drawn, for the log
+        ranks.check_same_start(model)  # summed gradients only mean something if every rank starts equal
         self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.restore_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
         self.log = RunLog(self.out, config, self.progress.step, self.is_main)
