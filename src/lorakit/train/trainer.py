@@ -177,14 +177,14 @@ class _Run:
                 totals[3] += batch.padded_tokens if "input_ids" in batch.inputs else batch.real_tokens
         self.ranks.sum_(totals)  # every rank logs, checks and hands the hooks the same step loss
         task_loss, reg_value, real, padded = totals.tolist()
-        if not math.isfinite(task_loss + reg_value):
+        if not math.isfinite(task_loss + reg_value):  # stop before a NaN reaches the adapter or a checkpoint
             raise TrainingError(f"the training loss is {task_loss + reg_value} at step {step + 1}; stopped before "
                                 f"the optimizer step. {self.checkpoints.note()} Lower the lr, enable clipping "
                                 "(max_grad_norm) or check the data.")
         hooks.after_loss(step, task_loss)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self.ranks.sum_grads(params)  # data parallel: every rank now holds the global batch's gradient
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))  # as HF clips
         if not math.isfinite(grad_norm):
             raise TrainingError(f"the gradient norm is {grad_norm} at step {step + 1}; stopped before the optimizer "
                                 f"step. {self.checkpoints.note()} Lower the lr or check the data.")
