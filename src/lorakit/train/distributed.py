@@ -1,5 +1,5 @@
 """torchrun for `lorakit.train.trainer.train`: the process group and the collectives of a step (`Ranks`), and FSDP2
-sharding of the frozen base weights (`shard_frozen_base`).
+sharding of the frozen base weights (`shard_frozen_base`, which the Hugging Face integration uses too).
 
 Data parallelism: every rank computes its share of each micro-batch (`Ranks.share`), weighting its mean loss so that
 the sum over ranks is exactly the single-process mean, and the gradients are summed over ranks before clipping.
@@ -107,12 +107,21 @@ class Ranks:
             raise TrainingError("the ranks start from different adapters: build the model and attach the adapter "
                                 "identically on every rank (same seed, same init data)")
 
+    def check_fsdp(self, model: nn.Module) -> None:
+        """``fsdp=True`` needs several ranks and a model that `shard_frozen_base` has not sharded yet."""
+        if not self.active:
+            raise ConfigError("fsdp=True shards the model across torchrun ranks: launch with torchrun "
+                              "--nproc_per_node N (N >= 2), or train without fsdp")
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise ConfigError("fsdp=True: the model is already sharded; give train() the unsharded model with "
+                              "its adapter attached, and it shards the frozen base weights itself")
+
     def close(self) -> None:
         if self.created:
             dist.destroy_process_group()
 
 
-def shard_frozen_base(model: nn.Module, ranks: Ranks) -> None:
+def shard_frozen_base(model: nn.Module, device: torch.device) -> None:
     """FSDP2 (``fully_shard``) over the torchrun ranks: each transformers block (``_no_split_modules``), the decoder,
     the output head and the rest are units whose frozen weights each rank holds 1/world of and all-gathers for its
     forward and backward.
@@ -125,17 +134,11 @@ def shard_frozen_base(model: nn.Module, ranks: Ranks) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if not ranks.active:
-        raise ConfigError("fsdp=True shards the model across torchrun ranks: launch with torchrun "
-                          "--nproc_per_node N (N >= 2), or train without fsdp")
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise ConfigError("fsdp=True: the model is already sharded; give train() the unsharded model with "
-                          "its adapter attached, and it shards the frozen base weights itself")
     state: AdapterState | None = getattr(model, STATE_ATTR, None)
     kept = {p for p in model.parameters() if p.requires_grad}
     if state is not None:
         kept |= {p for layer in state.layers.values() for n, p in layer.named_parameters() if not n.startswith("base.")}
-    mesh = init_device_mesh(ranks.device.type, (ranks.world,))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     block_names = set(getattr(model, "_no_split_modules", None) or ())
     units = [m for m in model.modules() if m is not model and type(m).__name__ in block_names]
     # The decoder and the output head are units of their own: `model_loss` calls them one after the other.

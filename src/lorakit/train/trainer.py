@@ -115,7 +115,8 @@ class _Run:
         else:
             self.hooks = self.adapter.hooks
         if config.fsdp:  # each rank keeps 1/world of the frozen base weights
-            shard_frozen_base(model, ranks)
+            ranks.check_fsdp(model)
+            shard_frozen_base(model, self.device)
         batches = data.batch_indices(self.features, config.batch_size, config.seed, config.group_by_length)
         torch.manual_seed(config.seed)  # the same dropout masks on every rerun (a resume restores the stream)
         self.hooks.on_train_begin(config.steps)  # methods with schedules (AdaLoRA's budget) need the length
