@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
-from .rank_plots import draw_rank_allocation, read_log
+from .progress import read_log
+from .rank_plots import draw_rank_allocation
 from .run import RunConfig, run_training
 
 logger = logging.getLogger(__name__)

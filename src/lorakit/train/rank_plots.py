@@ -9,7 +9,6 @@ trainer writes them into every ``log.jsonl`` training record.  From those record
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -21,11 +20,6 @@ from ..methods.adaptive import RANK_PREFIX, split_name
 logger = logging.getLogger(__name__)
 
 HF_PREFIX = "lorakit/"
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def rank_history(records: Iterable[Mapping[str, Any]]) -> list[tuple[int, dict[str, int]]]:
