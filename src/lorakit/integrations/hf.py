@@ -437,6 +437,9 @@ class LorakitTrainerMixin:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         _check_fsdp_arguments(self.args)
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise LorakitError("FSDP shards the model across processes: launch with torchrun --nproc-per-node N "
+                               "(or accelerate launch --num-processes N), N >= 2; found a single process")
         model = self.model
         for callback in self._lorakit_callbacks:
             callback.begin(self.args, self.state, model, train_dataloader)
