@@ -57,9 +57,10 @@ over the ranks at each optimizer step (`_average_gradients`, what DDP would do).
 wrap: under its FSDP2 plugin (GPUs) ``fsdp2_prepare_model`` keeps a model whose root is already an ``FSDPModule``;
 on CPU accelerate (1.15) never enters FSDP mode at all (``AcceleratorState`` picks ``DistributedType.FSDP`` only
 for GPU-like backends, leaving ``MULTI_CPU``, which would wrap the model in DDP), so the mixin marks the model
-prepared.  The adapter files are those a single-process run writes.  Refused with a clear error: FSDP1, accelerate's
-CPU offload, its activation checkpointing (use ``gradient_checkpointing``) and mixed precision (not applied to a
-model sharded this way).
+prepared.  The adapter files are those a single-process run writes (tests/test_hf_fsdp.py: 2 CPU ranks, gloo); the
+model stays sharded after training, so load the adapter onto an unsharded base to use it.  Refused with a clear
+error: FSDP1, accelerate's CPU offload, its activation checkpointing (use ``gradient_checkpointing``) and mixed
+precision (accelerate applies none of its policies to a model sharded this way), and a single process.
 
 A model that already carries an adapter works too (``LorakitCallback()`` without a config); for a
 data-driven method the callback then runs its init, unless ``init_batches=0`` (attached with data).
@@ -440,7 +441,7 @@ class LorakitTrainerMixin:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             raise LorakitError("FSDP shards the model across processes: launch with torchrun --nproc-per-node N "
                                "(or accelerate launch --num-processes N), N >= 2; found a single process")
-        model = self.model
+        model = self.model.to(self.args.device)  # the Trainer leaves placement to FSDP, which skips the adapter
         for callback in self._lorakit_callbacks:
             callback.begin(self.args, self.state, model, train_dataloader)
             callback.begun = True
