@@ -152,7 +152,8 @@ def _check_fsdp_arguments(args: TrainingArguments) -> None:
                "FSDP activation_checkpointing (use gradient_checkpointing=True instead)":
                    bool(plugin.get("activation_checkpointing")) or
                    os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true",
-               "mixed precision (bf16/fp16; load the model in the dtype to train in)": bool(args.bf16 or args.fp16)}
+               "mixed precision (bf16/fp16; load the model in the dtype to train in)": bool(args.bf16 or args.fp16) or
+               str(getattr(args, "mixed_precision", "no")).lower() != "no"}  # ACCELERATE_MIXED_PRECISION
     found = [name for name, bad in refused.items() if bad]
     if found:
         raise LorakitError(f"FSDP through LorakitTrainer shards the frozen base weights itself (FSDP2, adapter whole "
