@@ -36,13 +36,14 @@ OPTIONS = {"lora": {"init_weights": False}, "adalora": {"target_r": 2, "tinit": 
            "xgblora": {"kappa": 2}}
 STEPS, MICRO, EXAMPLES_PER_STEP, LR, SAVE_EVERY = 4, 2, 8, 3e-3, 2
 RESUMED = "adalora"  # also resumed from its sharded run's checkpoint-2, under FSDP
+CHECKPOINTED = "lora"  # trained with gradient_checkpointing=True (both sides)
 
 
 def run(name: str, output_dir: str, world: int = 1, resume_from: str | None = None) -> LorakitTrainer:
     """``name``'s run on ``world`` processes (FSDP when more than one); the adapter is attached by the callback."""
     torch.set_num_threads(1)
     fsdp = {"fsdp": True, "fsdp_config": {"version": 2}} if world > 1 else {}
-    args = lorakit_args(output_dir, world, **fsdp)
+    args = lorakit_args(output_dir, world, gradient_checkpointing=name == CHECKPOINTED, **fsdp)
     config = tiny.make_config(lorakit.get_method(name), LLAMA, **OPTIONS.get(name, {}))
     trainer = LorakitTrainer(model=LLAMA.build(0), args=args, train_dataset=dataset(), callbacks=[
         LorakitCallback(config, init_batches=1)])

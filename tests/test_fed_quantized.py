@@ -88,3 +88,19 @@ def test_quantize_is_validated_refused_with_fedex_lora_and_fixed_across_a_resume
     checkpoint.save(tmp_path, checkpoint.ServerState(round=1), cfg)
     with pytest.raises(CheckpointError, match="quantize"):
         checkpoint.load(tmp_path, cfg.replace(quantize=None))
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "ffa-lora"])
+def test_lora_strategies_train_on_an_nf4_base(tiny_dir, tmp_path, strategy) -> None:
+    """A LoRA client round on the nf4 BERT (bitsandbytes' 4-bit matmul with a bias returns a view, which the LoRA
+    layer must not add to in place): the trainable factors move, the quantized W0 does not."""
+    cfg = tiny_config(tiny_dir, tmp_path, strategy=strategy, local_steps=2, quantize="nf4")
+    ws = local.workspace(cfg)
+    local.reset(ws)
+    packed = {name: layer.base.weight.detach().clone() for name, layer in ws.layers.items()}
+    before = local.select(ws, "trainable")
+    metrics = local.train_round(ws, local.client_features(cfg, 0, cfg.clients), 1, 0)
+    after = local.select(ws, "trainable")
+    assert torch.isfinite(torch.tensor(metrics["train-loss"]))
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_" in k)
+    assert all(torch.equal(packed[n], layer.base.weight) for n, layer in ws.layers.items())
