@@ -112,7 +112,7 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def fsdp_requested(args: TrainingArguments | None) -> bool:
+def _fsdp_requested(args: TrainingArguments | None) -> bool:
     """Whether the Trainer is asked for FSDP: ``TrainingArguments(fsdp=...)`` or ``accelerate launch --use_fsdp``."""
     return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
@@ -126,7 +126,7 @@ def _refuse_sharding(args: TrainingArguments | None, model: nn.Module, integrate
         raise LorakitError("DeepSpeed ZeRO-3 partitions the base weights, which lorakit adapters cannot wrap: use "
                            "ZeRO stage 1 or 2, DDP, FSDP through LorakitTrainer, or lorakit's own trainer with FSDP2 "
                            "(TrainConfig(fsdp=True) / lorakit train --fsdp under torchrun)")
-    if fsdp_requested(args) and not integrated:
+    if _fsdp_requested(args) and not integrated:
         raise LorakitError("LorakitCallback alone does not support accelerate's FSDP (accelerate would shard the "
                            "adapter tensors that the method's hooks and lorakit.save need whole): train with "
                            "lorakit.integrations.hf.LorakitTrainer, or put LorakitTrainerMixin first in your trainer's "
@@ -427,7 +427,7 @@ class LorakitTrainerMixin:
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None) -> Any:
         """Under FSDP, shard the model lorakit's way before the Trainer builds the optimizer and accelerate
         prepares the model (`_shard_for_fsdp`)."""
-        if fsdp_requested(self.args) and not getattr(self.model, _SHARDED_ATTR, False):
+        if _fsdp_requested(self.args) and not getattr(self.model, _SHARDED_ATTR, False):
             self._shard_for_fsdp(train_dataloader)
         return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
@@ -442,12 +442,12 @@ class LorakitTrainerMixin:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             raise LorakitError("FSDP shards the model across processes: launch with torchrun --nproc-per-node N "
                                "(or accelerate launch --num-processes N), N >= 2; found a single process")
-        model = self.model.to(self.args.device)  # the Trainer leaves placement to FSDP, which skips the adapter
+        device = self.args.device
+        model = self.model.to(device)  # the Trainer leaves placement to FSDP, which would skip the adapter
         for callback in self._lorakit_callbacks:
             callback.begin(self.args, self.state, model, train_dataloader)
             callback.begun = True
         share_rank0_adapter(model)  # what DDP's wrapping would do: every rank starts from rank 0's adapter
-        device = self.args.device
         shard_frozen_base(model, device)
         if not isinstance(model, FSDPModule):
             whole = {p for p in model.parameters() if not isinstance(p, DTensor)}
