@@ -326,9 +326,11 @@ def cmd_fed(args: argparse.Namespace) -> None:
 
 
 def add_fed_flags(p: argparse.ArgumentParser) -> None:
+    from .core.quant import QUANT_KINDS
     from .fed.config import INIT_SOURCES, MODES, PARTITIONS, STRATEGY_NAMES, WEIGHTINGS, FedConfig
     helps = {"strategy": "aggregation", "clients": "clients (simulated SuperNodes, or loopback SuperNodes)",
              "rounds": "server rounds", "model": "alias, local dir or hub id",
+             "quantize": "load the frozen base quantized, as lorakit train does (not with fedex-lora)",
              "task": "built-in task (sst2, trec, ...)",
              "data_dir": "folder holding sst2/, trec/", "partition": "how the training data is split",
              "alpha": "Dirichlet concentration (partition dirichlet)", "r": "adapter rank",
@@ -353,8 +355,9 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
              "output_dir": "checkpoints and fed_result.json", "resume": "continue after the last checkpointed round",
              "mode": "simulation (Flower simulation engine) or deployment (loopback SuperLink + SuperNodes)"}
     choices = {"strategy": STRATEGY_NAMES, "partition": PARTITIONS, "mode": MODES, "init_source": INIT_SOURCES,
-               "weighting": WEIGHTINGS}
-    shown = {"lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off", "dp_delta": "1/n", "data_dir": "the hub",
+               "weighting": WEIGHTINGS, "quantize": QUANT_KINDS}
+    shown = {"quantize": "none", "lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off", "dp_delta": "1/n",
+             "data_dir": "the hub",
              "train_limit": "all", "init_lr": "lr / (rounds x local steps)",
              "max_client_examples": "largest partition"}
     for name, f in FedConfig.__dataclass_fields__.items():

@@ -33,8 +33,8 @@ META = "state.json"
 FORMAT = "lorakit-fed-server"
 VERSION = 1
 # A resumed run must be the same federation: these settings may not change between the two runs.
-FIXED = ("strategy", "model", "task", "r", "lora_alpha", "clients", "partition", "alpha", "seed", "train_limit",
-         "init_lr", "weighting")
+FIXED = ("strategy", "model", "quantize", "task", "r", "lora_alpha", "clients", "partition", "alpha", "seed",
+         "train_limit", "init_lr", "weighting")
 _GROUPS = ("global", "frozen", "offsets")
 
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..core.quant import QUANT_KINDS
 from .errors import FedConfigError
 
 STRATEGY_NAMES = ("fed-sb", "fedit", "ffa-lora", "fedex-lora")
@@ -28,7 +29,10 @@ class FedConfig:
     α = r, scale 1; Fed-SB's LoRA-SB fixes its scale to 1).  lr: None picks `DEFAULT_LR`.  local_steps:
     optimizer steps per client per round.  fraction: share of the clients sampled each round.
     partition/alpha: IID or Dirichlet(alpha) by label.  train_limit: first N training examples split across
-    the clients (None: all).
+    the clients (None: all).  quantize: load the frozen base quantized (``nf4``, ``fp4``, ``int8``,
+    ``torchao-int8``, ``torchao-int4``, as ``lorakit train --quantize``; every party loads it the same way, so
+    the adapter is trained and evaluated on the same quantized W0); not with FedEx-LoRA, whose residuals are
+    folded into W0, which a quantized weight cannot hold exactly.
 
     Fed-SB's shared init (B, R, A of LoRA-SB, built once): ``init_source`` ``server`` (default, the official
     protocol: the server computes it from a sample it holds, ``init_data``, and no client uploads anything),
@@ -64,6 +68,7 @@ class FedConfig:
     clients: int = 10
     rounds: int = 5
     model: str = "minilm-l6"
+    quantize: str | None = None
     task: str = "sst2"
     data_dir: str | None = None
     partition: str = "iid"
@@ -110,6 +115,13 @@ class FedConfig:
             raise FedConfigError(f"init_source must be one of {', '.join(INIT_SOURCES)}, got {self.init_source!r}")
         if self.weighting not in WEIGHTINGS:
             raise FedConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.quantize is not None and self.quantize not in QUANT_KINDS:
+            raise FedConfigError(f"quantize must be one of {', '.join(QUANT_KINDS)} (or None for a float base), "
+                                 f"got {self.quantize!r}")
+        if self.quantize is not None and self.strategy == "fedex-lora":
+            raise FedConfigError(f"fedex-lora folds each round's residual into the base weights, which a "
+                                 f"{self.quantize} base cannot hold exactly; use fed-sb, fedit or ffa-lora on a "
+                                 "quantized base, or fedex-lora without quantize")
         if not self.host:
             raise FedConfigError("host must name the interface the SuperLink binds, e.g. 127.0.0.1")
         for name in ("clients", "rounds", "r", "local_steps", "batch_size", "max_length", "init_samples"):

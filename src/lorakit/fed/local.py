@@ -79,8 +79,8 @@ def run_config(cfg: FedConfig) -> RunConfig:
 
 
 def _model_key(cfg: FedConfig) -> tuple:
-    return (cfg.model, cfg.task, cfg.strategy, cfg.r, cfg.lora_alpha, cfg.sb_init_lr, cfg.seed, cfg.data_dir,
-            cfg.max_length)
+    return (cfg.model, cfg.quantize, cfg.task, cfg.strategy, cfg.r, cfg.lora_alpha, cfg.sb_init_lr, cfg.seed,
+            cfg.data_dir, cfg.max_length)
 
 
 _WORKSPACES: dict[tuple, Workspace] = {}
@@ -93,12 +93,15 @@ def _build(cfg: FedConfig) -> Workspace:
     run = run_config(cfg)
     task, _ = load_task(cfg.task, "train", cfg.data_dir, seed=cfg.seed, limit=1)
     torch.manual_seed(cfg.seed)  # the head's init; every party uses the server's broadcast head anyway
-    model, tokenizer = load_model(cfg.model, task.type, num_labels=task.num_labels, device="cpu")
+    model, tokenizer = load_model(cfg.model, task.type, num_labels=task.num_labels, device="cpu",
+                                  quantize=cfg.quantize)
     api.attach(model, method_config(run, task, model), initialize=False)  # Fed-SB's factors come from the server
     for name, tensor in adapter_tensors(model).items():
         if spec.is_frozen(name) and tensor.requires_grad:
             tensor.requires_grad_(False)  # FFA-LoRA: A stays at its shared seeded init
-    base = {name: layer.base.weight.detach().clone() for name, layer in api.adapter_layers(model).items()}
+    # W0, to rebuild W0 + offset (FedEx-LoRA, which a quantized base refuses: `FedConfig`)
+    base = {} if cfg.quantize else {name: layer.base.weight.detach().clone()
+                                    for name, layer in api.adapter_layers(model).items()}
     initial = {name: tensor.detach().clone() for name, tensor in adapter_tensors(model).items()}
     return Workspace(cfg, spec, model, tokenizer, task, base, initial)
 
@@ -185,7 +188,13 @@ def load_tensors(ws: Workspace, tensors: Mapping[str, Tensor]) -> None:
 
 @torch.no_grad()
 def set_base_offsets(ws: Workspace, offsets: Mapping[str, Tensor]) -> None:
-    """Every base weight becomes ``W0 + offset`` (FedEx-LoRA's folded residuals; W0 where none is given)."""
+    """Every base weight becomes ``W0 + offset`` (FedEx-LoRA's folded residuals; W0 where none is given).  A
+    quantized base never moves (`FedConfig` refuses FedEx-LoRA on it): it takes no offset."""
+    if not ws.base_weights:
+        if offsets:
+            raise FedError(f"received base-weight offsets for {sorted(offsets)[:3]}, but this client's base is "
+                           f"quantized ({ws.config.quantize}) and cannot hold them")
+        return
     for name, layer in ws.layers.items():
         w0 = ws.base_weights[name]
         offset = offsets.get(name)

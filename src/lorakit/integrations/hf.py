@@ -45,8 +45,22 @@ adapter and the trainable set before the optimizer is built, the hooks' state af
 and never re-runs a data-driven init (LoRA-GA, PiSSA, OLoRA, LoRA-SB moved W0 once; doing it again would move it
 twice).  ``on_train_end`` saves the final adapter to ``output_dir/adapter``.
 
-``gradient_checkpointing=True`` in the arguments works with every method.  DeepSpeed ZeRO-3 and accelerate's FSDP
-are refused with a clear error (see `_refuse_sharding`); lorakit's own trainer shards with FSDP2 instead.
+``gradient_checkpointing=True`` in the arguments works with every method.  DeepSpeed ZeRO-3 is refused with a
+clear error at attach (see `_refuse_sharding`).
+
+FSDP (``TrainingArguments(fsdp=True)``, FSDP2, or ``accelerate launch --use_fsdp``) needs `LorakitTrainerMixin`,
+which shards the model lorakit's way, as lorakit's own trainer does (`lorakit.train.trainer.shard_frozen_base`): the
+frozen base weights are sharded per block, the adapter stays whole on every rank.  It does so when the Trainer
+prepares the model (`LorakitTrainerMixin._prepare_for_training`), after the train-begin work (hooks, resumed
+state, a data-driven init on the unsharded base, rank 0's adapter shared), and averages the adapter's gradients
+over the ranks at each optimizer step (`_average_gradients`, what DDP would do).  accelerate is left nothing to
+wrap: under its FSDP2 plugin (GPUs) ``fsdp2_prepare_model`` keeps a model whose root is already an ``FSDPModule``;
+on CPU accelerate (1.15) never enters FSDP mode at all (``AcceleratorState`` picks ``DistributedType.FSDP`` only
+for GPU-like backends, leaving ``MULTI_CPU``, which would wrap the model in DDP), so the mixin marks the model
+prepared.  The adapter files are those a single-process run writes (tests/test_hf_fsdp.py: 2 CPU ranks, gloo); the
+model stays sharded after training, so load the adapter onto an unsharded base to use it.  Refused with a clear
+error: FSDP1, accelerate's CPU offload, its activation checkpointing (use ``gradient_checkpointing``) and mixed
+precision (accelerate applies none of its policies to a model sharded this way), and a single process.
 
 A model that already carries an adapter works too (``LorakitCallback()`` without a config); for a
 data-driven method the callback then runs its init, unless ``init_batches=0`` (attached with data).
@@ -63,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -72,13 +87,13 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
-from ..core.driver import data_init, load_adapter_tensors, loader_batches, reset_optimizer
+from ..core.driver import data_init, load_adapter_tensors, loader_batches, reset_optimizer, share_rank0_adapter
 from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
 from ..errors import AdapterFileError, LorakitError
 from ..io.persistence import WEIGHTS_NAME, read_adapter_tensors, save
 from ..methods.lora_sb import LoraSbConfig, first_step_lr
-from ..train.trainer import ADAPTER_DIR
+from ..train.trainer import ADAPTER_DIR, shard_frozen_base
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +101,7 @@ STATE_JSON = "lorakit_state.json"
 STATE_TENSORS = "lorakit_state.safetensors"
 STATE_FORMAT = "lorakit-hf-checkpoint"
 STATE_VERSION = 1
+_SHARDED_ATTR = "_lorakit_fsdp_sharded"  # set on a model `LorakitTrainerMixin` sharded (frozen base only)
 # What ``save_pretrained`` writes for the whole model: a checkpoint must not hold it (see `LorakitCallback.on_save`).
 _FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json")
@@ -96,21 +112,74 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _refuse_sharding(args: TrainingArguments, model: nn.Module) -> None:
+def _fsdp_requested(args: TrainingArguments | None) -> bool:
+    """Whether the Trainer is asked for FSDP: ``TrainingArguments(fsdp=...)`` or ``accelerate launch --use_fsdp``."""
+    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _refuse_sharding(args: TrainingArguments | None, model: nn.Module, integrated: bool) -> None:
     """Refuse the parameter sharding the callback does not handle, instead of training something wrong: DeepSpeed
-    ZeRO-3 (partitioned base weights: the adapter would wrap empty placeholders) and accelerate's FSDP (sharded
-    adapter tensors that the methods' hooks, data-driven inits and `lorakit.save` do not gather)."""
+    ZeRO-3 (partitioned base weights: the adapter would wrap empty placeholders), FSDP without
+    `LorakitTrainerMixin` (which shards the base itself and keeps the adapter whole) and a model sharded elsewhere
+    (its adapter tensors sharded where the methods' hooks, data-driven inits and `lorakit.save` need them whole)."""
     if is_deepspeed_zero3_enabled() or any(hasattr(p, "ds_id") for p in model.parameters()):
         raise LorakitError("DeepSpeed ZeRO-3 partitions the base weights, which lorakit adapters cannot wrap: use "
-                           "ZeRO stage 1 or 2, DDP, or lorakit's own trainer with FSDP2 (TrainConfig(fsdp=True) / "
-                           "lorakit train --fsdp under torchrun)")
-    fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp or any(isinstance(p, DTensor) for p in model.parameters()) or \
+                           "ZeRO stage 1 or 2, DDP, FSDP through LorakitTrainer, or lorakit's own trainer with FSDP2 "
+                           "(TrainConfig(fsdp=True) / lorakit train --fsdp under torchrun)")
+    if _fsdp_requested(args) and not integrated:
+        raise LorakitError("LorakitCallback alone does not support accelerate's FSDP (accelerate would shard the "
+                           "adapter tensors that the method's hooks and lorakit.save need whole): train with "
+                           "lorakit.integrations.hf.LorakitTrainer, or put LorakitTrainerMixin first in your trainer's "
+                           "bases; it shards the frozen base weights and keeps the adapter whole")
+    if getattr(model, _SHARDED_ATTR, False):
+        return
+    if any(isinstance(p, DTensor) for p in model.parameters()) or \
             any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-        raise LorakitError("LorakitCallback does not support accelerate's FSDP (the adapter tensors would be sharded "
-                           "where the method's hooks and lorakit.save need them whole): use DDP, or lorakit's own "
-                           "trainer with FSDP2 (TrainConfig(fsdp=True) / lorakit train --fsdp under torchrun), which "
-                           "shards the frozen base weights and keeps the adapter whole")
+        raise LorakitError("the Trainer's model is already sharded (DTensor parameters or FullyShardedDataParallel): "
+                           "LorakitCallback does not support accelerate's FSDP sharding the adapter; give the Trainer "
+                           "the unsharded model and fsdp in TrainingArguments, with LorakitTrainer (it shards the "
+                           "frozen base weights itself and keeps the adapter whole)")
+
+
+def _check_fsdp_arguments(args: TrainingArguments) -> None:
+    """The FSDP settings `LorakitTrainerMixin` honours: FSDP2, no CPU offload, no FSDP activation checkpointing,
+    no mixed precision (the model is sharded by lorakit, so accelerate applies none of its FSDP policies)."""
+    plugin = getattr(args, "fsdp_plugin_args", None) or {}
+    version = int(plugin.get("fsdp_version", os.environ.get("FSDP_VERSION", 2)))
+    refused = {"fsdp_version 1 (FSDP1)": version != 2,
+               "cpu_offload": bool(plugin.get("cpu_offload")) or
+               os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true",
+               "FSDP activation_checkpointing (use gradient_checkpointing=True instead)":
+                   bool(plugin.get("activation_checkpointing")) or
+                   os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true",
+               "mixed precision (bf16/fp16; load the model in the dtype to train in)": bool(args.bf16 or args.fp16) or
+               str(getattr(args, "mixed_precision", "no")).lower() != "no"}  # ACCELERATE_MIXED_PRECISION
+    found = [name for name, bad in refused.items() if bad]
+    if found:
+        raise LorakitError(f"FSDP through LorakitTrainer shards the frozen base weights itself (FSDP2, adapter whole "
+                           f"on every rank) and supports no {', '.join(found)}; found them in the TrainingArguments "
+                           "or the accelerate environment")
+
+
+def _average_gradients(params: list[nn.Parameter]) -> None:
+    """Average the replicated adapter's gradients over the ranks, one flat all-reduce per dtype, as DDP does (a
+    parameter that no rank touched keeps ``None``; one that only some ranks touched counts zero elsewhere)."""
+    world = dist.get_world_size()
+    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(touched)
+    live = [p for p, t in zip(params, touched.tolist()) if t > 0]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for dtype in sorted({p.dtype for p in live}, key=str):
+        group = [p for p in live if p.dtype == dtype]
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
 
 
 def save_checkpoint_state(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -190,6 +259,7 @@ class LorakitCallback(TrainerCallback):
         self.pending_init = False  # a data-driven init still has to run (at train begin)
         self.resume_dir: Path | None = None  # the checkpoint LorakitTrainerMixin resumes from
         self.trainer_integrated = False  # set by LorakitTrainerMixin: it adds the regularizer, builds the optimizer
+        self.begun = False  # `begin` ran already (LorakitTrainerMixin, before sharding the model for FSDP)
 
     def _state(self, model: nn.Module | None) -> AdapterState:
         if model is None or getattr(model, STATE_ATTR, None) is None:
@@ -202,7 +272,7 @@ class LorakitCallback(TrainerCallback):
                     model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
             return
-        _refuse_sharding(args, model)
+        _refuse_sharding(args, model, self.trainer_integrated)
         if getattr(model, STATE_ATTR, None) is None:
             if self.config is None:
                 raise LorakitError("LorakitCallback() without a config needs a model with a lorakit adapter "
@@ -217,8 +287,17 @@ class LorakitCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+        if self.begun:  # LorakitTrainerMixin ran it before sharding the model
+            self.begun = False
+            return
+        self.begin(args, state, model, train_dataloader)
+
+    def begin(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None,
+              train_dataloader: Any) -> None:
+        """The train-begin work: checks, ``hooks.on_train_begin``, a resumed checkpoint's hooks state or the
+        data-driven init on the first ``init_batches`` batches of ``train_dataloader``."""
         adapter = self._state(model)
-        _refuse_sharding(args, model)
+        _refuse_sharding(args, model, self.trainer_integrated)
         self._check_integration(adapter)
         if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
             self._gradients_through_checkpoints(model)
@@ -317,9 +396,13 @@ class LorakitCallback(TrainerCallback):
 class LorakitTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (first in the bases) next to a `LorakitCallback`: adds the
     method's regularizer to the training loss, builds the method's optimizer (``hooks.build_optimizer`` with
-    the Trainer's lr and weight decay; the method picks the rest)."""
+    the Trainer's lr and weight decay; the method picks the rest), and under FSDP shards the frozen base while
+    the adapter stays whole (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for callback in kwargs.get("callbacks") or ():  # before Trainer.__init__ ends: on_init_end reads it
+            if isinstance(callback, LorakitCallback):
+                callback.trainer_integrated = True
         super().__init__(*args, **kwargs)
         callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LorakitCallback)]
         if not callbacks:
@@ -340,6 +423,49 @@ class LorakitTrainerMixin:
         for callback in self._lorakit_callbacks:
             callback.resume_dir = Path(resume_from_checkpoint)
             callback.pending_init = False
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None) -> Any:
+        """Under FSDP, shard the model lorakit's way before the Trainer builds the optimizer and accelerate
+        prepares the model (`_shard_for_fsdp`)."""
+        if _fsdp_requested(self.args) and not getattr(self.model, _SHARDED_ATTR, False):
+            self._shard_for_fsdp(train_dataloader)
+        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+
+    def _shard_for_fsdp(self, train_dataloader: Any) -> None:
+        """The callbacks' train-begin work on the unsharded model (a data-driven init reads whole base weights),
+        rank 0's adapter on every rank, then FSDP2 over the frozen base weights (`shard_frozen_base`; the root too,
+        without the replicated parameters, so that accelerate's FSDP2 preparation keeps the model as it is)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        _check_fsdp_arguments(self.args)
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise LorakitError("FSDP shards the model across processes: launch with torchrun --nproc-per-node N "
+                               "(or accelerate launch --num-processes N), N >= 2; found a single process")
+        device = self.args.device
+        model = self.model.to(device)  # the Trainer leaves placement to FSDP, which would skip the adapter
+        for callback in self._lorakit_callbacks:
+            callback.begin(self.args, self.state, model, train_dataloader)
+            callback.begun = True
+        share_rank0_adapter(model)  # what DDP's wrapping would do: every rank starts from rank 0's adapter
+        shard_frozen_base(model, device)
+        if not isinstance(model, FSDPModule):
+            whole = {p for p in model.parameters() if not isinstance(p, DTensor)}
+            fully_shard(model, mesh=init_device_mesh(device.type, (dist.get_world_size(),)), ignored_params=whole)
+        setattr(model, _SHARDED_ATTR, True)
+        # Sharded and reduced here: accelerate must not wrap it in DDP (its CPU mode, which ignores FSDP).
+        model._is_accelerate_prepared = True
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None,
+                      ) -> Tensor:
+        """The Trainer's step; on the last micro-batch of an optimizer step of a model sharded for FSDP, the
+        adapter's gradients averaged over the ranks (before clipping and the hooks' ``after_backward``)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if getattr(self.model, _SHARDED_ATTR, False) and self.accelerator.sync_gradients:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if trainable:
+                _average_gradients(trainable)
+        return loss
 
     def _lorakit_hooks(self) -> TrainingHooks:
         return get_state(self.model).hooks

@@ -138,7 +138,8 @@ class LoraLayer(AdapterLayer):
         if self.merged or self.disabled:
             return out
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
-        if out.dtype != h.dtype or not out.is_contiguous():
+        # bitsandbytes' 4-bit matmul with a bias returns a view, which autograd forbids modifying in place
+        if out.dtype != h.dtype or not out.is_contiguous() or out._is_view():
             return out + F.linear(h * self.scale, self.lora_B).to(out.dtype)
         # out += s · h Bᵀ in one BLAS call, in place: the base output is not needed by its own backward
         flat = out.view(-1, self.out_features)
