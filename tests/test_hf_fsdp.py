@@ -6,9 +6,6 @@ The configurations the mixin cannot honour are refused with a clear error."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,20 +18,14 @@ from lorakit.integrations.hf import LorakitCallback, LorakitTrainer, _check_fsdp
 from tests.hf_fsdp_train import METHODS, RESUMED, SAVE_EVERY, STEPS, losses, run
 from tests.test_hf_callback import dataset
 from tests.tiny_models import KINDS
+from tests.torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
 
 def test_trainer_under_fsdp_matches_one_process_and_writes_the_same_adapter(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "tests/hf_fsdp_train.py", str(tmp_path / "fsdp")], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail("torchrun with 2 processes did not finish in 300 s")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("tests/hf_fsdp_train.py", tmp_path / "fsdp", timeout=300)
     report = json.loads((tmp_path / "fsdp" / "report.json").read_text())
 
     for name in METHODS:

@@ -50,15 +50,15 @@ clear error at attach (see `_refuse_sharding`).
 
 FSDP (``TrainingArguments(fsdp=True)``, FSDP2, or ``accelerate launch --use_fsdp``) needs `LorakitTrainerMixin`,
 which shards the model lorakit's way, as lorakit's own trainer does (`lorakit.train.trainer.shard_frozen_base`): the
-frozen base weights are sharded per block, the adapter stays whole on every rank.  It does so when the Trainer
-prepares the model (`LorakitTrainerMixin._prepare_for_training`), after the train-begin work (hooks, resumed
-state, a data-driven init on the unsharded base, rank 0's adapter shared), and averages the adapter's gradients
-over the ranks at each optimizer step (`_average_gradients`, what DDP would do).  accelerate is left nothing to
+frozen base weights are sharded per block, the adapter stays whole on every rank. It does so when the Trainer
+prepares the model (`LorakitTrainerMixin._prepare_for_training`), after the train-begin work (hooks, resumed state,
+a data-driven init on the unsharded base, rank 0's adapter shared), and averages the adapter's gradients over the
+ranks at each optimizer step (`reduce_gradients(average=True)`, what DDP would do). accelerate is left nothing to
 wrap: under its FSDP2 plugin (GPUs) ``fsdp2_prepare_model`` keeps a model whose root is already an ``FSDPModule``;
-on CPU accelerate (1.15) never enters FSDP mode at all (``AcceleratorState`` picks ``DistributedType.FSDP`` only
-for GPU-like backends, leaving ``MULTI_CPU``, which would wrap the model in DDP), so the mixin marks the model
-prepared.  The adapter files are those a single-process run writes (tests/test_hf_fsdp.py: 2 CPU ranks, gloo); the
-model stays sharded after training, so load the adapter onto an unsharded base to use it.  Refused with a clear
+on CPU accelerate (1.15) never enters FSDP mode at all (``AcceleratorState`` picks ``DistributedType.FSDP`` only for
+GPU-like backends, leaving ``MULTI_CPU``, which would wrap the model in DDP), so the mixin marks the model
+prepared. The adapter files are those a single-process run writes (tests/test_hf_fsdp.py: 2 CPU ranks, gloo); the
+model stays sharded after training, so load the adapter onto an unsharded base to use it. Refused with a clear
 error: FSDP1, accelerate's CPU offload, its activation checkpointing (use ``gradient_checkpointing``) and mixed
 precision (accelerate applies none of its policies to a model sharded this way), and a single process.
 
@@ -93,6 +93,7 @@ from ..core.registry import get_method
 from ..errors import AdapterFileError, LorakitError
 from ..io.persistence import WEIGHTS_NAME, read_adapter_tensors, save
 from ..methods.lora_sb import LoraSbConfig, first_step_lr
+from ..train.distributed import reduce_gradients
 from ..train.trainer import ADAPTER_DIR, shard_frozen_base
 
 logger = logging.getLogger(__name__)
@@ -159,27 +160,6 @@ def _check_fsdp_arguments(args: TrainingArguments) -> None:
         raise LorakitError(f"FSDP through LorakitTrainer shards the frozen base weights itself (FSDP2, adapter whole "
                            f"on every rank) and supports no {', '.join(found)}; found them in the TrainingArguments "
                            "or the accelerate environment")
-
-
-def _average_gradients(params: list[nn.Parameter]) -> None:
-    """Average the replicated adapter's gradients over the ranks, one flat all-reduce per dtype, as DDP does (a
-    parameter that no rank touched keeps ``None``; one that only some ranks touched counts zero elsewhere)."""
-    world = dist.get_world_size()
-    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    dist.all_reduce(touched)
-    live = [p for p, t in zip(params, touched.tolist()) if t > 0]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for dtype in sorted({p.dtype for p in live}, key=str):
-        group = [p for p in live if p.dtype == dtype]
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in group:
-            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
 
 
 def save_checkpoint_state(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -464,7 +444,7 @@ class LorakitTrainerMixin:
         if getattr(self.model, _SHARDED_ATTR, False) and self.accelerator.sync_gradients:
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             if trainable:
-                _average_gradients(trainable)
+                reduce_gradients(trainable, trainable[0].device, average=True)
         return loss
 
     def _lorakit_hooks(self) -> TrainingHooks:

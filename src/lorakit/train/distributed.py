@@ -71,23 +71,9 @@ class Ranks:
             dist.all_reduce(tensor)
 
     def sum_grads(self, params: list[nn.Parameter]) -> None:
-        """Sum gradients over ranks, one flat buffer per dtype; a param that no rank touched keeps ``None``."""
-        if not self.active:
-            return
-        touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        self.sum_(touched)
-        live = [p for p, t in zip(params, touched.tolist()) if t > 0]
-        for p in live:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        for dtype in {p.dtype for p in live}:
-            group = [p for p in live if p.dtype == dtype]
-            flat = torch.cat([p.grad.reshape(-1) for p in group])
-            dist.all_reduce(flat)
-            offset = 0
-            for p in group:
-                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+        """Sum gradients over ranks (`reduce_gradients`)."""
+        if self.active:
+            reduce_gradients(params, self.device)
 
     def gather(self, value: Any) -> list[Any]:
         if not self.active:
@@ -157,3 +143,25 @@ def shard_frozen_base(model: nn.Module, device: torch.device) -> None:
     # The root is a unit only if weights remain: a root unit must run first, and `model_loss` never calls it.
     if any(p not in kept and not isinstance(p, DTensor) for p in model.parameters()):
         fully_shard(model, mesh=mesh, ignored_params=kept)
+
+
+def reduce_gradients(params: list[nn.Parameter], device: torch.device, average: bool = False) -> None:
+    """Sum (or average, as DDP does) the replicated parameters' gradients over the ranks, one flat all-reduce per
+    dtype in a fixed order; a parameter that no rank touched keeps ``None``, one that only some ranks touched counts
+    zero elsewhere."""
+    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(touched)
+    live = [p for p, t in zip(params, touched.tolist()) if t > 0]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for dtype in sorted({p.dtype for p in live}, key=str):  # the same order on every rank
+        group = [p for p in live if p.dtype == dtype]
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        if average:
+            flat /= dist.get_world_size()
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
