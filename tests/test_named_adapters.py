@@ -224,3 +224,21 @@ def test_refusals_name_the_adapters(tmp_path: Path) -> None:
         lorakit.attach(model, lorakit.LoraConfig(r=2, target_modules=("nope",)), name="c")
     assert lorakit.adapter_names(model) == ["a", "b"] and lorakit.active_adapter(model) == "b"
     assert_close(output(model, X), pissa, 1e-5, "after a failed attach")
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_pissa_next_to_lora_is_bit_exact(kind: str) -> None:
+    from lorakit.core.quant import quantize_model
+
+    def fresh() -> nn.Module:
+        return quantize_model(LLAMA.build(0), kind)
+
+    base = output(fresh(), X)
+    expected = {method: output(add(fresh(), method, None), X) for method in ("pissa", "lora")}
+    model = add(add(fresh(), "pissa", "p"), "lora", "l")  # W0 stays packed: PiSSA sets its residual aside exactly
+    for name in ("l", "p", None, "p", "l"):
+        lorakit.set_active(model, name)
+        assert torch.equal(output(model, X), base if name is None else expected["pissa" if name == "p" else "lora"])
+    lorakit.detach(model, "p")
+    lorakit.detach(model, "l")
+    assert torch.equal(output(model, X), base)

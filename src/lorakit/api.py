@@ -137,6 +137,9 @@ def _deactivate(model: nn.Module, why: str) -> AdapterState | None:
     if merged:
         raise LorakitError(f"cannot {why}: the active adapter {state.name!r} is merged into the base weights "
                            f"(layer '{merged[0]}'); unmerge(model) first")
+    if any(isinstance(layer.base.weight, DTensor) for layer in state.layers.values()):
+        raise LorakitError(f"cannot {why}: the active adapter {state.name!r} is on an FSDP-sharded model; "
+                           "named adapters switch on the unsharded model")
     for target, layer in state.layers.items():
         layer.park_base()
         replace_module(model, target, layer.base)
