@@ -16,7 +16,8 @@ so no adapter ever sees another's moved or merged W0.  That W0 is bit for bit th
 (quantized bases; layers built inside `keep_original`; every adapter attached next to another one keeps it);
 only a W0-moving adapter attached alone, without `keep_original`, puts back ``residual + offset`` (W0 within
 one float rounding, as `detach` documents) the first time it is set aside, and that same tensor afterwards.
-Parking costs one copy of each moved weight (the kept W0, in CPU memory) while the adapter is inactive.
+Cost: an inactive W0-moving adapter holds its residual (one copy of each moved weight, on the model's device),
+and every W0-moving adapter next to others keeps W0 in CPU memory.
 Switching away from, or attaching next to, a merged adapter is refused (``unmerge(model)`` first).
 """
 

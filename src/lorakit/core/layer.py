@@ -274,7 +274,7 @@ class AdapterLayer(nn.Module):
             self.original_weight = (w0.T if self.transposed else w0).to(w.dtype).to("cpu")
             self.keep_original = True
         self.parked_weight = w.data
-        w.data = self.original_weight.to(w.device, copy=True)  # a copy: a merge into it must not reach W0
+        w.data = self.original_weight.to(w.device, w.dtype, copy=True)  # a copy: a merge into it must not reach W0
 
     @torch.no_grad()
     def unpark_base(self) -> None:
@@ -284,7 +284,8 @@ class AdapterLayer(nn.Module):
         if self.quant is not None:
             restore(self.base, self.parked_weight)
         else:
-            self.base.weight.data = self.parked_weight.to(self.base.weight.device)
+            w = self.base.weight
+            w.data = self.parked_weight.to(w.device, w.dtype)
         object.__setattr__(self, "parked_weight", None)
 
     @contextlib.contextmanager
