@@ -242,3 +242,12 @@ def test_quantized_pissa_next_to_lora_is_bit_exact(kind: str) -> None:
     lorakit.detach(model, "p")
     lorakit.detach(model, "l")
     assert torch.equal(output(model, X), base)
+
+
+def test_switching_follows_the_model_device() -> None:
+    bert = KINDS["bert"]
+    model = add(add(bert.build(0), "pissa", "p", kind=bert), "lora", "l", kind=bert)
+    model.to("meta")  # moves the active adapter and the base only
+    for name in ("p", None, "l"):
+        lorakit.set_active(model, name)
+        assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}

@@ -114,14 +114,8 @@ def _follow_base(state: AdapterState) -> None:
         device = layer.base.weight.device
         skip = {id(m) for m in layer.base.modules()}
         for module in layer.modules():
-            if id(module) in skip:
-                continue
-            for p in module._parameters.values():
-                if p is not None and p.device != device:
-                    p.data = p.data.to(device)
-            for key, b in module._buffers.items():
-                if b is not None and b.device != device:
-                    module._buffers[key] = b.to(device)
+            if id(module) not in skip:
+                module._apply(lambda t, d=device: t.to(d), recurse=False)  # as module.to(device) does
     for original, trainable in state.saved_modules.values():
         reference = next(original.parameters(), None)
         if reference is not None:
@@ -144,7 +138,10 @@ def _deactivate(model: nn.Module, why: str) -> AdapterState | None:
     for target, layer in state.layers.items():
         layer.park_base()
         replace_module(model, target, layer.base)
-    for target, (original, _) in state.saved_modules.items():
+    for target, (original, trainable) in state.saved_modules.items():
+        reference = next(trainable.parameters(), None)
+        if reference is not None:
+            original.to(reference.device)  # out of the model while this adapter was active
         replace_module(model, target, original)
     delattr(model, STATE_ATTR)
     return state
