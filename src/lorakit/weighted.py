@@ -100,10 +100,8 @@ def _check_arguments(model: nn.Module, adapters: Sequence[str], weights: Sequenc
 
 
 @torch.no_grad()
-def _update(layer: AdapterLayer, low_rank: bool) -> tuple[Tensor, Tensor] | Tensor:
-    """Layer's update relative to the original W0 (float32): ``(B, A)`` factors when low-rank, else dense."""
-    if low_rank:
-        return export_factors(layer)
+def _dense_update(layer: AdapterLayer) -> Tensor:
+    """The layer's dense update relative to the original W0, float32 (its adapter set aside: W0 in the base)."""
     dense = layer.delta_weight().float()
     if layer.base_offset_B is not None:
         dense = dense - layer.base_offset_B @ layer.base_offset_A
@@ -118,17 +116,12 @@ def _combine(states: list[AdapterState], weights: Sequence[float], combination: 
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     for layer_name in names:
-        parts = [(w, state.layers[layer_name], state.method.low_rank) for state, w in zip(states, weights)
-                 if layer_name in state.layers]
+        parts = [(w, state.layers[layer_name]) for state, w in zip(states, weights) if layer_name in state.layers]
         if combination == "linear":
-            pairs = [(w * B, A) for w, layer, _ in parts for B, A in [export_factors(layer)]]
+            pairs = [(w * B, A) for w, layer in parts for B, A in [export_factors(layer)]]
             factors[layer_name] = (torch.cat([B for B, _ in pairs], dim=1), torch.cat([A for _, A in pairs], dim=0))
             continue
-        first = parts[0][1]
-        total = torch.zeros(first.out_features, first.in_features, device=first.base.weight.device)
-        for w, layer, low_rank in parts:
-            update = _update(layer, low_rank)
-            total += w * (update[0] @ update[1] if isinstance(update, tuple) else update)
+        total = sum(w * _dense_update(layer) for w, layer in parts)
         U, S, Vh = torch.linalg.svd(total, full_matrices=False)
         root = S[:r].sqrt()
         B, A = U[:, :r] * root, root[:, None] * Vh[:r]
