@@ -251,3 +251,22 @@ def test_switching_follows_the_model_device() -> None:
     for name in ("p", None, "l"):
         lorakit.set_active(model, name)
         assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_lorakit_trainer_trains_the_active_adapter_as_alone(tmp_path: Path) -> None:
+    from lorakit.train.trainer import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    features = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]}
+                for ids in (torch.randint(3, 100, (10,), generator=g).tolist() for _ in range(8))]
+    train_config = {"steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False}
+    single = add(LLAMA.build(0), "dora", None)
+    train(single, features, TrainConfig(output_dir=str(tmp_path / "alone"), **train_config), pad_token_id=0)
+    model = add(add(LLAMA.build(0), "lora", "l"), "dora", "d")
+    with lorakit.use_adapter(model, "l"):
+        other = output(model, X)
+    train(model, features, TrainConfig(output_dir=str(tmp_path / "named"), **train_config), pad_token_id=0)
+    assert (tmp_path / "named" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "alone" / "adapter" / "adapter_model.safetensors").read_bytes()
+    lorakit.set_active(model, "l")
+    assert torch.equal(output(model, X), other)
