@@ -103,12 +103,12 @@ def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tens
     """The flat ``name -> tensor`` dict that `save` writes, of adapter ``name`` (``None``: the active one)."""
     state = get_state(model, name)
     tensors: dict[str, Tensor] = {}
-    for name, layer in state.layers.items():
+    for layer_name, layer in state.layers.items():
         for key, tensor in layer.adapter_state().items():
-            tensors[f"{name}.{key}"] = tensor
-    for name, (_, trainable) in state.saved_modules.items():
+            tensors[f"{layer_name}.{key}"] = tensor
+    for module_name, (_, trainable) in state.saved_modules.items():
         for key, tensor in trainable.state_dict().items():
-            tensors[f"{SAVED_PREFIX}{name}.{key}"] = tensor
+            tensors[f"{SAVED_PREFIX}{module_name}.{key}"] = tensor
     return tensors
 
 
@@ -138,7 +138,7 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         "method": state.method.name,
         "config": state.config.to_dict(),
         "base_model": state.base_model_name,
-        "fingerprint": state.fingerprints,
+        "fingerprint": fingerprints(model, state.name),
         "modules_to_save": list(state.saved_modules),
         "base_offsets": {n: int(layer.base_offset_B.shape[1]) for n, layer in state.layers.items()
                          if layer.base_offset_B is not None},
