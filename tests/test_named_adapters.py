@@ -16,6 +16,7 @@ from tests.tiny_models import KINDS, assert_close, make_config, output, perturb,
 
 LLAMA = KINDS["llama"]
 X = LLAMA.inputs()
+W0_Q = LLAMA.build(0).get_submodule("model.layers.0.self_attn.q_proj").weight.detach().clone()
 
 
 def add(model: nn.Module, method: str, name: str | None, seed: int = 0, kind=LLAMA) -> nn.Module:
@@ -270,3 +271,19 @@ def test_lorakit_trainer_trains_the_active_adapter_as_alone(tmp_path: Path) -> N
         (tmp_path / "alone" / "adapter" / "adapter_model.safetensors").read_bytes()
     lorakit.set_active(model, "l")
     assert torch.equal(output(model, X), other)
+
+
+def test_boosting_rounds_merged_next_to_another_adapter_stay_out_of_its_base() -> None:
+    lora, _ = alone("lora")
+    model = add(LLAMA.build(0), "lora", "l")
+    lorakit.attach(model, lorakit.XgbLoraConfig(r=1, kappa=1, target_modules="all-linear"), name="x")
+    train_steps(model, LLAMA.batches(), steps=3, lr=0.1)  # a round merged into W0 every step
+    layer = lorakit.adapter_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.base_offset_B is not None and layer.base_offset_B.shape[1] == 3
+    boosted = output(model, X)
+    lorakit.set_active(model, "l")
+    assert torch.equal(output(model, X), lora)
+    assert torch.equal(layer.base.weight, W0_Q)
+    lorakit.set_active(model, "x")
+    assert torch.equal(output(model, X), boosted)
+
