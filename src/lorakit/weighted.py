@@ -14,8 +14,10 @@ includes the moved part, ``s·B A − B0 A0``, as in the PEFT export).  The resu
   ``m ⊙ (W0 + s·B A)/‖W0 + s·B A‖_c − W0`` rescales W0's rows; GLoRA).
 * ``"svd"``: the truncated SVD of M at rank r (Eckart-Young: the best rank-r approximation in Frobenius norm),
   per layer in float32, ``B = U_r √Σ_r``, ``A = √Σ_r V_rᵀ``; any method is accepted, DoRA included (its dense
-  update is approximated like any other).  Each layer's relative error ``‖M − B A‖_F / ‖M‖_F`` (0 where M = 0),
-  which equals ``√(Σ_{k>r} σ_k²) / √(Σ_k σ_k²)``, is measured, logged and returned.
+  update is approximated like any other).  When every update of a layer is low-rank, M is never formed: the SVD
+  of the concatenated factors goes through two thin QRs and a small core (the same singular values and vectors,
+  at a cost linear in the layer's size).  Each layer's relative error ``‖M − B A‖_F / ‖M‖_F``, which is
+  ``√(Σ_{k>r} σ_k²) / √(Σ_k σ_k²)`` (0 where M = 0), is logged and returned.
 
 The combination is computed with every adapter set aside (W0 in the base), and the new adapter becomes the
 active one, as `attach` does.  Adapters with ``modules_to_save`` are refused: a head trained in full has no
@@ -116,19 +118,32 @@ def _combine(states: list[AdapterState], weights: Sequence[float], combination: 
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     for layer_name in names:
-        parts = [(w, state.layers[layer_name]) for state, w in zip(states, weights) if layer_name in state.layers]
-        if combination == "linear":
-            pairs = [(w * B, A) for w, layer in parts for B, A in [export_factors(layer)]]
-            factors[layer_name] = (torch.cat([B for B, _ in pairs], dim=1), torch.cat([A for _, A in pairs], dim=0))
-            continue
-        total = sum(w * _dense_update(layer) for w, layer in parts)
-        U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+        parts = [(w, state.layers[layer_name], state.method.low_rank) for state, w in zip(states, weights)
+                 if layer_name in state.layers]
+        low_rank = all(exact and layer.as_lora() is not None for _, layer, exact in parts)
+        if combination == "linear" or low_rank:
+            pairs = [(w * B, A) for w, layer, _ in parts for B, A in [export_factors(layer)]]
+            cat = (torch.cat([B for B, _ in pairs], dim=1), torch.cat([A for _, A in pairs], dim=0))
+            if combination == "linear":
+                factors[layer_name] = cat
+                continue
+            U, S, Vh = _factored_svd(*cat)
+        else:
+            U, S, Vh = torch.linalg.svd(sum(w * _dense_update(layer) for w, layer, _ in parts), full_matrices=False)
         root = S[:r].sqrt()
-        B, A = U[:, :r] * root, root[:, None] * Vh[:r]
-        norm = float(total.norm())
-        errors[layer_name] = float((total - B @ A).norm()) / norm if norm > 0 else 0.0
-        factors[layer_name] = (B, A)
+        factors[layer_name] = (U[:, :r] * root, root[:, None] * Vh[:r])
+        total = float(S.square().sum())
+        errors[layer_name] = math.sqrt(float(S[r:].square().sum()) / total) if total > 0 else 0.0
     return factors, errors
+
+
+def _factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD of ``B @ A`` without forming it: ``B = Q_B R_B``, ``Aᵀ = Q_A R_A``, then the SVD of the small
+    core ``R_B R_Aᵀ`` (k×k for a rank-k product), rotated back."""
+    QB, RB = torch.linalg.qr(B)
+    QA, RA = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(RB @ RA.T)
+    return QB @ U, S, Vh @ QA.T
 
 
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], name: str,
