@@ -1,7 +1,7 @@
 """lorakit: the modern family of low-rank fine-tuning methods, one API, faithful to the papers."""
 
-from .api import (adapter_layers, attach, detach, disabled, get_state, hooks, merge, merge_and_unload,
-                  trainable_parameters, unmerge)
+from .api import (active_adapter, adapter_layers, adapter_names, attach, detach, disabled, get_state, hooks, merge,
+                  merge_and_unload, set_active, trainable_parameters, unmerge, use_adapter)
 from .config import AdapterConfig
 from .core.registry import get_method
 from .errors import AdapterFileError, ConfigError, LorakitError, TargetError, TrainingError
@@ -30,6 +30,8 @@ from .methods.lora2 import Lora2Config
 from .methods.prilora import PriLoraConfig
 from .methods.sora import SoraConfig
 
+from .weighted import WeightedAdapter, add_weighted_adapter
+
 # Bound last on purpose: importing the `lorakit.methods` subpackage (above) sets the attribute
 # `lorakit.methods` to that package; the public name is the registry function.
 from .core.registry import methods  # noqa: E402
@@ -41,8 +43,9 @@ __all__ = [
     "BaLoraConfig", "BoneConfig", "ColaConfig", "DoraConfig", "FlatLoraConfig", "LoraPlusConfig", "LoraProConfig",
     "GloraConfig", "LoraRiteConfig", "XgbLoraConfig",
     "AdapterConfig", "AdapterFileError", "ConfigError", "LoraConfig", "LoraGaConfig", "LoraSbConfig",
-    "LoraXsConfig", "LorakitError",
-    "OloraConfig", "PissaConfig", "RsLoraConfig", "TargetError", "TrainingError", "adapter_layers", "attach",
-    "detach", "disabled", "export_peft", "get_method", "get_state", "hooks", "load", "merge",
-    "merge_and_unload", "methods", "save", "trainable_parameters", "unmerge",
+    "LoraXsConfig", "LorakitError", "WeightedAdapter",
+    "OloraConfig", "PissaConfig", "RsLoraConfig", "TargetError", "TrainingError", "active_adapter",
+    "adapter_layers", "adapter_names", "add_weighted_adapter", "attach", "detach", "disabled", "export_peft",
+    "get_method", "get_state", "hooks", "load", "merge", "merge_and_unload", "methods", "save", "set_active",
+    "trainable_parameters", "unmerge", "use_adapter",
 ]

@@ -1,10 +1,32 @@
-"""The public API: attach a method to any model, and merge, unmerge, disable, detach it."""
+"""The public API: attach a method to any model, and merge, unmerge, disable, detach it.
+
+Named adapters.  A model holds any number of adapters, each under a name (``attach(..., name=...)``; without
+one it is ``"default"``), and at most one of them is *active*: its layers are in the model, and every call
+that takes no name (`get_state`, `save`, `merge`, `disabled`, `hooks`, the trainers, the HF callback, fed)
+acts on it.  The others are set aside whole (their layers, trained tensors, hook state and trained
+``modules_to_save`` copies), out of the module tree: ``model.parameters()``, ``state_dict()`` and an optimizer
+see the active adapter only, so only it trains.  `set_active` switches (``None``: the base model),
+`use_adapter` switches for a block, `detach` with a name deletes one adapter.  A new adapter (`attach`,
+`lorakit.load`, `lorakit.add_weighted_adapter`) becomes the active one.
+
+What switching guarantees: every adapter's own tensors and the weights it computes with come back bit for
+bit.  An inactive adapter's layers leave W0 in the base: a W0-moving init (PiSSA, OLoRA, LoRA-GA, BA-LoRA)
+or merged boosting rounds (XGBLoRA, CoLA) park their moved weight and put W0 back (`AdapterLayer.park_base`),
+so no adapter ever sees another's moved or merged W0.  That W0 is bit for bit the original when it was kept
+(quantized bases; layers built inside `keep_original`; every adapter attached next to another one keeps it);
+only a W0-moving adapter attached alone, without `keep_original`, puts back ``residual + offset`` (W0 within
+one float rounding, as `detach` documents) the first time it is set aside, and that same tensor afterwards.
+Cost: an inactive W0-moving adapter holds its residual (one copy of each moved weight, on the model's device),
+and every W0-moving adapter next to others keeps W0 in CPU memory.
+Switching away from, or attaching next to, a merged adapter is refused (``unmerge(model)`` first).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,13 +39,17 @@ from .config import AdapterConfig
 from .core import quant
 from .core.hooks import TrainingHooks
 from .core.inject import find_modules_to_save, find_targets, replace_module
-from .core.layer import AdapterLayer, base_shape, originals_kept
+from .core.layer import AdapterLayer, base_shape, keep_original, originals_kept
 from .core.registry import Method, get_method
 from .errors import ConfigError, LorakitError
 
 logger = logging.getLogger(__name__)
 
-STATE_ATTR = "_lorakit"
+STATE_ATTR = "_lorakit"  # the active adapter's `AdapterState`
+ADAPTERS_ATTR = "_lorakit_adapters"  # name -> `AdapterState`: every adapter attached to the model
+DEFAULT_NAME = "default"
+# an adapter name may become a directory name: one plain file-name component, no path syntax
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass
@@ -38,13 +64,125 @@ class AdapterState:
     requires_grad: dict[int, bool] = field(default_factory=dict)  # id(param) -> flag before attach
     base_model_name: str = ""
     fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # of W0 at attach; `save` writes them
+    name: str = DEFAULT_NAME
 
 
-def get_state(model: nn.Module) -> AdapterState:
+def _adapters(model: nn.Module) -> dict[str, AdapterState]:
+    return getattr(model, ADAPTERS_ATTR, None) or {}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of every adapter attached to ``model``, in attach order."""
+    return list(_adapters(model))
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter, or ``None`` when the model runs as its base model."""
+    state = getattr(model, STATE_ATTR, None)
+    return None if state is None else state.name
+
+
+def get_state(model: nn.Module, name: str | None = None) -> AdapterState:
+    """The adapter named ``name`` (``None``: the active one)."""
+    adapters = _adapters(model)
+    if name is not None:
+        if name not in adapters:
+            raise LorakitError(f"no adapter named {name!r:.80} on this model; attached: {list(adapters) or 'none'}")
+        return adapters[name]
     state = getattr(model, STATE_ATTR, None)
     if state is None:
+        if adapters:
+            raise LorakitError(f"no lorakit adapter is active on this model (attached: {list(adapters)}); "
+                               "call lorakit.set_active(model, name)")
         raise LorakitError("no lorakit adapter is attached to this model; call lorakit.attach(model, config)")
     return state
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    """``name`` is a safe adapter name (a file-name component) that ``model`` does not use yet."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"adapter name {name!r:.80} is not allowed: use 1 to 64 letters, digits, _ - or ., "
+                          "starting with a letter or digit, no '..' (names may be used as directory names)")
+    if name in _adapters(model):
+        raise LorakitError(f"this model already has a lorakit adapter; detach(model) it first, or pass another "
+                           f"name= to add one next to it (attached: {adapter_names(model)}, asked for {name!r})")
+
+
+def _follow_base(state: AdapterState) -> None:
+    """Move an inactive adapter's tensors to its bases' device (the model may have moved meanwhile)."""
+    for layer in state.layers.values():
+        device = layer.base.weight.device
+        skip = {id(m) for m in layer.base.modules()}
+        for module in layer.modules():
+            if id(module) not in skip:
+                module._apply(lambda t, d=device: t.to(d), recurse=False)  # as module.to(device) does
+    for original, trainable in state.saved_modules.values():
+        reference = next(original.parameters(), None)
+        if reference is not None:
+            trainable.to(reference.device)
+
+
+def _deactivate(model: nn.Module, why: str) -> AdapterState | None:
+    """Set the active adapter aside (its layers out of the model, W0 back in the base) and return it;
+    ``why`` completes the refusal when it is merged."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return None
+    merged = [n for n, layer in state.layers.items() if layer.merged]
+    if merged:
+        raise LorakitError(f"cannot {why}: the active adapter {state.name!r} is merged into the base weights "
+                           f"(layer '{merged[0]}'); unmerge(model) first")
+    if any(isinstance(layer.base.weight, DTensor) for layer in state.layers.values()):
+        raise LorakitError(f"cannot {why}: the active adapter {state.name!r} is on an FSDP-sharded model; "
+                           "named adapters switch on the unsharded model")
+    for target, layer in state.layers.items():
+        layer.park_base()
+        replace_module(model, target, layer.base)
+    for target, (original, trainable) in state.saved_modules.items():
+        reference = next(trainable.parameters(), None)
+        if reference is not None:
+            original.to(reference.device)  # out of the model while this adapter was active
+        replace_module(model, target, original)
+    delattr(model, STATE_ATTR)
+    return state
+
+
+def _activate(model: nn.Module, state: AdapterState) -> None:
+    """Put an inactive adapter's layers back into the model (none may be active)."""
+    _follow_base(state)
+    for target, layer in state.layers.items():
+        layer.unpark_base()
+        replace_module(model, target, layer)
+    for target, (_, trainable) in state.saved_modules.items():
+        replace_module(model, target, trainable)
+    setattr(model, STATE_ATTR, state)
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Make adapter ``name`` the active one; ``None`` runs the base model.  Refused while the active adapter is
+    merged.  The adapter set aside keeps its tensors and hook state (see the module docstring for exactness)."""
+    if not _adapters(model):
+        raise LorakitError("no lorakit adapter is attached to this model; call lorakit.attach(model, config)")
+    target = None if name is None else get_state(model, name)
+    current = getattr(model, STATE_ATTR, None)
+    if target is current:
+        return
+    _deactivate(model, f"switch to {'the base model' if target is None else repr(name)}")
+    if target is not None:
+        _activate(model, target)
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
+    """Inside the block adapter ``name`` is active (``None``: the base model, every adapter off); the adapter
+    active before comes back afterwards (PEFT's ``set_adapter`` / ``disable_adapter`` for one block)."""
+    previous = active_adapter(model)
+    set_active(model, name)
+    try:
+        yield model
+    finally:
+        if _adapters(model):
+            set_active(model, previous if previous in _adapters(model) else None)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -60,15 +198,28 @@ def _check_rank(name: str, base: nn.Module, config: AdapterConfig) -> None:
 
 def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None = None,
            loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-           initialize: bool = True) -> nn.Module:
+           initialize: bool = True, name: str = DEFAULT_NAME) -> nn.Module:
     """Wrap every targeted layer of ``model`` (in place) with ``config``'s method and freeze the rest.
 
     ``data`` (an iterable of batches) and ``loss_fn(model, batch) -> loss`` feed data-driven inits
     (LoRA-GA, LoRA-SB); the default loss is the model's own ``model(**batch).loss``.
     ``initialize=False`` skips data-driven inits (used by `load`, which restores saved tensors).
+    ``name`` adds the adapter next to those already attached: the active one is set aside first, so the new
+    adapter is built and initialised on the base model exactly as alone, and then becomes the active one.
+    A failed attach leaves the model as it was, the previously active adapter active again.
     """
-    if getattr(model, STATE_ATTR, None) is not None:
-        raise LorakitError("this model already has a lorakit adapter; detach(model) it first")
+    check_new_name(model, name)
+    previous = _deactivate(model, f"attach adapter {name!r} next to it")
+    try:
+        return _attach(model, config, data, loss_fn, initialize, name)
+    except BaseException:
+        if previous is not None:
+            _activate(model, previous)
+        raise
+
+
+def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,
+            loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, initialize: bool, name: str) -> nn.Module:
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"config must be a lorakit method config, got {type(config).__name__}")
     method = get_method(config.method)
@@ -79,60 +230,76 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
         raise LorakitError(f"{method.name} initialises from gradients: pass data= (an iterable of "
                            "batches, e.g. a DataLoader) and optionally loss_fn=")
     targets = find_targets(model, config.target_modules, exclude=config.modules_to_save)
-    for name, base in targets:
-        _check_rank(name, base, config)
+    for target, base in targets:
+        _check_rank(target, base, config)
         if isinstance(base.weight, DTensor):
-            raise LorakitError(f"layer '{name}' is sharded (FSDP): attach the adapter to the unsharded model; "
+            raise LorakitError(f"layer '{target}' is sharded (FSDP): attach the adapter to the unsharded model; "
                                "lorakit's trainer then shards it (TrainConfig(fsdp=True), lorakit train --fsdp)")
     find_modules_to_save(model, config.modules_to_save)  # raises on a bad name before the model is touched
 
     flags = {id(p): p.requires_grad for p in model.parameters()}
+    others = _adapters(model)
     model.requires_grad_(False)
     layers: dict[str, AdapterLayer] = {}
     try:
-        for name, base in targets:
-            layers[name] = method.layer_class(base, config, name)
+        # next to other adapters a W0-moving init keeps W0, so setting this adapter aside is bit-exact
+        with keep_original() if others else contextlib.nullcontext():
+            for target, base in targets:
+                layers[target] = method.layer_class(base, config, target)
     except BaseException:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
         raise
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
+    for target, layer in layers.items():
+        replace_module(model, target, layer)
 
     saved: dict[str, tuple[nn.Module, nn.Module]] = {}
-    for name, original in find_modules_to_save(model, config.modules_to_save):
+    for target, original in find_modules_to_save(model, config.modules_to_save):
         trainable = copy.deepcopy(original)
         trainable.requires_grad_(True)
-        replace_module(model, name, trainable)
-        saved[name] = (original, trainable)
+        replace_module(model, target, trainable)
+        saved[target] = (original, trainable)
 
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     from .io.persistence import layer_fingerprints  # persistence imports this module
+    # what `detach` restores when the last adapter goes: the flags from before the first attach
+    before = next(iter(others.values())).requires_grad if others else flags
     state = AdapterState(method, config, layers, saved, method.hooks_class(model, layers, config),
-                         flags, str(name_or_path), layer_fingerprints(layers))
+                         before, str(name_or_path), layer_fingerprints(layers), name)
+    setattr(model, ADAPTERS_ATTR, {**others, name: state})
     setattr(model, STATE_ATTR, state)
     if initialize and method.initialize is not None:
         with originals_kept(layers.values()):  # while the init runs, so a failed attach restores W0 bit for bit
             try:
                 method.initialize(model, layers, config, data, loss_fn)
             except BaseException:
-                detach(model)
+                detach(model, name)
                 raise
     return model
 
 
-def detach(model: nn.Module) -> nn.Module:
-    """Undo `attach`: put back the original module objects with their original weights and flags."""
-    state = get_state(model)
-    for name, layer in state.layers.items():
-        layer.restore_base()
-        replace_module(model, name, layer.base)
-    for name, (original, _) in state.saved_modules.items():
-        replace_module(model, name, original)
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Delete adapter ``name`` (``None``: the active one; the model then runs as its base model until
+    `set_active`).  The active adapter's layers give back the original module objects with W0 (see
+    `AdapterLayer.restore_base`); an inactive one is dropped (W0 is in the base already).  When the last adapter
+    goes, every parameter gets back the ``requires_grad`` it had before the first `attach`."""
+    state = get_state(model, name)
+    if state is getattr(model, STATE_ATTR, None):
+        for target, layer in state.layers.items():
+            layer.restore_base()
+            replace_module(model, target, layer.base)
+        for target, (original, _) in state.saved_modules.items():
+            replace_module(model, target, original)
+        delattr(model, STATE_ATTR)
+    remaining = {n: s for n, s in _adapters(model).items() if s is not state}
+    if remaining:
+        setattr(model, ADAPTERS_ATTR, remaining)
+        return model
     for p in model.parameters():
         if id(p) in state.requires_grad:
             p.requires_grad_(state.requires_grad[id(p)])
-    delattr(model, STATE_ATTR)
+    if hasattr(model, ADAPTERS_ATTR):
+        delattr(model, ADAPTERS_ATTR)
     return model
 
 
@@ -166,8 +333,13 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
     it is replaced by a plain ``nn.Linear`` in its compute dtype (exact merge, float memory);
     ``requantize=True`` quantizes the merged weight back into the original layer (its format, block size
     and double quantization), and logs each layer's relative weight error ``‖q(W) − W‖/‖W‖``.
+    Refused while other named adapters are attached (their W0 would change under them).
     """
     state = get_state(model)
+    others = [n for n in _adapters(model) if n != state.name]
+    if others:
+        raise LorakitError(f"merge_and_unload would fold adapter {state.name!r} into the base weights that the "
+                           f"other adapters {others} were trained on; save and detach(model, name) them first")
     if safe:
         _check_finite(state.layers)
     errors: dict[str, float] = {}
@@ -195,6 +367,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
                        "(pass requantize=True to quantize them back)", len(kinds),
                        "/".join(sorted(set(kinds.values()))))
     delattr(model, STATE_ATTR)
+    delattr(model, ADAPTERS_ATTR)
     return model
 
 
@@ -203,7 +376,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base output (adapters and saved-module copies off).
 
     For inits that moved W0 the base is the residual plus the initial adapter, i.e. the original model.
+    With named adapters attached and none active, the model already is its base model.
     """
+    if getattr(model, STATE_ATTR, None) is None and _adapters(model):
+        yield model
+        return
     state = get_state(model)
     merged = [layer for layer in state.layers.values() if layer.merged]
     for layer in merged:

@@ -111,6 +111,7 @@ class AdapterLayer(nn.Module):
         self.keep_original = _KEEP_ORIGINAL
         self.original_weight: Tensor | None = None  # W0 kept by move_base (packed, or under keep_original)
         self.residual_quant_error: float | None = None
+        self.parked_weight: Tensor | None = None  # this layer's residual while its adapter is inactive
         self.register_buffer("base_offset_B", None)  # set by move_base
         self.register_buffer("base_offset_A", None)
 
@@ -253,6 +254,39 @@ class AdapterLayer(nn.Module):
             w.data = (w0.T if self.transposed else w0).to(w.dtype)
         self.original_weight = None
         self.base_offset_B = self.base_offset_A = None
+
+    @torch.no_grad()
+    def park_base(self) -> None:
+        """Put W0 back into the base while this layer's adapter is inactive (named adapters), keeping the moved
+        weight aside for `unpark_base`, which puts it back bit for bit.  W0 is the kept original (bit for bit:
+        quantized, or `keep_original`); a layer without one keeps ``residual + offset_B @ offset_A`` cast to the
+        weight's dtype (CPU memory) the first time it is parked, so every later switch, and `restore_base`,
+        put back that same tensor (W0 within one rounding of the residual, as `restore_base` documents)."""
+        if self.base_offset_B is None or self.parked_weight is not None:
+            return
+        if self.quant is not None:
+            object.__setattr__(self, "parked_weight", packed(self.base))
+            restore(self.base, self.original_weight)
+            return
+        w = self.base.weight
+        if self.original_weight is None:
+            w0 = self.original_float()
+            self.original_weight = (w0.T if self.transposed else w0).to(w.dtype).to("cpu")
+            self.keep_original = True
+        self.parked_weight = w.data
+        w.data = self.original_weight.to(w.device, w.dtype, copy=True)  # a copy: a merge into it must not reach W0
+
+    @torch.no_grad()
+    def unpark_base(self) -> None:
+        """Undo `park_base`: the base computes with this layer's moved weight again (the same tensor)."""
+        if self.parked_weight is None:
+            return
+        if self.quant is not None:
+            restore(self.base, self.parked_weight)
+        else:
+            w = self.base.weight
+            w.data = self.parked_weight.to(w.device, w.dtype)
+        object.__setattr__(self, "parked_weight", None)
 
     @contextlib.contextmanager
     def original_base(self) -> Iterator[None]:

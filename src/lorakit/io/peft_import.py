@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..api import attach, detach, get_state
+from ..api import DEFAULT_NAME, attach, detach, get_state
 from ..core.inject import find_targets, regex_matcher
 from ..core.layer import SUPPORTED_BASES, base_shape, skip_init
 from ..core.registry import get_method
@@ -161,9 +161,10 @@ def _saved_modules(where: Path, model: nn.Module, data: dict[str, Any]) -> list[
     return sorted({n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in entries)})
 
 
-def load_peft(model: nn.Module, directory: Path, data: dict[str, Any]) -> nn.Module:
+def load_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str = DEFAULT_NAME) -> nn.Module:
     """Attach the PEFT LoRA adapter in ``directory`` (its parsed ``adapter_config.json`` is ``data``) to
-    ``model`` as lorakit's lora/rslora/dora; every check runs before the model is changed, or detaches again."""
+    ``model`` as lorakit's lora/rslora/dora adapter ``name``; every check runs before the model is changed, or
+    detaches again."""
     where = directory / CONFIG_NAME
     if not (directory / WEIGHTS_NAME).is_file() and (directory / "adapter_model.bin").is_file():
         raise AdapterFileError(f"{directory} holds adapter_model.bin (pickle), which lorakit never loads: it can "
@@ -186,7 +187,7 @@ def load_peft(model: nn.Module, directory: Path, data: dict[str, Any]) -> nn.Mod
                 f"{None if b is None else tuple(b.shape)}: the adapter is for another base model or corrupt")
     try:
         with skip_init():
-            attach(model, config, initialize=False)
+            attach(model, config, initialize=False, name=name)
     except ConfigError as err:
         raise AdapterConfigError(f"{where}: {err}") from err
     except LorakitError as err:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..api import STATE_ATTR, attach, detach, get_state
+from ..api import DEFAULT_NAME, _deactivate, active_adapter, attach, check_new_name, detach, get_state, set_active
 from ..config import AdapterConfig
 from ..core.inject import find_targets
 from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
@@ -99,16 +99,16 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The flat ``name -> tensor`` dict that `save` writes."""
-    state = get_state(model)
+def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """The flat ``name -> tensor`` dict that `save` writes, of adapter ``name`` (``None``: the active one)."""
+    state = get_state(model, name)
     tensors: dict[str, Tensor] = {}
-    for name, layer in state.layers.items():
+    for layer_name, layer in state.layers.items():
         for key, tensor in layer.adapter_state().items():
-            tensors[f"{name}.{key}"] = tensor
-    for name, (_, trainable) in state.saved_modules.items():
+            tensors[f"{layer_name}.{key}"] = tensor
+    for module_name, (_, trainable) in state.saved_modules.items():
         for key, tensor in trainable.state_dict().items():
-            tensors[f"{SAVED_PREFIX}{name}.{key}"] = tensor
+            tensors[f"{SAVED_PREFIX}{module_name}.{key}"] = tensor
     return tensors
 
 
@@ -117,16 +117,17 @@ def layer_fingerprints(layers: dict[str, nn.Module]) -> dict[str, dict[str, Any]
     return {n: weight_fingerprint(*_original_weight(layer)) for n, layer in layers.items()}
 
 
-def fingerprints(model: nn.Module) -> dict[str, dict[str, Any]]:
+def fingerprints(model: nn.Module, name: str | None = None) -> dict[str, dict[str, Any]]:
     """The base-weight fingerprints taken at `attach`, before any init moved W0: `save` writes these, so a
     resumed, sharded or merged-round run writes the same file as an uninterrupted single-process one (W0
-    recomputed as residual + offset would differ in the last bits)."""
-    return get_state(model).fingerprints
+    recomputed as residual + offset would differ in the last bits).  ``name``: as in `adapter_tensors`."""
+    return get_state(model, name).fingerprints
 
 
-def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the attached adapter to ``directory`` (created if needed); each file is replaced atomically."""
-    state = get_state(model)
+def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+    """Write adapter ``name`` (``None``: the active one) to ``directory`` (created if needed); each file is
+    replaced atomically.  The files do not record the name: `load` gives the adapter the name it is asked for."""
+    state = get_state(model, name)
     merged = [n for n, layer in state.layers.items() if layer.merged]
     if merged:
         raise LorakitError(f"layer '{merged[0]}' is merged; unmerge(model) before saving")
@@ -137,12 +138,12 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "method": state.method.name,
         "config": state.config.to_dict(),
         "base_model": state.base_model_name,
-        "fingerprint": fingerprints(model),
+        "fingerprint": fingerprints(model, state.name),
         "modules_to_save": list(state.saved_modules),
         "base_offsets": {n: int(layer.base_offset_B.shape[1]) for n, layer in state.layers.items()
                          if layer.base_offset_B is not None},
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model, state.name).items()}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(
         tensors, p, metadata={"format": "lorakit"}))  # one key: safetensors writes a map in random order
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
@@ -266,20 +267,33 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
-def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the adapter saved in ``directory`` to ``model`` (the same base it was trained on); a PEFT LoRA
+def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Attach the adapter saved in ``directory`` to ``model`` (the same base it was trained on) as adapter
+    ``name`` (``None``: ``"default"``), next to any already attached, and make it the active one; a PEFT LoRA
     adapter directory is loaded by `peft_import.load_peft`.
 
     Nothing is attached until the config and every file-level check passed; a check that needs the
-    attached layers (tensor names and shapes, the size of the loaded update) detaches again on failure.
+    attached layers (tensor names and shapes, the size of the loaded update) detaches again on failure, and
+    the adapter active before is active again.
     """
-    if getattr(model, STATE_ATTR, None) is not None:
-        raise LorakitError("this model already has a lorakit adapter; detach(model) it before loading another")
-    path = Path(directory)
+    name = DEFAULT_NAME if name is None else name
+    check_new_name(model, name)
+    previous = active_adapter(model)
+    _deactivate(model, f"load adapter {name!r} next to it")
+    try:
+        return _load(model, Path(directory), name)
+    except BaseException:
+        if previous is not None:
+            set_active(model, previous)
+        raise
+
+
+def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
+    """`load` on a model with no active adapter."""
     data = read_config_json(path)
     from .peft_import import is_peft_config, load_peft  # imports this module
     if is_peft_config(data):
-        return load_peft(model, path, data)
+        return load_peft(model, path, data, name)
     data = check_adapter_config(path / CONFIG_NAME, data)
     method, config = _read_method_config(path, data)
     tensors = read_adapter_tensors(path)
@@ -292,7 +306,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     try:
         with skip_init():
-            attach(model, config, initialize=False)  # a failed attach leaves the model as it was
+            attach(model, config, initialize=False, name=name)  # a failed attach leaves the model as it was
     except ConfigError as err:
         raise AdapterConfigError(f"{path / CONFIG_NAME}: {err}") from err
     except LorakitError as err:
@@ -306,7 +320,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             copy_adapter_tensors(model, tensors)
             _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
         except BaseException:
-            detach(model)
+            detach(model, name)
             raise
     return model
 
