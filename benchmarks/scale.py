@@ -18,6 +18,8 @@ millisecond; the load average is recorded before and after it):
 * ``lorakit-pissa``, ``lorakit-lora-ga``: attach plus one training step on the float base, against
   ``lorakit-float``'s attach plus one step (the inits that move W0 keep no second copy of it).
 
+The peak RSS of loading is kept apart (``peak_rss_load_mib``); after loading, float tensors are copied out of
+the memory-mapped checkpoint (whose pages would otherwise stay counted in RSS).
 Step time is the median of ``--steps`` steps after one warm-up step.  Model-weight memory is counted
 exactly (parameters, buffers and bitsandbytes' quantization state).  Activation memory per token is the
 training peak above the RSS before training, less the adapter's gradients and AdamW moments.  The results
@@ -104,8 +106,13 @@ def child(name: str, steps: int, spec: str, batch_size: int) -> dict[str, Any]:
     """One configuration in this (fresh) process: load, attach, warm-up step, timed steps."""
     cfg = CONFIGS[name]
     load_before = load_average()
-    with PeakRSS() as rss:
+    with PeakRSS() as load_rss:
         model, tok = load_model(spec, "causal-lm", quantize=cfg.quantize)
+        with torch.no_grad():  # float tensors into private memory: a safetensors load maps the file, which stays
+            for p in [*model.parameters(), *model.buffers()]:  # counted in RSS while any tensor still uses it
+                if type(p) in (torch.Tensor, torch.nn.Parameter):
+                    p.data = p.data.clone()
+    with PeakRSS() as rss:
         model.train()
         batches = gsm8k_batches(tok, 1 + (cfg.method == "lora-ga") + max(steps, 1), batch_size)
         weights = weight_bytes(model)
@@ -152,7 +159,8 @@ def child(name: str, steps: int, spec: str, batch_size: int) -> dict[str, Any]:
             "checkpointing": cfg.checkpointing, "weight_mib": weights / 2**20, "rss_after_load_mib": loaded,
             "attach_s": attach_s, "rss_before_training_mib": before_training,
             "peak_rss_attach_step_mib": first_step_peak, "peak_rss_training_mib": train_rss.peak,
-            "peak_rss_mib": rss.peak, "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+            "peak_rss_load_mib": load_rss.peak, "peak_rss_mib": max(rss.peak, load_rss.peak),
+            "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
             "step_times_s": times, "adapter_params": adapter_params, "tokens_per_batch": tokens,
             "activation_bytes_per_token": activations / tokens, "residual_quant_error": residual_error,
             "load_average_before_after": [load_before, load_average()], "threads": torch.get_num_threads()}
