@@ -118,15 +118,16 @@ def child(name: str, steps: int, spec: str, batch_size: int) -> dict[str, Any]:
         weights = weight_bytes(model)
         loaded = rss.current()
         t = time.perf_counter()
-        if cfg.trainer == "peft":
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, target_modules=SMOL_TARGETS,
-                                                     lora_dropout=0.0))
-        else:
-            config = lorakit.get_method(cfg.method).config_class(r=R, alpha=2 * R,
-                                                                 target_modules=tuple(SMOL_TARGETS))
-            data = [batches.pop()] if cfg.method == "lora-ga" else None
-            lorakit.attach(model, config, data=data)
+        with PeakRSS() as attach_rss:
+            if cfg.trainer == "peft":
+                from peft import LoraConfig, get_peft_model
+                model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, target_modules=SMOL_TARGETS,
+                                                         lora_dropout=0.0))
+            else:
+                config = lorakit.get_method(cfg.method).config_class(r=R, alpha=2 * R,
+                                                                     target_modules=tuple(SMOL_TARGETS))
+                data = [batches.pop()] if cfg.method == "lora-ga" else None
+                lorakit.attach(model, config, data=data)
         attach_s = time.perf_counter() - t
         if cfg.checkpointing:
             enable_gradient_checkpointing(model)
@@ -157,7 +158,7 @@ def child(name: str, steps: int, spec: str, batch_size: int) -> dict[str, Any]:
     activations = (train_rss.peak - before_training) * 2**20 - adapter_params * (ADAM_BYTES - 4)
     return {"name": name, "quantize": cfg.quantize, "trainer": cfg.trainer, "method": cfg.method,
             "checkpointing": cfg.checkpointing, "weight_mib": weights / 2**20, "rss_after_load_mib": loaded,
-            "attach_s": attach_s, "rss_before_training_mib": before_training,
+            "attach_s": attach_s, "peak_rss_attach_mib": attach_rss.peak, "rss_before_training_mib": before_training,
             "peak_rss_attach_step_mib": first_step_peak, "peak_rss_training_mib": train_rss.peak,
             "peak_rss_load_mib": load_rss.peak, "peak_rss_mib": max(rss.peak, load_rss.peak),
             "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
@@ -214,6 +215,12 @@ MODELS = {"7B": {"linear": 6.48e9, "embed_head": 2 * 32000 * 4096, "hidden": 409
 TOKENS = 8 * 256  # the batch the extrapolated activations are given for (this benchmark's batch at full length)
 
 
+def attach_growth(r: dict[str, Any]) -> float:
+    """MiB the attach's peak RSS rises above the loaded model (a LoRA attach keeps all it allocates, so for a
+    run without the attach-only peak, the RSS before training bounds it)."""
+    return r.get("peak_rss_attach_mib", r["rss_before_training_mib"]) - r["rss_after_load_mib"]
+
+
 def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[str, float]:
     """The measured per-parameter and per-token figures of SmolLM2 that the extrapolation scales.
 
@@ -229,8 +236,8 @@ def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[
     out = {"float32": f["weight_mib"] * 2**20 / (smol["linear"] + smol["other"])}
     for kind in ("nf4", "int8"):
         out[kind] = (measured[f"lorakit-{kind}"]["weight_mib"] * 2**20 - other) / smol["linear"]
-    moved = {m: (measured[f"lorakit-{m}"]["peak_rss_attach_step_mib"] - f["peak_rss_attach_step_mib"]) * 2**20
-             / smol["linear"] for m in ("pissa", "lora-ga")}
+    moved = {m: (attach_growth(measured[f"lorakit-{m}"]) - attach_growth(f)) * 2**20 / smol["linear"]
+             for m in ("pissa", "lora-ga")}
     return {"weight_bytes_per_linear_param": out, "adapter_bytes_per_param": ADAM_BYTES,
             "activation_bytes_per_token_per_layer_per_hidden": layer / hidden,
             "activation_bytes_per_token_rest_per_vocab": rest / vocab,
@@ -296,13 +303,15 @@ def markdown(res: dict[str, Any]) -> str:
              "", f"Command: `{res['command']}`; {res['machine']}.", "",
              f"Load average (1 min) over the run: {res['load_average']}; each configuration's before/after is in "
              "scale.json (`load_average_before_after`).", "",
-             "| config | weights MiB | peak RSS MiB | attach+1 step peak MiB | training peak MiB | s/step "
-             "| activations KiB/token | load avg before/after |", "|---|---|---|---|---|---|---|---|"]
+             "| config | weights MiB | loading peak MiB | RSS loaded MiB | attach peak MiB | attach+1 step peak MiB "
+             "| training peak MiB | s/step | activations KiB/token | load avg before/after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in m.items():
         load = "/".join(f"{x:.1f}" for x in r["load_average_before_after"])
-        lines.append(f"| {name} | {r['weight_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_rss_attach_step_mib']:.0f}"
-                     f" | {r['peak_rss_training_mib']:.0f} | {r['step_s']:.2f} "
-                     f"| {r['activation_bytes_per_token'] / 1024:.0f} | {load} |")
+        attach = f"{r['peak_rss_attach_mib']:.0f}" if "peak_rss_attach_mib" in r else "-"
+        lines.append(f"| {name} | {r['weight_mib']:.0f} | {r['peak_rss_load_mib']:.0f} | {r['rss_after_load_mib']:.0f} "
+                     f"| {attach} | {r['peak_rss_attach_step_mib']:.0f} | {r['peak_rss_training_mib']:.0f} "
+                     f"| {r['step_s']:.2f} | {r['activation_bytes_per_token'] / 1024:.0f} | {load} |")
     lines += ["", "## Targets", ""] + [f"- {k}: {v}" for k, v in res["targets"].items()]
     lines += ["", "## Merge on the nf4 base (relative output error against the unmerged adapter)", ""]
     lines += [f"- {k}: {v:.4g}" for k, v in res["merge"].items()]
@@ -315,7 +324,7 @@ def markdown(res: dict[str, Any]) -> str:
               f"- activations per token per decoder layer per hidden unit: "
               f"{u['activation_bytes_per_token_per_layer_per_hidden']:.1f} bytes; loss head per token per "
               f"vocabulary entry: {u['activation_bytes_per_token_rest_per_vocab']:.2f} bytes",
-              "- extra attach+step peak per linear-layer parameter: " + ", ".join(
+              "- attach peak above the loaded model, beyond LoRA's, per linear-layer parameter: " + ", ".join(
                   f"{k} {v:.3f} bytes" for k, v in u["extra_attach_peak_bytes_per_linear_param"].items()),
               "", f"## Extrapolated GiB (Llama-2 7B / 70B, LoRA r=8 all linear, AdamW, {TOKENS} tokens per step, "
               "float32 compute as measured)", ""]
@@ -353,7 +362,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         out = Path(args.out)
-        (out / "scale.md").write_text(markdown(json.loads((out / "scale.json").read_text())))
+        res = json.loads((out / "scale.json").read_text())
+        write(res | derived(res["configs"], res["smollm2"]), out)
         return
     speed.DATA = Path(args.data)
     torch.set_num_threads(args.threads)
@@ -373,14 +383,22 @@ def main() -> None:
         print(json.dumps(measured[name]), flush=True)
     merge = merge_error(args.model, args.batch)
     smol = smol_shape(args.model)
-    units = per_unit(measured, smol)
     res = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
            "machine": f"{os.cpu_count()} CPU cores shared with other jobs, {args.threads} torch thread(s) per "
                       f"configuration, torch {torch.__version__}",
            "load_average": f"{start_load:.1f} at the start, {load_average():.1f} at the end",
-           "configs": measured, "targets": targets(measured), "merge": merge, "smollm2": smol, "per_unit": units,
-           "extrapolation": extrapolate(units), "quant_kinds": list(quant.QUANT_KINDS), "notes": []}
-    out = Path(args.out)
+           "configs": measured, "merge": merge, "smollm2": smol, **derived(measured, smol),
+           "quant_kinds": list(quant.QUANT_KINDS), "notes": []}
+    write(res, Path(args.out))
+
+
+def derived(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[str, Any]:
+    """Targets, per-unit figures and the extrapolation, all computed from the measured configurations."""
+    units = per_unit(measured, smol)
+    return {"targets": targets(measured), "per_unit": units, "extrapolation": extrapolate(units)}
+
+
+def write(res: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "scale.md").write_text(markdown(res))
