@@ -236,8 +236,8 @@ def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[
     out = {"float32": f["weight_mib"] * 2**20 / (smol["linear"] + smol["other"])}
     for kind in ("nf4", "int8"):
         out[kind] = (measured[f"lorakit-{kind}"]["weight_mib"] * 2**20 - other) / smol["linear"]
-    moved = {m: (attach_growth(measured[f"lorakit-{m}"]) - attach_growth(f)) * 2**20 / smol["linear"]
-             for m in ("pissa", "lora-ga")}
+    # LoRA-GA's attach runs forward and backward passes on its init batch: activations, extrapolated as such
+    moved = {"pissa": (attach_growth(measured["lorakit-pissa"]) - attach_growth(f)) * 2**20 / smol["linear"]}
     return {"weight_bytes_per_linear_param": out, "adapter_bytes_per_param": ADAM_BYTES,
             "activation_bytes_per_token_per_layer_per_hidden": layer / hidden,
             "activation_bytes_per_token_rest_per_vocab": rest / vocab,
