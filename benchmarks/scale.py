@@ -4,6 +4,13 @@
     python benchmarks/scale.py --steps 3 --out /tmp/x --data /work/shared/data --model /tmp/smollm2-135m
     python benchmarks/scale.py --steps 1 --batch 1 --only lorakit-nf4 --only peft-qlora --out /tmp/smoke
 
+A float copy of SmolLM2-135M (``--model``) loads in seconds instead of a minute (GGUF) and is quantized by
+transformers while loading::
+
+    m, t = lorakit.models.load_model("smollm2-135m", "causal-lm")
+    m.hf_quantizer = None; del m.config.quantization_config  # GGUF-loaded models refuse save_pretrained
+    m.save_pretrained("/tmp/smollm2-135m"); t.save_pretrained("/tmp/smollm2-135m")
+
 SmolLM2-135M on GSM8K (``../shared/data/gsm8k``, batch 8, max length 256), r=8 on every linear layer of the
 decoder, one torch thread.  Each configuration runs in its own process (peak RSS from ``/proc``, sampled every
 millisecond; the load average is recorded before and after it):
