@@ -8,7 +8,7 @@ A float copy of SmolLM2-135M (``--model``) loads in seconds instead of a minute 
 transformers while loading::
 
     m, t = lorakit.models.load_model("smollm2-135m", "causal-lm")
-    m.hf_quantizer = None; del m.config.quantization_config  # GGUF-loaded models refuse save_pretrained
+    m.hf_quantizer = None; m.config.__dict__.pop("quantization_config", None)  # else save_pretrained refuses (GGUF)
     m.save_pretrained("/tmp/smollm2-135m"); t.save_pretrained("/tmp/smollm2-135m")
 
 SmolLM2-135M on GSM8K (``../shared/data/gsm8k``, batch 8, max length 256), r=8 on every linear layer of the
