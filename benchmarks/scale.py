@@ -1,8 +1,8 @@
 """Memory and speed of quantized bases, of inits that move W0 and of gradient checkpointing (run by hand).
 
-    python benchmarks/scale.py                    # every configuration (about 20 minutes on 2 CPU cores)
+    python benchmarks/scale.py                    # every configuration (42 minutes on 2 shared cores, load 4-9)
     python benchmarks/scale.py --steps 3 --out /tmp/x --data /work/shared/data --model /tmp/smollm2-135m
-    python benchmarks/scale.py --steps 1 --batch 1 --only lorakit-nf4 --only peft-qlora --out /tmp/smoke
+    python benchmarks/scale.py --steps 1 --batch 1 --only lorakit-nf4 --only peft-qlora   # quick check, printed only
 
 A float copy of SmolLM2-135M (``--model``) loads in seconds instead of a minute (GGUF) and is quantized by
 transformers while loading::
