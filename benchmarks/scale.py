@@ -1,32 +1,51 @@
-"""Memory and speed of quantized bases and of inits that move W0 (run by hand, CPU or CUDA).
+"""Memory and speed of quantized bases, of inits that move W0 and of gradient checkpointing (run by hand).
 
-    python benchmarks/scale.py                    # every configuration (about 10 minutes on 2 CPU cores)
+    python benchmarks/scale.py                    # every configuration (42 minutes on 2 shared cores, load 4-9)
     python benchmarks/scale.py --steps 3 --out /tmp/x --data /work/shared/data --model /tmp/smollm2-135m
+    python benchmarks/scale.py --steps 1 --batch 1 --only lorakit-nf4 --only peft-qlora   # quick check, printed only
+
+A float copy of SmolLM2-135M (``--model``) loads in seconds instead of a minute (GGUF) and is quantized by
+transformers while loading::
+
+    m, t = lorakit.models.load_model("smollm2-135m", "causal-lm")
+    m.hf_quantizer = None; m.config.__dict__.pop("quantization_config", None)  # else save_pretrained refuses (GGUF)
+    m.save_pretrained("/tmp/smollm2-135m"); t.save_pretrained("/tmp/smollm2-135m")
 
 SmolLM2-135M on GSM8K (``../shared/data/gsm8k``, batch 8, max length 256), r=8 on every linear layer of the
-decoder.  Each configuration runs in its own process (peak RSS from ``/proc``, sampled every millisecond):
+decoder, one torch thread.  Each configuration runs in its own process (peak RSS from ``/proc``, sampled every
+millisecond; the load average is recorded before and after it):
 
 * ``lorakit-float``, ``lorakit-nf4``, ``lorakit-int8``: lorakit LoRA on the float32 base and on its
   bitsandbytes nf4 / int8 copy (`lorakit.models.load_model(..., quantize=...)`);
-* ``peft-qlora``: PEFT's LoRA on the same bitsandbytes nf4 base (QLoRA without gradient checkpointing);
+* ``lorakit-float-gc``: ``lorakit-float`` with gradient checkpointing (the trainer's
+  `enable_gradient_checkpointing`);
+* ``peft-qlora``: PEFT's LoRA on the same bitsandbytes nf4 base (QLoRA without gradient checkpointing), run
+  right after ``lorakit-nf4`` and again right before a second ``lorakit-nf4`` (A B B A), so that their step-time
+  ratio is taken under the same load;
 * ``lorakit-pissa``, ``lorakit-lora-ga``: attach plus one training step on the float base, against
   ``lorakit-float``'s attach plus one step (the inits that move W0 keep no second copy of it).
 
+The peak RSS of loading is kept apart (``peak_rss_load_mib``); after loading, float tensors are copied out of
+the memory-mapped checkpoint (whose pages would otherwise stay counted in RSS).
 Step time is the median of ``--steps`` steps after one warm-up step.  Model-weight memory is counted
-exactly (parameters, buffers and bitsandbytes' quantization state).  The results extrapolate each option to
-a 7B and a 70B Llama.  Written to ``<out>/scale.json`` and ``<out>/scale.md``.
+exactly (parameters, buffers and bitsandbytes' quantization state).  Activation memory per token is the
+training peak above the RSS before training, less the adapter's gradients and AdamW moments.  The results
+extrapolate each option to a 7B and a 70B Llama from these per-parameter and per-token figures, and report
+the relative output error of ``merge_and_unload(requantize=True)`` on the nf4 base.  Written to
+``<out>/scale.json`` and ``<out>/scale.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import speed
 import torch
@@ -36,19 +55,37 @@ import lorakit
 from lorakit.core import quant
 from lorakit.core.loss import model_loss
 from lorakit.models import load_model
+from lorakit.train.trainer import enable_gradient_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 R = 8
-# name -> (base quantization, who trains, method).  Gradient checkpointing on/off is the next axis of this
-# table: give each configuration a "checkpointing" flag and enable it in `child` after the model is built.
-CONFIGS: dict[str, tuple[str | None, str, str]] = {
-    "lorakit-float": (None, "lorakit", "lora"),
-    "lorakit-nf4": ("nf4", "lorakit", "lora"),
-    "lorakit-int8": ("int8", "lorakit", "lora"),
-    "peft-qlora": ("nf4", "peft", "lora"),
-    "lorakit-pissa": (None, "lorakit", "pissa"),
-    "lorakit-lora-ga": (None, "lorakit", "lora-ga"),
+ADAM_BYTES = 16  # per trainable float32 parameter: the weight, its gradient and AdamW's two moments
+
+
+class Config(NamedTuple):
+    quantize: str | None
+    trainer: str  # "lorakit" or "peft"
+    method: str
+    checkpointing: bool = False
+
+
+CONFIGS: dict[str, Config] = {
+    "lorakit-float": Config(None, "lorakit", "lora"),
+    "lorakit-float-gc": Config(None, "lorakit", "lora", checkpointing=True),
+    "lorakit-nf4": Config("nf4", "lorakit", "lora"),
+    "peft-qlora": Config("nf4", "peft", "lora"),
+    "lorakit-int8": Config("int8", "lorakit", "lora"),
+    "lorakit-pissa": Config(None, "lorakit", "pissa"),
+    "lorakit-lora-ga": Config(None, "lorakit", "lora-ga"),
 }
+# the run order; the nf4 pair runs A B B A (the second round's results are kept under "<name>#2")
+ORDER = ["lorakit-float", "lorakit-float-gc", "lorakit-nf4", "peft-qlora", "peft-qlora#2", "lorakit-nf4#2",
+         "lorakit-int8", "lorakit-pissa", "lorakit-lora-ga"]
+
+
+def load_average() -> float:
+    """The 1-minute load average of the machine."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -72,175 +109,303 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def child(name: str, steps: int, spec: str) -> dict[str, Any]:
+def child(name: str, steps: int, spec: str, batch_size: int) -> dict[str, Any]:
     """One configuration in this (fresh) process: load, attach, warm-up step, timed steps."""
-    kind, who, method = CONFIGS[name]
+    cfg = CONFIGS[name]
+    load_before = load_average()
+    with PeakRSS() as load_rss:
+        model, tok = load_model(spec, "causal-lm", quantize=cfg.quantize)
+        with torch.no_grad():  # float tensors into private memory: a safetensors load maps the file, which stays
+            for p in [*model.parameters(), *model.buffers()]:  # counted in RSS while any tensor still uses it
+                if type(p) in (torch.Tensor, torch.nn.Parameter):
+                    p.data = p.data.clone()
     with PeakRSS() as rss:
-        model, tok = load_model(spec, "causal-lm", quantize=kind)
         model.train()
-        batches = gsm8k_batches(tok, 1 + (1 if method == "lora-ga" else 0) + max(steps, 1), 8)
+        batches = gsm8k_batches(tok, 1 + (cfg.method == "lora-ga") + max(steps, 1), batch_size)
         weights = weight_bytes(model)
         loaded = rss.current()
         t = time.perf_counter()
-        if who == "peft":
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, target_modules=SMOL_TARGETS,
-                                                     lora_dropout=0.0))
-        else:
-            config = lorakit.get_method(method).config_class(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS))
-            data = [batches.pop()] if method == "lora-ga" else None
-            lorakit.attach(model, config, data=data)
+        with PeakRSS() as attach_rss:
+            if cfg.trainer == "peft":
+                from peft import LoraConfig, get_peft_model
+                model = get_peft_model(model, LoraConfig(r=R, lora_alpha=2 * R, target_modules=SMOL_TARGETS,
+                                                         lora_dropout=0.0))
+            else:
+                config = lorakit.get_method(cfg.method).config_class(r=R, alpha=2 * R,
+                                                                     target_modules=tuple(SMOL_TARGETS))
+                data = [batches.pop()] if cfg.method == "lora-ga" else None
+                lorakit.attach(model, config, data=data)
         attach_s = time.perf_counter() - t
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        if cfg.checkpointing:
+            enable_gradient_checkpointing(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        with torch.no_grad():  # page in every weight (a safetensors load maps them lazily) before the baseline
+            for t in [*model.parameters(), *model.buffers()]:
+                t.sum()
+        before_training = rss.current()
         times = []
-        for i, batch in enumerate(batches):
-            t = time.perf_counter()
-            (model(**batch).loss if who == "peft" else model_loss(model, batch)).backward()  # PEFT's own loop
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t)
-            if i == 0:
-                first_step_peak = rss.peak
+        with PeakRSS() as train_rss:
+            for i, batch in enumerate(batches):
+                t = time.perf_counter()
+                loss = model(**batch).loss if cfg.trainer == "peft" else model_loss(model, batch)  # PEFT's own loop
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - t)
+                if i == 0:
+                    first_step_peak = rss.peak
     residual_error = None
-    if who == "lorakit" and kind is not None:
+    if cfg.trainer == "lorakit" and cfg.quantize is not None:
         errors = [layer.residual_quant_error for layer in lorakit.adapter_layers(model).values()]
         residual_error = None if errors[0] is None else max(errors)
-    return {"name": name, "quantize": kind, "trainer": who, "method": method, "weight_mib": weights / 2**20,
-            "rss_after_load_mib": loaded, "attach_s": attach_s, "peak_rss_attach_step_mib": first_step_peak,
-            "peak_rss_mib": rss.peak, "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
-            "residual_quant_error": residual_error}
+    adapter_params = sum(p.numel() for p in trainable)
+    tokens = statistics.mean(b["input_ids"].numel() for b in batches)  # padded tokens per batch
+    # RSS during training above the RSS before it: activations plus the gradients and AdamW moments
+    activations = (train_rss.peak - before_training) * 2**20 - adapter_params * (ADAM_BYTES - 4)
+    return {"name": name, "quantize": cfg.quantize, "trainer": cfg.trainer, "method": cfg.method,
+            "checkpointing": cfg.checkpointing, "weight_mib": weights / 2**20, "rss_after_load_mib": loaded,
+            "attach_s": attach_s, "peak_rss_attach_mib": attach_rss.peak, "rss_before_training_mib": before_training,
+            "peak_rss_attach_step_mib": first_step_peak, "peak_rss_training_mib": train_rss.peak,
+            "peak_rss_load_mib": load_rss.peak, "peak_rss_mib": max(rss.peak, load_rss.peak),
+            "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+            "step_times_s": times, "adapter_params": adapter_params, "tokens_per_batch": tokens,
+            "activation_bytes_per_token": activations / tokens, "residual_quant_error": residual_error,
+            "load_average_before_after": [load_before, load_average()], "threads": torch.get_num_threads()}
 
 
-def run_child(name: str, steps: int, spec: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps), "--data",
-                          str(speed.DATA), "--model", spec], capture_output=True, text=True)
+def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--data",
+                          str(speed.DATA), "--model", args.model, "--batch", str(args.batch), "--threads",
+                          str(args.threads)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def merge_error(spec: str) -> dict[str, float]:
-    """Relative output error of merge_and_unload(requantize=True) on the nf4 base, LoRA with random B."""
-    model, tok = load_model(spec, "causal-lm", quantize="nf4")
-    batch = gsm8k_batches(tok, 1, 8)[0]
-    lorakit.attach(model, lorakit.LoraConfig(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS),
-                                             init_weights=False))
+def merge_error(spec: str, batch_size: int) -> dict[str, float]:
+    """Relative output error of merge_and_unload on the nf4 base (dequantized to float, or re-quantized to nf4)
+    against the unmerged adapted model: LoRA with B random at the size of a short fine-tune's update."""
+    def adapted_model() -> tuple[torch.nn.Module, Any]:
+        model, tok = load_model(spec, "causal-lm", quantize="nf4")
+        lorakit.attach(model, lorakit.LoraConfig(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS),
+                                                 init_weights=False))
+        with torch.no_grad():
+            for layer in lorakit.adapter_layers(model).values():
+                layer.lora_B.mul_(0.01)  # an update of the size a short fine-tune makes
+        return model, tok
+
+    model, tok = adapted_model()
+    batch = {k: v for k, v in gsm8k_batches(tok, 1, batch_size)[0].items() if k != "labels"}
+    with torch.no_grad(), lorakit.disabled(model):
+        base = model(**batch).logits.float()
     with torch.no_grad():
-        for layer in lorakit.adapter_layers(model).values():
-            layer.lora_B.mul_(0.01)  # an update of the size a short fine-tune makes
         adapted = model(**batch).logits.float()
-        float_merged = lorakit.merge_and_unload(model)
-        dequantized = float_merged(**batch).logits.float()
-    model, _ = load_model(spec, "causal-lm", quantize="nf4")
-    lorakit.attach(model, lorakit.LoraConfig(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS),
-                                             init_weights=False))
-    with torch.no_grad():
-        for layer in lorakit.adapter_layers(model).values():
-            layer.lora_B.mul_(0.01)
+        dequantized = lorakit.merge_and_unload(model)(**batch).logits.float()
+        model, _ = adapted_model()
         requantized = lorakit.merge_and_unload(model, requantize=True)(**batch).logits.float()
 
     def rel(a: torch.Tensor) -> float:
         return float((a - adapted).norm() / adapted.norm())
-    return {"dequantized_merge_rel_output_error": rel(dequantized),
+    return {"adapter_effect_rel_output_change": rel(base),
+            "dequantized_merge_rel_output_error": rel(dequantized),
             "requantized_merge_rel_output_error": rel(requantized)}
 
 
 # -- extrapolation ------------------------------------------------------------------------------------------------
-# Llama-2 7B / 70B: parameters in the decoder's linear layers and in the (untied) embedding + head.
-MODELS = {"7B": {"linear": 6.48e9, "embed_head": 2 * 32000 * 4096, "hidden": 4096, "layers": 32,
+# Llama-2 7B / 70B: parameters in the decoder's linear layers and in the (untied) embedding + head, LoRA r=8
+# parameters on every decoder linear layer, hidden size, layers and vocabulary.
+MODELS = {"7B": {"linear": 6.48e9, "embed_head": 2 * 32000 * 4096, "hidden": 4096, "layers": 32, "vocab": 32000,
                  "lora8": 8 * 32 * (4 * 2 * 4096 + 3 * (4096 + 11008))},
-          "70B": {"linear": 68.45e9, "embed_head": 2 * 32000 * 8192, "hidden": 8192, "layers": 80,
+          "70B": {"linear": 68.45e9, "embed_head": 2 * 32000 * 8192, "hidden": 8192, "layers": 80, "vocab": 32000,
                   "lora8": 8 * 80 * (2 * 2 * 8192 + 2 * (8192 + 1024) + 3 * (8192 + 28672))}}
+TOKENS = 8 * 256  # the batch the extrapolated activations are given for (this benchmark's batch at full length)
 
 
-def extrapolate(measured: dict[str, dict[str, Any]], smol_linear: int, smol_other: int) -> dict[str, Any]:
-    """GiB of weights per option (bytes per linear parameter measured on SmolLM2, embeddings in bf16) plus
-    LoRA r=8 with AdamW (fp32 weights, gradients and two moments: 16 bytes per adapter parameter)."""
-    per_param = {}
-    float_linear = 4.0
-    for name in ("lorakit-nf4", "lorakit-int8"):
-        other_bytes = smol_other * 4  # float32 embeddings / norms stay float
-        per_param[name] = (measured[name]["weight_mib"] * 2**20 - other_bytes) / smol_linear
-    options = {"bf16": 2.0, "nf4 (measured bytes/param)": per_param["lorakit-nf4"],
-               "int8 (measured bytes/param)": per_param["lorakit-int8"]}
-    out: dict[str, Any] = {"bytes_per_linear_param": {"float32": float_linear, **{k: v for k, v in options.items()}}}
+def attach_growth(r: dict[str, Any]) -> float:
+    """MiB the attach's peak RSS rises above the loaded model (a LoRA attach keeps all it allocates, so for a
+    run without the attach-only peak, the RSS before training bounds it)."""
+    return r.get("peak_rss_attach_mib", r["rss_before_training_mib"]) - r["rss_after_load_mib"]
+
+
+def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[str, float]:
+    """The measured per-parameter and per-token figures of SmolLM2 that the extrapolation scales.
+
+    Activations per token split into the decoder layers' part (gc off minus gc on is L - 1 layers' worth, scaled
+    by the hidden size) and the rest (loss head: logits on the supervised positions, scaled by the vocabulary),
+    less the L float32 layer inputs that gradient checkpointing keeps (exactly L x hidden x 4 bytes per token).
+    """
+    f, gc = measured["lorakit-float"], measured["lorakit-float-gc"]
+    layers, hidden, vocab = smol["layers"], smol["hidden"], smol["vocab"]
+    layer = (f["activation_bytes_per_token"] - gc["activation_bytes_per_token"]) / (layers - 1)
+    rest = gc["activation_bytes_per_token"] - layer - layers * hidden * 4
+    other = smol["other"] * 4  # float32 embeddings and norms stay float in every option
+    out = {"float32": f["weight_mib"] * 2**20 / (smol["linear"] + smol["other"])}
+    for kind in ("nf4", "int8"):
+        out[kind] = (measured[f"lorakit-{kind}"]["weight_mib"] * 2**20 - other) / smol["linear"]
+    # LoRA-GA's attach runs forward and backward passes on its init batch: activations, extrapolated as such
+    moved = {"pissa": (attach_growth(measured["lorakit-pissa"]) - attach_growth(f)) * 2**20 / smol["linear"]}
+    return {"weight_bytes_per_linear_param": out, "adapter_bytes_per_param": ADAM_BYTES,
+            "activation_bytes_per_token_per_layer_per_hidden": layer / hidden,
+            "activation_bytes_per_token_rest_per_vocab": rest / vocab,
+            "extra_attach_peak_bytes_per_linear_param": moved}
+
+
+def extrapolate(units: dict[str, Any]) -> dict[str, Any]:
+    """GiB per option for a 7B and a 70B Llama: weights (linear layers at the measured bytes per parameter,
+    embeddings and head in bf16), LoRA r=8 with AdamW, activations of `TOKENS` tokens (float32 compute, as
+    measured) without and with gradient checkpointing."""
+    w = units["weight_bytes_per_linear_param"]
+    options = {"bf16": 2.0, "int8": w["int8"], "nf4": w["nf4"]}
+    out: dict[str, Any] = {}
     for size, spec in MODELS.items():
-        row = {}
-        adapter = spec["lora8"] * 16
+        layer = units["activation_bytes_per_token_per_layer_per_hidden"] * spec["hidden"]
+        rest = units["activation_bytes_per_token_rest_per_vocab"] * spec["vocab"]
+        act_off = spec["layers"] * layer + rest
+        act_on = spec["layers"] * spec["hidden"] * 4 + layer + rest
+        adapter = spec["lora8"] * ADAM_BYTES
+        row: dict[str, Any] = {"adapter+AdamW GiB": adapter / 2**30, "activations GiB (gc off)": TOKENS * act_off
+                               / 2**30, "activations GiB (gc on)": TOKENS * act_on / 2**30}
         for option, b in options.items():
             weights = spec["linear"] * b + spec["embed_head"] * 2.0
-            row[option] = round((weights + adapter) / 2**30, 1)
-        row["pissa/lora-ga extra before this change (bf16 W0 copy)"] = round(spec["linear"] * 2.0 / 2**30, 1)
+            row[f"{option} weights GiB"] = weights / 2**30
+            for gc, act in (("off", act_off), ("on", act_on)):
+                row[f"{option} total GiB (gc {gc})"] = (weights + adapter + TOKENS * act) / 2**30
+        for method, b in units["extra_attach_peak_bytes_per_linear_param"].items():
+            row[f"{method} extra attach peak GiB"] = spec["linear"] * b / 2**30
         out[size] = row
     return out
 
 
+def verdict(value: float, limit: float) -> str:
+    return f"{value:.3f} (target <= {limit}: {'MET' if value <= limit else 'NOT MET'})"
+
+
+def targets(m: dict[str, dict[str, Any]]) -> dict[str, str]:
+    f = m["lorakit-float"]
+    pairs = [(m[f"lorakit-nf4{s}"]["step_s"], m[f"peft-qlora{s}"]["step_s"]) for s in ("", "#2")]
+    ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+
+    def ratio_of(a: str, b: str, key: str) -> str:
+        return f"{m[a][key] / m[b][key]:.3f}"
+    return {
+        "nf4 model-weight memory / float": verdict(m["lorakit-nf4"]["weight_mib"] / f["weight_mib"], 0.35),
+        "int8 model-weight memory / float": ratio_of("lorakit-int8", "lorakit-float", "weight_mib"),
+        "lorakit nf4 step / PEFT QLoRA step (both A B B A rounds)": verdict(ratio, 1.0) + " (rounds: "
+        + ", ".join(f"{a / b:.3f}" for a, b in pairs) + ")",
+        "lorakit nf4 peak RSS / PEFT QLoRA peak RSS": ratio_of("lorakit-nf4", "peft-qlora", "peak_rss_mib"),
+        "PiSSA attach+step peak / LoRA": verdict(m["lorakit-pissa"]["peak_rss_attach_step_mib"]
+                                                 / f["peak_rss_attach_step_mib"], 1.05),
+        "LoRA-GA attach+step peak / LoRA": verdict(m["lorakit-lora-ga"]["peak_rss_attach_step_mib"]
+                                                   / f["peak_rss_attach_step_mib"], 1.05),
+        "gradient checkpointing: training peak RSS on / off": ratio_of("lorakit-float-gc", "lorakit-float",
+                                                                        "peak_rss_training_mib"),
+        "gradient checkpointing: step time on / off": ratio_of("lorakit-float-gc", "lorakit-float", "step_s"),
+    }
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["configs"]
-    lines = ["# Scale: quantized bases and moved-W0 inits (SmolLM2-135M, GSM8K batch 8, r=8)", "",
-             f"Command: `{res['command']}`; {res['threads']} threads; torch {res['torch']}.", "",
-             "| config | weights MiB | peak RSS MiB | attach+1 step peak MiB | s/step | attach s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["# Scale: quantized bases, moved-W0 inits, gradient checkpointing (SmolLM2-135M, GSM8K batch 8, r=8)",
+             "", f"Command: `{res['command']}`; {res['machine']}.", "",
+             f"Load average (1 min) over the run: {res['load_average']}; each configuration's before/after is in "
+             "scale.json (`load_average_before_after`).", "",
+             "| config | weights MiB | loading peak MiB | RSS loaded MiB | attach peak MiB | attach+1 step peak MiB "
+             "| training peak MiB | s/step | activations KiB/token | load avg before/after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in m.items():
-        lines.append(f"| {name} | {r['weight_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['peak_rss_attach_step_mib']:.0f} | {r['step_s']:.2f} | {r['attach_s']:.1f} |")
-    t = res["targets"]
-    lines += ["", "## Targets", ""]
-    for key, value in t.items():
-        lines.append(f"- {key}: {value}")
-    lines += ["", "## Merge on the nf4 base", ""]
-    for key, value in res["merge"].items():
-        lines.append(f"- {key}: {value:.4f}")
-    lines += ["", "## Extrapolated GiB (weights + LoRA r=8 AdamW state; activations not included)", "",
-              "| model | " + " | ".join(k for k in res["extrapolation"]["7B"]) + " |",
-              "|---" * (1 + len(res["extrapolation"]["7B"])) + "|"]
-    for size in MODELS:
-        lines.append(f"| {size} | " + " | ".join(str(v) for v in res["extrapolation"][size].values()) + " |")
-    lines += ["", "Bytes per linear-layer parameter: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in res["extrapolation"]["bytes_per_linear_param"].items()), ""]
+        load = "/".join(f"{x:.1f}" for x in r["load_average_before_after"])
+        attach = f"{r['peak_rss_attach_mib']:.0f}" if "peak_rss_attach_mib" in r else "-"
+        lines.append(f"| {name} | {r['weight_mib']:.0f} | {r['peak_rss_load_mib']:.0f} | {r['rss_after_load_mib']:.0f} "
+                     f"| {attach} | {r['peak_rss_attach_step_mib']:.0f} | {r['peak_rss_training_mib']:.0f} "
+                     f"| {r['step_s']:.2f} | {r['activation_bytes_per_token'] / 1024:.0f} | {load} |")
+    lines += ["", "## Targets", ""] + [f"- {k}: {v}" for k, v in res["targets"].items()]
+    lines += ["", "## Merge on the nf4 base (relative output error against the unmerged adapter)", ""]
+    lines += [f"- {k}: {v:.4g}" for k, v in res["merge"].items()]
+    u = res["per_unit"]
+    lines += ["", "## Measured per-unit figures", "",
+              "- weight bytes per linear-layer parameter: " + ", ".join(
+                  f"{k} {v:.3f}" for k, v in u["weight_bytes_per_linear_param"].items()),
+              f"- adapter + AdamW bytes per trainable parameter: {u['adapter_bytes_per_param']} (float32 weight, "
+              "gradient, two moments)",
+              f"- activations per token per decoder layer per hidden unit: "
+              f"{u['activation_bytes_per_token_per_layer_per_hidden']:.1f} bytes; loss head per token per "
+              f"vocabulary entry: {u['activation_bytes_per_token_rest_per_vocab']:.2f} bytes",
+              "- attach peak above the loaded model, beyond LoRA's, per linear-layer parameter: " + ", ".join(
+                  f"{k} {v:.3f} bytes" for k, v in u["extra_attach_peak_bytes_per_linear_param"].items()),
+              "", f"## Extrapolated GiB (Llama-2 7B / 70B, LoRA r=8 all linear, AdamW, {TOKENS} tokens per step, "
+              "float32 compute as measured)", ""]
+    cols = list(res["extrapolation"]["7B"])
+    lines += ["| quantity | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+    lines += [f"| {c} | " + " | ".join(f"{res['extrapolation'][s][c]:.1f}" for s in MODELS) + " |" for c in cols]
+    lines += ["", *res["notes"], ""]
     return "\n".join(lines)
+
+
+def smol_shape(spec: str) -> dict[str, int]:
+    model, _ = load_model(spec, "causal-lm")
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in SMOL_TARGETS)
+    c = model.config
+    return {"linear": linear, "other": sum(p.numel() for p in model.parameters()) - linear,
+            "hidden": c.hidden_size, "layers": c.num_hidden_layers, "vocab": c.vocab_size}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (8 for the results; 1 for a "
+                                                             "quick check)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration (CPU)")
+    parser.add_argument("--only", action="append", choices=list(CONFIGS),
+                        help="run only these configurations and print them (no results files)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--data", default=str(speed.DATA), help="the shared data folder (holds gsm8k/)")
     parser.add_argument("--model", default="smollm2-135m",
                         help="SmolLM2-135M: the alias (its GGUF, quantized after loading) or a saved float copy "
                              "(quantized by transformers' BitsAndBytesConfig while loading; much faster to load)")
+    parser.add_argument("--report", action="store_true", help="only rewrite scale.md from <out>/scale.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    speed.DATA = Path(args.data)
-    if args.child:
-        print(json.dumps(child(args.child, args.steps, args.model)))
+    if args.report:
+        out = Path(args.out)
+        res = json.loads((out / "scale.json").read_text())
+        write(res | derived(res["configs"], res["smollm2"]), out)
         return
+    speed.DATA = Path(args.data)
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.model, args.batch)))
+        return
+    if args.only:
+        for name in args.only:
+            print(json.dumps(run_child(name, args)), flush=True)
+        return
+    start_load = load_average()
     measured = {}
-    for name in CONFIGS:
-        measured[name] = run_child(name, args.steps, args.model)
+    for name in ORDER:
+        measured[name] = run_child(name.split("#")[0], args)
+        measured[name]["name"] = name
         print(json.dumps(measured[name]), flush=True)
-    model, _ = load_model(args.model, "causal-lm")
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in SMOL_TARGETS)
-    other = sum(p.numel() for p in model.parameters()) - linear
-    del model
-    f, q = measured["lorakit-float"], measured
-    targets = {
-        "nf4 model-weight memory / float (target <= 0.35)": round(q["lorakit-nf4"]["weight_mib"] / f["weight_mib"], 3),
-        "int8 model-weight memory / float": round(q["lorakit-int8"]["weight_mib"] / f["weight_mib"], 3),
-        "lorakit nf4 step / PEFT QLoRA step (target <= 1)": round(q["lorakit-nf4"]["step_s"]
-                                                                 / q["peft-qlora"]["step_s"], 3),
-        "lorakit nf4 peak RSS / PEFT QLoRA peak RSS": round(q["lorakit-nf4"]["peak_rss_mib"]
-                                                             / q["peft-qlora"]["peak_rss_mib"], 3),
-        "PiSSA attach+step peak / LoRA (target <= 1.05)": round(q["lorakit-pissa"]["peak_rss_attach_step_mib"]
-                                                                / f["peak_rss_attach_step_mib"], 3),
-        "LoRA-GA attach+step peak / LoRA (target <= 1.05)": round(q["lorakit-lora-ga"]["peak_rss_attach_step_mib"]
-                                                                  / f["peak_rss_attach_step_mib"], 3),
-    }
-    res = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "configs": measured, "targets": targets, "merge": merge_error(args.model),
-           "extrapolation": extrapolate(measured, linear, other), "quant_kinds": list(quant.QUANT_KINDS)}
-    out = Path(args.out)
+    merge = merge_error(args.model, args.batch)
+    smol = smol_shape(args.model)
+    res = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+           "machine": f"{os.cpu_count()} CPU cores shared with other jobs, {args.threads} torch thread(s) per "
+                      f"configuration, torch {torch.__version__}",
+           "load_average": f"{start_load:.1f} at the start, {load_average():.1f} at the end",
+           "configs": measured, "merge": merge, "smollm2": smol, **derived(measured, smol),
+           "quant_kinds": list(quant.QUANT_KINDS), "notes": []}
+    write(res, Path(args.out))
+
+
+def derived(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[str, Any]:
+    """Targets, per-unit figures and the extrapolation, all computed from the measured configurations."""
+    units = per_unit(measured, smol)
+    return {"targets": targets(measured), "per_unit": units, "extrapolation": extrapolate(units)}
+
+
+def write(res: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "scale.md").write_text(markdown(res))

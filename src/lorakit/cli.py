@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "accelerate", "httpx", "urllib3", "huggingface_hub"):
+    for noisy in ("transformers", "accelerate", "httpx", "urllib3", "huggingface_hub",
+                  "torchao", "torch.utils._pytree"):  # torchao: imported by transformers' model loading
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args.func(args)
