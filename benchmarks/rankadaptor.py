@@ -128,6 +128,7 @@ class Bench:
         budget = self.budget
         model, tokenizer = load_model(str(self.pruned(entry)), "causal-lm")  # the `lorakit train --model` path
         data = encoded(tokenizer, budget, self.data_dir)
+        entry["items"] = {key: len(features) for key, features in data.items()}  # prompts over MAX_LENGTH dropped
         if "pruned" not in entry:
             entry["pruned"] = nll(model, data)
             self.save()
@@ -204,6 +205,10 @@ def markdown(results: dict[str, Any]) -> str:
             if runs:
                 lines.append(f"| {r['ratio']:.0%} | {share} | {name} | {len(runs)} | "
                              f"{mean_std([x['arith'] for x in runs])} | {mean_std([x['gsm8k'] for x in runs])} |")
+    items = next((r["items"] for r in results["ratios"] if "items" in r), None)
+    if items:
+        lines += ["", "Items: " + ", ".join(f"{k} {v}" for k, v in items.items()) + f" (examples whose prompt "
+                  f"alone reaches {MAX_LENGTH} tokens are dropped)."]
     lines += ["", "RankAdaptor − uniform, paired by seed (negative: RankAdaptor better):", ""]
     for r in results["ratios"]:
         pairs = [(u, a) for u in r.get("uniform", []) for a in r.get("rankadaptor", []) if u["seed"] == a["seed"]]
