@@ -52,7 +52,7 @@ def encoded(tokenizer: Any, budget: dict[str, Any], data_dir: Path) -> dict[str,
     n, k = budget["train_n"], budget["eval_n"]
     enc = lambda examples: encode_causal_lm(examples, tokenizer, MAX_LENGTH, chat_template=False)  # noqa: E731
     arith_train = enc(load_task("arith", "train", limit=n)[1])
-    gsm_train = enc(load_task("gsm8k", "train", data_dir, limit=n + k)[1])
+    gsm_train = enc(load_task("gsm8k", "train", data_dir, limit=n + 3 * k)[1])  # room for dropped long prompts
     return {"train": arith_train + gsm_train[:n], "search_arith": enc(load_task("arith", "dev", limit=k)[1]),
             "search_gsm8k": gsm_train[n:n + k], "arith": enc(load_task("arith", "test", limit=k)[1]),
             "gsm8k": enc(load_task("gsm8k", "test", data_dir, limit=k)[1])}
@@ -189,6 +189,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Budget: `{json.dumps(budget)}`; uniform LoRA rank {R_UNIFORM}, lr {LR}, alpha = r (scale 1).",
              f"Command: `{results['command']}` ({results['seconds']:.0f} s wall, at nice 19 on 2 CPU cores shared "
              "with other jobs; one intra-op thread).", ""]
+    if "note" in results:
+        lines += [results["note"], ""]
     if "unpruned" in results:
         lines += [f"Unpruned: arith {results['unpruned']['arith']:.3f}, GSM8K {results['unpruned']['gsm8k']:.3f}.",
                   ""]
