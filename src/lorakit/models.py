@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .core import quant
 from .core.inject import HEAD_NAMES
 from .errors import ConfigError, LorakitError
+from .prune import PRUNED_KEY, load_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,17 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
 
 
+def _is_pruned_dir(path: Path) -> bool:
+    """A directory written by `lorakit.prune.save_pruned` (its ``config.json`` records the blocks' widths)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return PRUNED_KEY in json.loads(config.read_text())
+    except (OSError, ValueError):  # unreadable: transformers' loader reports it
+        return False
+
+
 def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,13 +196,15 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
     """Load ``(model, tokenizer)`` in eval mode; the tokenizer always has a pad token.
 
     ``spec``: an alias (see `ALIASES`), a local directory, a ``.gguf`` file (dequantized to float), or a
-    Hugging Face Hub id. Sentence-transformers checkpoints loaded for classification get a
+    Hugging Face Hub id.  A directory written by ``lorakit prune`` (blocks of different widths) is rebuilt by
+    `lorakit.prune.load_pruned`. Sentence-transformers checkpoints loaded for classification get a
     `MeanPoolClassifier`; other classifiers use ``AutoModelForSequenceClassification``.
     ``model.config._name_or_path`` records ``spec`` so that adapters can name their base model.
     ``quantize`` (``nf4``, ``fp4``, ``int8``, ``torchao-int8``, ``torchao-int4``; needs the ``quant`` extra)
     loads every linear layer but the heads quantized, computing in ``dtype``: a causal LM checkpoint through
-    transformers' ``BitsAndBytesConfig``/``TorchAoConfig``, a GGUF file or a classifier by quantizing the
-    loaded float layers the same way (`lorakit.core.quant.quantize_model`).  ``torchao-int4`` needs CUDA.
+    transformers' ``BitsAndBytesConfig``/``TorchAoConfig``, a GGUF file, a pruned directory or a classifier by
+    quantizing the loaded float layers the same way (`lorakit.core.quant.quantize_model`).  ``torchao-int4``
+    needs CUDA.
     """
     if task_type not in ("causal-lm", "classification"):
         raise ConfigError(f"task_type must be 'causal-lm' or 'classification', got {task_type!r}")
@@ -209,6 +224,7 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
     source = str(ALIASES[spec]()) if spec in ALIASES else spec
     path = Path(source).expanduser()
     kw: dict[str, Any] = {}
+    pruned = False
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LorakitError(f"GGUF file {path} does not exist; check the path or use an alias "
@@ -216,6 +232,10 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
         where, kw["gguf_file"] = str(path.parent), path.name
     elif path.is_dir():
         where = str(path)
+        pruned = _is_pruned_dir(path)
+        if pruned and task_type != "causal-lm":
+            raise ConfigError(f"{path} holds a model pruned by `lorakit prune` (a causal LM); load it with "
+                              f"task_type='causal-lm', not {task_type!r}")
     elif _looks_like_path(source):
         raise LorakitError(f"model directory {path} does not exist; pass an existing directory, a .gguf "
                            f"file, a hub id, or an alias ({', '.join(ALIASES)})")
@@ -225,11 +245,12 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
     logger.info("loading %s (%s, %s) from %s", spec, task_type, dtype, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-        by_transformers = quantize is not None and task_type == "causal-lm" and "gguf_file" not in kw
+        by_transformers = quantize is not None and task_type == "causal-lm" and "gguf_file" not in kw and not pruned
         if by_transformers:
             kw["quantization_config"] = _quantization_config(quantize, DTYPES[dtype])
             kw["device_map"] = str(torch_device)
-        model = _load_weights(where, task_type, num_labels, {**kw, "dtype": DTYPES[dtype]})
+        model = (load_pruned(path, DTYPES[dtype]) if pruned
+                 else _load_weights(where, task_type, num_labels, {**kw, "dtype": DTYPES[dtype]}))
     except LorakitError:
         raise
     except (OSError, ValueError) as err:

@@ -18,7 +18,8 @@ layers unpruned (``--block_*_layer_start 4 --block_*_layer_end 30`` on 32-layer 
 
 Blocks then have different widths, which one ``LlamaConfig`` cannot describe: the saved directory is a standard
 ``config.json`` (it loads with ``from_pretrained``) plus ``lorakit_pruned_layers`` (each block's query heads and
-MLP width) and safetensors weights; `load_pruned` rebuilds the model from both.  Nothing is pickled.
+MLP width) and safetensors weights; `load_pruned` rebuilds the model from both, and `lorakit.models.load_model`
+(so ``lorakit train --model DIR``) calls it on a directory whose config has that key.  Nothing is pickled.
 """
 
 from __future__ import annotations
