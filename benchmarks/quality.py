@@ -265,6 +265,7 @@ SWEEP_CENTRE = {"full": 5e-5, "lora-sb": 1e-2, "lora-xs": 1e-2}
 # 2.5e-4) is a rate off by 4x or more; 0.3x / 3x spans a decade, as wide as 3 points can go.
 SWEEP_FACTORS = (0.3, 1.0, 3.0)
 DYLORA_EVAL_RANKS = (1, 2, 4)  # rank 8 = r_max is the run's own score
+FAILURES: list[str] = []  # the runs that failed since the last success
 
 
 def sweep_rates(name: str) -> list[float]:
@@ -292,9 +293,13 @@ def run_one(part: str, name: str, lr: float, seed: int, steps: int, split: str) 
             row = run_training(cfg).summary()
             if method == "dylora" and split == "test":
                 row["score_at_rank"] = {b: eval_at_rank(Path(tmp) / "run" / "adapter", b) for b in DYLORA_EVAL_RANKS}
-        except Exception as err:  # one failed config must not stop an hours-long queue
+        except Exception as err:  # one failed config must not stop an hours-long queue; three in a row do
             print(f"!! {name} lr={lr:g} seed={seed} steps={steps} failed: {type(err).__name__}: {err}", flush=True)
+            FAILURES.append(name)
+            if len(FAILURES) >= 3:
+                raise SystemExit("three runs failed in a row: stopping the queue") from err
             return None
+    FAILURES.clear()
     row.pop("adapter_dir", None)
     row["config"].pop("output_dir", None)
     row = {"part": part, "name": name, "lr": lr, "seed": seed, "steps": steps, "split": split,
@@ -515,13 +520,17 @@ def sweep_report(part: str) -> str:
 
 
 def main() -> None:
+    global DATA
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="table", choices=["table", "queue", *MODES, "claims"])
     parser.add_argument("--only", choices=["sst2", "trec", "gsm8k"], action="append", help="table: the parts")
     parser.add_argument("--methods", default=",".join(VARIANTS), help="table: comma-separated names of VARIANTS")
     parser.add_argument("--configs", help="sweep/seeds/long: comma-separated VARIANTS [default: the mode's list]")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds mode: comma-separated seeds")
+    parser.add_argument("--data-dir", type=Path, default=DATA, help="folder holding sst2/, trec/, gsm8k/ "
+                        "[default: ../shared/data]")
     args = parser.parse_args()
+    DATA = args.data_dir
     if args.mode == "table":
         table(args.methods.split(","), args.only or ["sst2", "trec", "gsm8k"])
         return
