@@ -332,6 +332,7 @@ def run_mode(mode: str, part: str, names: list[str], seeds: tuple[int, ...]) -> 
         if mode == "sweep":
             for lr in sweep_rates(name):
                 run_one(part, name, lr, 0, steps, split)
+            write_claims(part)
             continue
         lr = best_rate(part, name)
         if lr is None:
@@ -506,7 +507,8 @@ def sweep_report(part: str) -> str:
              f"seed 0, accuracy on the {split} split (872 sentences; standard error ~1.1 points), rates "
              f"{' / '.join(f'{f:g}x' for f in SWEEP_FACTORS)} the CLI default at the sweep's start. The CLI's "
              "`DEFAULT_LR` (src/lorakit/train/run.py) takes the best rate of every method whose sweep is complete.",
-             "", "| config | method | rates | dev accuracy (%) at each rate | best | default's gap (points) |",
+             "A best rate at an end of its grid (marked *edge*) may have a better one beyond it.", "",
+             "| config | method | rates | dev accuracy (%) at each rate | best | default's gap (points) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for n in [*CLAIMS, *OTHERS]:
         rows = {r["lr"]: r["score_after"] for r in stored(part, n, steps, split) if r["seed"] == 0}
@@ -514,8 +516,9 @@ def sweep_report(part: str) -> str:
         best = best_rate(part, n)
         scores = " / ".join(f"{100 * rows[lr]:.1f}" if lr in rows else "-" for lr in rates)
         gap = f"{100 * (rows[best] - rows[rates[1]]):.1f}" if best else "incomplete"
+        edge = " *edge*" if best in (rates[0], rates[-1]) else ""
         lines.append(f"| {n} | {VARIANTS[n][0]} | {' / '.join(f'{lr:g}' for lr in rates)} | {scores} | "
-                     f"{f'{best:g}' if best else 'incomplete'} | {gap} |")
+                     f"{f'{best:g}{edge}' if best else 'incomplete'} | {gap} |")
     return "\n".join(lines) + "\n"
 
 
