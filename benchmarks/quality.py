@@ -164,9 +164,9 @@ def summary(parts: dict[str, dict[str, Any]]) -> str:
              "10.4 s/step. Wall times were taken while other work shared the 2 cores (runs at nice 19 or pinned to "
              "one core with one thread), so compare seconds only within one table; step-time claims live in "
              "speed.md.", "",
-             "**One seed each, at the rates of `VARIANTS`, measured before later changes to LoRA-SB's η and the "
-             "AdaLoRA/LoRA² schedules: differences under ~2 points here are within noise. The seeded figures, "
-             "swept rates and claim verdicts are in `claims.md` and `quality-sweep.md`.**", ""]
+             "**One seed each, at the rates of `VARIANTS`, measured before later changes to the "
+             "LoRA-SB, AdaLoRA and LoRA² defaults: differences under ~2 points here are within noise. The seeded "
+             "figures, swept rates and claim verdicts are in `claims.md` and `quality-sweep.md`.**", ""]
     for part, rows in parts.items():
         metric = next(iter(rows.values()))["metric"] if rows else ""
         target = _final(rows["lora"]) if "lora" in rows else None
