@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lorakit
 import tests.tiny_models as tiny
 from lorakit.integrations.hf import LorakitCallback, LorakitTrainer
-from lorakit.io.persistence import adapter_tensors
+from tests.fsdp_train import ranks_agree
 from tests.test_hf_callback import dataset
 from tests.tiny_models import KINDS
 
@@ -63,14 +63,6 @@ def lorakit_args(output_dir: str, world: int, **changes):
 
 def losses(trainer: LorakitTrainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def ranks_agree(model: torch.nn.Module) -> bool:
-    """Whether every rank ends with the same adapter (rank 0 alone saves it)."""
-    sums = [float(t.double().abs().sum()) for t in adapter_tensors(model).values()]
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sums)
-    return all(s == everyone[0] for s in everyone)
 
 
 def main(out: Path) -> None:

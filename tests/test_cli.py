@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from lorakit.models import minilm_dir
+from tests.tiny_models import save_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"  # slices of SST-2, TREC, GSM8K (tests/data/README.md)
@@ -27,16 +26,7 @@ def lorakit(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with a real (BERT WordPiece) tokenizer, saved as a local model directory."""
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), 32, 64, 2, 4)
 
 
 def train_args(model: Path, out: Path, *extra: str) -> list[str]:

@@ -9,27 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.models import load_model, minilm_dir
+from lorakit.models import load_model
 from lorakit.prune import PRUNED_KEY, PruneError
 from tests.test_cli import train_args
+from tests.tiny_models import save_tiny_lm
 
 
 @pytest.fixture(scope="module")
 def pruned_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-block GQA Llama with a real tokenizer, pruned 50% in blocks 1 and 2 by ``lorakit prune``."""
-    base = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=6, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)
-    LlamaForCausalLM(config).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), 48, 64, 4, 6)
     out = tmp_path_factory.mktemp("pruned") / "model"
     assert main(["prune", "--model", str(base), "--out", str(out), "--ratio", "0.5", "--first", "1", "--last", "1",
                  "--samples", "2", "--max-length", "32"]) == 0

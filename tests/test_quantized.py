@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit
 from lorakit.core import quant
 from lorakit.core.layer import keep_original
-from tests.tiny_models import INIT_STD, KINDS, VOCAB, attach, max_diff, perturb, train_steps
+from tests.tiny_models import INIT_STD, KINDS, VOCAB, attach, max_diff, perturb, save_tiny_lm, train_steps
 
 
 def _wide_llama() -> nn.Module:
@@ -209,20 +209,7 @@ def test_packed_gptq_layers_are_refused_not_skipped() -> None:
 @pytest.fixture(scope="module")
 def wide_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The width-64 tiny Llama with a real (BERT WordPiece) tokenizer, saved as a local model directory."""
-    from transformers import AutoTokenizer
-
-    from lorakit.models import minilm_dir
-
-    out = tmp_path_factory.mktemp("wide-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_lm(tmp_path_factory.mktemp("wide-llama"), 64, 128, 2, 4)
 
 
 def test_load_model_quantized(wide_lm: Path) -> None:

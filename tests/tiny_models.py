@@ -13,6 +13,7 @@ import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -229,3 +230,23 @@ def train_steps(model: nn.Module, batches: list[dict[str, Tensor]], steps: int =
         hooks.after_step(step)
         opt.zero_grad(set_to_none=True)
     model.eval()
+
+
+def save_tiny_lm(out: Path, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                 num_attention_heads: int) -> Path:
+    """Save a random GQA Llama (2 KV heads, seed 0) with a real (BERT WordPiece) tokenizer as a local model
+    directory ``out``, the stand-in for a hub model in CLI tests."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
