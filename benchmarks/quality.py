@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py table               # every VARIANT once on sst2/trec/gsm8k (lorakit compare)
     python benchmarks/quality.py queue               # the reproduction queue below, then `claims`; resumable
+    python benchmarks/quality.py pool --workers 12   # the same runs, several processes at once (one GPU)
     python benchmarks/quality.py sweep --configs lora,lora-sb   # or seeds / long, one mode at a time
     python benchmarks/quality.py claims              # results/claims.md and quality-sweep.md from what exists
 
@@ -45,6 +46,7 @@ from lorakit.train.run import RunConfig, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+MINILM = "minilm-l6"  # `--model`: the same checkpoint from a local folder (a machine without the package)
 RESULTS = ROOT / "benchmarks" / "results"
 
 # name in the report -> (method, options, learning rate); the anchors' learning rates: 1e-3 for
@@ -109,7 +111,7 @@ GSM8K_OVERRIDES = {"lora-sb": {"r": 32}, "lora-xs": {"r": 32}, "xgblora": {"kapp
 
 def base_config(part: str) -> RunConfig:
     if part in ("sst2", "trec"):
-        return RunConfig(model="minilm-l6", task=part, data_dir=str(DATA), steps=400, batch_size=32, max_length=64,
+        return RunConfig(model=MINILM, task=part, data_dir=str(DATA), steps=400, batch_size=32, max_length=64,
                          warmup_steps=20, schedule="linear", eval_split="test", eval_limit=None, seed=0)
     return RunConfig(model="smollm2-135m", task="gsm8k", data_dir=str(DATA), steps=30, batch_size=8, max_length=256,
                      warmup_steps=0, schedule="constant", metric="nll", eval_split="test", eval_limit=64, seed=0,
@@ -306,13 +308,20 @@ def run_one(part: str, name: str, lr: float, seed: int, steps: int, split: str) 
     row.pop("adapter_dir", None)
     row["config"].pop("output_dir", None)
     row = {"part": part, "name": name, "lr": lr, "seed": seed, "steps": steps, "split": split,
-           "wall_seconds": time.time() - start, **row}
+           "wall_seconds": time.time() - start, "device": device_name(), **row}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_text(json.dumps(row, indent=1) + "\n")
     tmp_path.replace(path)  # atomic: a killed run leaves no half-written result
     print(f"   {row['metric']} {row['score_after']:.4f} in {row['wall_seconds']:.0f} s", flush=True)
     return row
+
+
+def device_name() -> str:
+    """Where the runs train (the trainer's ``device="auto"``): the GPU's name, or ``cpu``."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def stored(part: str, name: str, steps: int, split: str) -> list[dict[str, Any]]:
@@ -344,6 +353,62 @@ def run_mode(mode: str, part: str, names: list[str], seeds: tuple[int, ...]) -> 
         for seed in (seeds if mode == "seeds" else (0,)):
             run_one(part, name, lr, seed, steps, split)
         write_claims(part)
+
+
+def queue_jobs(part: str, seeds: tuple[int, ...]) -> list[tuple[str, float, int, int, str]]:
+    """The queue's runs not yet stored, longest first, for ``pool``; a config whose sweep is unfinished
+    gets its seeded and long runs in a later pass."""
+    jobs = []
+    for mode, names in (("long", LONG), ("seeds", CLAIMS), ("sweep", CLAIMS + OTHERS)):
+        steps, split = MODES[mode]
+        for name in names:
+            rates = sweep_rates(name) if mode == "sweep" else [best_rate(part, name)]
+            for lr in rates:
+                if lr is None:
+                    print(f"-- {name}: its sweep is incomplete, so its {mode} runs wait", flush=True)
+                    continue
+                for seed in seeds if mode == "seeds" else (0,):
+                    if not run_path(part, name, lr, seed, steps, split).exists():
+                        jobs.append((name, lr, seed, steps, split))
+    return jobs
+
+
+def _pool_init(data: Path, model: str) -> None:
+    global DATA, MINILM
+    DATA, MINILM = data, model
+
+
+def _pool_run(part: str, job: tuple[str, float, int, int, str]) -> bool:
+    name, lr, seed, steps, split = job
+    try:
+        return run_one(part, name, lr, seed, steps, split) is not None
+    except SystemExit:  # run_one's three-in-a-row stop: the pool counts failures itself
+        return False
+
+
+def run_pool(part: str, seeds: tuple[int, ...], workers: int, stop_after: float) -> None:
+    """The queue on ``workers`` processes at once (one accelerator shared by all: MiniLM's small kernels
+    leave it mostly idle for one process).  No run starts after ``stop_after`` seconds; three failures
+    in a row stop the pool."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    start, failed_in_a_row = time.time(), 0
+    jobs = queue_jobs(part, seeds)
+    print(f"pool: {len(jobs)} runs on {workers} workers", flush=True)
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init,
+                                initargs=(DATA, MINILM)) as pool:
+        pending = {pool.submit(_pool_run, part, job): job for job in jobs}
+        for future in cf.as_completed(pending):
+            ok = future.result()
+            failed_in_a_row = 0 if ok else failed_in_a_row + 1
+            if failed_in_a_row >= 3 or time.time() - start > stop_after:
+                print("pool: stopping (" + ("three failures in a row" if failed_in_a_row >= 3 else "time") + ")",
+                      flush=True)
+                pool.shutdown(wait=True, cancel_futures=True)
+                break
+    print(f"pool: {len(queue_jobs(part, seeds))} runs left (a config whose sweep just finished: run it again)",
+          flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- claims
@@ -546,22 +611,29 @@ def sweep_report(part: str) -> str:
 
 
 def main() -> None:
-    global DATA
+    global DATA, MINILM
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="table", choices=["table", "queue", *MODES, "claims"])
+    parser.add_argument("mode", nargs="?", default="table", choices=["table", "queue", "pool", *MODES, "claims"])
     parser.add_argument("--only", choices=["sst2", "trec", "gsm8k"], action="append", help="table: the parts")
     parser.add_argument("--methods", default=",".join(VARIANTS), help="table: comma-separated names of VARIANTS")
     parser.add_argument("--configs", help="sweep/seeds/long: comma-separated VARIANTS [default: the mode's list]")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds mode: comma-separated seeds")
     parser.add_argument("--data-dir", type=Path, default=DATA, help="folder holding sst2/, trec/, gsm8k/ "
                         "[default: ../shared/data]")
+    parser.add_argument("--model", default=MINILM, help="reproduction: MiniLM-L6 from a local folder [default: "
+                        "the package's copy]")
+    parser.add_argument("--workers", type=int, default=4, help="pool: processes at once")
+    parser.add_argument("--stop-after", type=float, default=float("inf"), help="pool: start no run after this "
+                        "many seconds")
     args = parser.parse_args()
-    DATA = args.data_dir
+    DATA, MINILM = args.data_dir, args.model
     if args.mode == "table":
         table(args.methods.split(","), args.only or ["sst2", "trec", "gsm8k"])
         return
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    if args.mode == "queue":
+    if args.mode == "pool":
+        run_pool("sst2", seeds, args.workers, args.stop_after)
+    elif args.mode == "queue":
         for mode, names in (("sweep", CLAIMS), ("seeds", CLAIMS), ("long", LONG), ("sweep", OTHERS)):
             run_mode(mode, "sst2", names, seeds)
     elif args.mode in MODES:
