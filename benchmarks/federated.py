@@ -3,6 +3,7 @@ and centralised LoRA-SB, on MiniLM-L6 + SST-2 split over 10 clients (IID and Dir
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/federated.py      # about 35 minutes on one CPU core
     OMP_NUM_THREADS=1 python benchmarks/federated.py --only fed-sb/iid,fedit/iid,fed-sb/dirichlet,fedit/dirichlet
+    OMP_NUM_THREADS=1 python benchmarks/federated.py --seeds 0,1,2   # Fed-SB and FedIT over 3 seeds (+40 min)
 
 Every federated run goes through Flower's simulation engine (`lorakit.fed.runner.simulate`, one client
 actor); the global model is scored on the first ``--eval-limit`` SST-2 dev sentences after every round.
@@ -41,19 +42,19 @@ MATRICES = 6 * len(SHAPES)
 HEAD_BYTES = (384 * 2 + 2) * 4
 
 
-def fed_config(args: argparse.Namespace, strategy: str, partition: str, out: Path) -> FedConfig:
+def fed_config(args: argparse.Namespace, strategy: str, partition: str, out: Path, seed: int = 0) -> FedConfig:
     lr = args.sb_lr if strategy == "fed-sb" else args.lora_lr
     return FedConfig(strategy=strategy, clients=args.clients, rounds=args.rounds, model="minilm-l6", task="sst2",
                      data_dir=args.data_dir, partition=partition, alpha=0.5, r=args.r, lora_alpha=2.0 * args.r, lr=lr,
                      local_steps=args.local_steps, batch_size=args.batch_size, max_length=64, eval_split="dev",
                      eval_limit=args.eval_limit, init_source=args.init_source, init_samples=args.init_samples,
-                     seed=0, output_dir=str(out))
+                     seed=seed, output_dir=str(out))
 
 
-def run_fed(args: argparse.Namespace, strategy: str, partition: str) -> dict[str, Any]:
+def run_fed(args: argparse.Namespace, strategy: str, partition: str, seed: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        result = runner.simulate(fed_config(args, strategy, partition, Path(tmp)))
+        result = runner.simulate(fed_config(args, strategy, partition, Path(tmp), seed))
         result["wall_seconds"] = time.perf_counter() - start
     cumulative, points = 0, []
     comm = {int(k): v for k, v in result["comm"].items()}
@@ -61,7 +62,7 @@ def run_fed(args: argparse.Namespace, strategy: str, partition: str) -> dict[str
         cumulative += comm.get(h["round"], {}).get("up", 0) + comm.get(h["round"], {}).get("down", 0)
         points.append({"round": h["round"], "accuracy": h["accuracy"], "loss": h["loss"], "total_bytes": cumulative})
     uploads = [row["up"] for h in result["history"] if h["round"] > 0 for row in h["bytes_per_client"].values()]
-    return {"strategy": strategy, "partition": partition, "points": points, "final_accuracy": points[-1]["accuracy"],
+    return {"strategy": strategy, "partition": partition, "seed": seed, "points": points, "final_accuracy": points[-1]["accuracy"],
             "round0_loss": points[0]["loss"], "upload_bytes": sum(v["up"] for v in comm.values()),
             "download_bytes": sum(v["down"] for v in comm.values()),
             "init_upload_bytes": comm.get(0, {}).get("up", 0),
@@ -84,6 +85,29 @@ def run_central(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy_before": result.score_before, "seconds": time.perf_counter() - start}
 
 
+SEEDED = ("fed-sb", "fedit")  # the pair the seed claim compares: Fed-SB against FedIT
+
+
+def seeded(runs: dict[str, dict[str, Any]], strategy: str, partition: str) -> list[dict[str, Any]]:
+    """The runs of one strategy and partition over every seed run so far (seed 0 keeps its old key)."""
+    return [r for k, r in runs.items() if k.split("@")[0] == f"{strategy}/{partition}"]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def accuracy_verdict(sb: list[float], it: list[float]) -> str:
+    """Fed-SB >= FedIT? The difference of means ± 2 standard errors wholly >= 0 (held), wholly < 0 (not
+    held), else not distinguishable; fewer than 3 seeds a side: incomplete."""
+    if min(len(sb), len(it)) < 3:
+        return f"incomplete (n={min(len(sb), len(it))})"
+    (ms, ss), (mi, si) = mean_std(sb), mean_std(it)
+    d, half = ms - mi, 2 * (ss**2 / len(sb) + si**2 / len(it)) ** 0.5
+    return "held" if d - half >= 0 else "not held" if d + half < 0 else "not distinguishable"
+
+
 def targets(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for partition in ("iid", "dirichlet"):
@@ -103,6 +127,10 @@ def targets(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[d
                                 f"{sb['init_upload_bytes']:,} B for Fed-SB's init); accuracy "
                                 f"{100 * sb['final_accuracy']:.1f} vs {100 * it['final_accuracy']:.1f}",
                     "held": ratio_all >= 50 and better})
+        accs = {st: [r["final_accuracy"] for r in seeded(runs, st, partition)] for st in SEEDED}
+        out.append({"target": f"Fed-SB accuracy >= FedIT's over seeds ({partition})",
+                    "measured": f"Fed-SB {fmt(accs['fed-sb'])} vs FedIT {fmt(accs['fedit'])} (mean ± std, n = seeds)",
+                    "held": accuracy_verdict(accs["fed-sb"], accs["fedit"])})
     sb, central = runs.get("fed-sb/iid"), runs.get("central")
     if sb and central:
         gap = 100 * (central["final_accuracy"] - sb["final_accuracy"])
@@ -110,6 +138,11 @@ def targets(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[d
                     "measured": f"Fed-SB {100 * sb['final_accuracy']:.1f} vs central "
                                 f"{100 * central['final_accuracy']:.1f} ({gap:+.1f} points)", "held": gap <= 1.0})
     return out
+
+
+def fmt(xs: list[float]) -> str:
+    m, sd = mean_std(xs)
+    return f"{100 * m:.1f} ± {100 * sd:.1f} (n={len(xs)})"
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
@@ -167,6 +200,15 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, rows: list
         c = runs["central"]
         lines.append(f"| central LoRA-SB | pooled | - | {100 * c['final_accuracy']:.1f} | - | - | - | "
                      f"{c['seconds']:.0f} |")
+    lines += ["", "Fed-SB against FedIT over seeds (seed 0 is the row above; each seed changes the split, the init "
+              "sample's draw and the data order):", "", "| strategy | partition | seeds | final accuracy (%) |",
+              "| --- | --- | --- | --- |"]
+    for partition in ("iid", "dirichlet"):
+        for strategy in SEEDED:
+            seed_runs = seeded(runs, strategy, partition)
+            if seed_runs:
+                lines.append(f"| {strategy} | {partition} | {', '.join(str(r.get('seed', 0)) for r in seed_runs)} | "
+                             f"{fmt([r['final_accuracy'] for r in seed_runs])} |")
     missing = [key for key in [f"{s}/{p}" for p in ("iid", "dirichlet") for s in STRATEGIES] + ["central"]
                if key not in runs]
     if missing:
@@ -176,7 +218,7 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, rows: list
               "`tests/test_fed_strategies.py` checks the independence from the client count).", "",
               "| target | measured | held |", "| --- | --- | --- |"]
     for row in rows:
-        held = "held" if row["held"] else "not held"
+        held = row["held"] if isinstance(row["held"], str) else "held" if row["held"] else "not held"
         lines.append(f"| {row['target']} | {row['measured']} | {held} |")
     lines += ["", "![accuracy vs bytes](federated.png)", ""]
     return "\n".join(lines)
@@ -196,25 +238,30 @@ def main() -> None:
     p.add_argument("--eval-limit", type=int, default=400)
     p.add_argument("--data-dir", default=str(DATA), help="folder holding sst2/ (default: ../shared/data)")
     p.add_argument("--only", help="comma-separated run keys (e.g. fed-sb/iid,central)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds for Fed-SB and FedIT (the other runs: seed 0)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "federated.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if saved.get("settings") == vars(args) | {"only": None} \
-        else {}
+    # the settings that decide a run's result (`--only` and `--seeds` choose runs, `--out` where they go)
+    settings = {k: v for k, v in vars(args).items() if k not in ("only", "seeds", "out")}
+    runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if {
+        k: v for k, v in saved.get("settings", {}).items() if k not in ("only", "seeds", "out")} == settings else {}
     keys = [f"{s}/{p}" for p in ("iid", "dirichlet") for s in STRATEGIES] + ["central"]
+    keys += [f"{s}/{p}@{seed}" for seed in map(int, args.seeds.split(",")) if seed for p in ("iid", "dirichlet")
+             for s in SEEDED]
     wanted = args.only.split(",") if args.only else keys
     for key in keys:
         if key in runs or key not in wanted:
             continue
         print(f"running {key}", flush=True)
-        runs[key] = run_central(args) if key == "central" else run_fed(args, *key.split("/"))
+        name, _, seed = key.partition("@")
+        runs[key] = run_central(args) if key == "central" else run_fed(args, *name.split("/"), int(seed or 0))
         print(f"{key}: accuracy {runs[key]['final_accuracy']:.4f} in {runs[key]['seconds']:.0f} s", flush=True)
         rows = targets(runs, args)
-        path.write_text(json.dumps({"settings": vars(args) | {"only": None}, "runs": runs, "targets": rows}, indent=1)
-                        + "\n")
+        path.write_text(json.dumps({"settings": settings, "runs": runs, "targets": rows}, indent=1) + "\n")
     rows = targets(runs, args)
     plot(runs, out / "federated.png")
     (out / "federated.md").write_text(report(runs, args, rows))

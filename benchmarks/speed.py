@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import os
 import statistics
@@ -45,6 +46,7 @@ from lorakit.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on CUDA, memory is the allocator's peak
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 SMOL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -118,7 +120,7 @@ def load(which: str) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
     else:
         model, tok = load_model("smollm2-135m", "causal-lm")
         batches = gsm8k_batches(tok, 4, 8)
-    return model.train(), batches
+    return model.to(DEVICE).train(), [{k: v.to(DEVICE) for k, v in b.items()} for b in batches]
 
 
 # -- configurations --------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def memory_child(which: str, name: str) -> None:
         _, step = build(name, base, which, batches)
         for batch in batches[:3]:
             step(batch)
-    print(json.dumps({"peak_rss_mib": rss.peak}))
+    print(json.dumps({"peak_rss_mib": rss.cuda_peak if DEVICE.type == "cuda" else rss.peak}))
 
 
 # -- data-driven init against a training step and PEFT ---------------------------------------------
@@ -329,7 +331,9 @@ def bench_pissa(r: int = 32) -> dict[str, Any]:
 
 # -- report ------------------------------------------------------------------------------------------
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["# Speed and memory: lorakit vs PEFT 0.21 (same process, same batches)", "",
+    # on CUDA the per-configuration peak is torch's allocator peak (the field keeps its name)
+    peak, peak_vs = ("peak CUDA MiB", "CUDA") if "CUDA" in results["machine"] else ("peak RSS MiB", "RSS")
+    lines = ["# Speed and memory: lorakit vs PEFT (same process, same batches)", "",
              f"Machine: {results['machine']}. Command: `{results.get('command', 'python benchmarks/speed.py')}`.", ""]
     for which in ("minilm", "smollm2", "methods"):
         if which not in results:
@@ -338,7 +342,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"## Training step, {which}" if which != "methods" else
                   "## Training step, other methods on MiniLM (issue 5: DoRA, MiSS vs PEFT's own; LoRA-RITE, LoRA-Pro "
                   "vs a LoRA step)", "",
-                  "| config | median s/step | vs PEFT LoRA r=8 | over frozen floor | peak RSS MiB | RSS vs PEFT |",
+                  f"| config | median s/step | vs PEFT LoRA r=8 | over frozen floor | {peak} | {peak_vs} vs PEFT |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for n in r["median_step_s"]:
             lines.append(f"| {n} | {r['median_step_s'][n]:.3f} | {r['step_ratio_vs_peft_lora8'][n]:.3f}x | "
@@ -437,7 +441,7 @@ def main() -> None:
     path = out / "speed.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     results["machine"] = (f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
-                          f"torch {torch.__version__}, "
+                          f"torch {torch.__version__}, peft {importlib.metadata.version('peft')}, "
                           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     results["command"] = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     for part in parts:

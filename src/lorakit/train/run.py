@@ -59,7 +59,8 @@ ARITH_LORA_SB_ETA = 1e-6  # LoRA-SB's η on the built-in arithmetic task (see `m
 # Per-method learning rates (else 1e-3), from the SST-2 dev sweep of benchmarks/quality.py (results/quality-sweep.md:
 # MiniLM-L6, 200 steps, rates 0.3x / 1x / 3x): a method moves to its best swept rate when the old default was more than
 # 1 point below it.  LoRA-SB's 1e-2 is the main job's (arith) setting and stays.
-DEFAULT_LR = {FULL: 5e-5, "lora-sb": 1e-2, "lora-xs": 1e-2, "xgblora": 3e-3, "adalora": 3e-3, "lora2": 3e-3}
+DEFAULT_LR = {FULL: 1.5e-4, "lora-sb": 1e-2, "lora-xs": 1e-2, "xgblora": 3e-3, "adalora": 3e-3, "lora2": 3e-3,
+              "dora": 3e-3, "flat-lora": 3e-3, "lora-plus": 3e-4, "lora-rite": 3e-4}
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators all take seeds up to here
 
 # The values a `RunConfig` field may take beyond its type (checked by `check_field`): one line per field.
