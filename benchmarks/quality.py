@@ -25,7 +25,9 @@ The reproduction (issue 13), on SST-2 with the sst2 set-up above:
 
 Every run is one JSON file, ``results/quality-runs/<part>/<config>/steps<n>-lr<lr>-seed<s>-<split>.json``,
 written when the run ends (atomically): a run whose file exists is skipped, so the queue can be killed and
-restarted at any time.  Run folders (checkpoints, adapters) go to a temporary directory.
+restarted at any time.  Run folders (checkpoints, adapters) go to a temporary directory.  ``pool`` runs the same
+queue on several processes at once (one accelerator shared by all), how the seeded, long and other-method runs were
+made on a lent H200 (`results/gpu/README.md`); each run records its device.
 """
 
 from __future__ import annotations
