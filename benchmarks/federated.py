@@ -62,7 +62,8 @@ def run_fed(args: argparse.Namespace, strategy: str, partition: str, seed: int =
         cumulative += comm.get(h["round"], {}).get("up", 0) + comm.get(h["round"], {}).get("down", 0)
         points.append({"round": h["round"], "accuracy": h["accuracy"], "loss": h["loss"], "total_bytes": cumulative})
     uploads = [row["up"] for h in result["history"] if h["round"] > 0 for row in h["bytes_per_client"].values()]
-    return {"strategy": strategy, "partition": partition, "seed": seed, "points": points, "final_accuracy": points[-1]["accuracy"],
+    return {"strategy": strategy, "partition": partition, "seed": seed, "points": points,
+            "final_accuracy": points[-1]["accuracy"],
             "round0_loss": points[0]["loss"], "upload_bytes": sum(v["up"] for v in comm.values()),
             "download_bytes": sum(v["down"] for v in comm.values()),
             "init_upload_bytes": comm.get(0, {}).get("up", 0),
@@ -201,7 +202,8 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, rows: list
         lines.append(f"| central LoRA-SB | pooled | - | {100 * c['final_accuracy']:.1f} | - | - | - | "
                      f"{c['seconds']:.0f} |")
     lines += ["", "Fed-SB against FedIT over seeds (seed 0 is the row above; each seed reseeds the whole run: the "
-              "client split, the data order and the random parts of the init):", "", "| strategy | partition | seeds | final accuracy (%) |",
+              "client split, the data order and the random parts of the init):", "",
+              "| strategy | partition | seeds | final accuracy (%) |",
               "| --- | --- | --- | --- |"]
     for partition in ("iid", "dirichlet"):
         for strategy in SEEDED:

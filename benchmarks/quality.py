@@ -497,8 +497,8 @@ def devices(part: str) -> str:
     return ("Devices (runs per device): " + "; ".join(counts) + ". CPU runs: 2 threads on 2 cores shared with other "
             "work. GPU runs: 12 processes sharing one H200 at once (`quality.py pool --workers 12`), so their wall "
             "times measure throughput under sharing, not one run's speed; compare wall times only roughly. Both run "
-            "the same float32 code (no TF32); a GPU and a CPU run of one config and seed are not bit-identical, and that "
-            "difference was not measured.")
+            "the same float32 code (no TF32); a GPU and a CPU run of one config and seed are not bit-identical, and "
+            "that difference was not measured.")
 
 
 def equal_rate_speedups(part: str) -> str:

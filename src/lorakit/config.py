@@ -94,7 +94,7 @@ def check_schema(cls: type[AdapterConfig], values: dict[str, Any]) -> dict[str, 
     Ranges are left to ``__post_init__``/`validate`, which then see well-typed values only.
     """
     hints = typing.get_type_hints(cls)
-    return {name: _check_value(f"{cls.method or cls.__name__} config '{name}'", value, hints[name])
+    return {name: check_value(f"{cls.method or cls.__name__} config '{name}'", value, hints[name])
             for name, value in values.items()}
 
 
@@ -107,17 +107,21 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _check_value(where: str, value: Any, tp: Any) -> Any:
+def check_value(where: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (JSON lists become tuples); ``where`` names it in the error.
+    One checker for adapter files, run configs and method options."""
+    if tp is Any:
+        return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [t for t in args if t is not type(None)]
         if len(options) == 1:
-            return _check_value(where, value, options[0])
+            return check_value(where, value, options[0])
         for option in options:
             try:
-                return _check_value(where, value, option)
+                return check_value(where, value, option)
             except ConfigError:
                 continue
         raise ConfigError(f"{where} must be {_type_name(tp)}, got {_show(value)}")
@@ -147,14 +151,14 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {_show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check_value(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
+            return tuple(check_value(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where} must be a list of {len(args)} items, got {len(value)}")
-        return tuple(_check_value(f"{where}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args)))
+        return tuple(check_value(f"{where}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be an object, got {_show(value)}")
-        return {_check_value(f"{where} key", k, args[0]): _check_value(f"{where}[{k!r}]", v, args[1])
+        return {check_value(f"{where} key", k, args[0]): check_value(f"{where}[{k!r}]", v, args[1])
                 for k, v in value.items()}
     raise TypeError(f"{where}: check_schema does not know the type {tp!r}")  # a lorakit bug, not bad input
 

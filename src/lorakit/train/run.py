@@ -11,20 +11,19 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import tempfile
 import time
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import api
+from ..config import check_value
 from ..core.driver import data_init, init_batches
 from ..core.registry import get_method
 from ..errors import ConfigError, TrainingError
@@ -142,52 +141,6 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether a JSON/YAML ``value`` fits the annotation ``hint`` (floats must be finite; lists pass as tuples)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if hint in (bool, str):
-        return isinstance(value, hint)
-    if isinstance(value, bool):
-        return False
-    if hint is int:
-        return isinstance(value, int)
-    if hint is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    if origin is Literal:
-        return value in args
-    if origin in (tuple, list):
-        if not isinstance(value, (tuple, list)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
-        return all(_type_ok(v, args[0]) for v in value) if args else True
-    if origin is dict:
-        return isinstance(value, dict) and (not args or all(_type_ok(k, args[0]) and _type_ok(v, args[1])
-                                                            for k, v in value.items()))
-    return True
-
-
-def _describe(hint: Any) -> str:
-    """``hint`` in words, for error messages."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin in (tuple, list):
-        return f"a list of {_describe(args[0])}s" if args else "a list"
-    if origin is dict:
-        return "a mapping of key: value"
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, args))
-    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
-            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
-
-
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -199,9 +152,13 @@ def check_field(name: str, value: Any, where: str) -> Any:
     hint = _hints(RunConfig)[name]
     if isinstance(value, Path):  # model, data_dir, output_dir given as paths
         value = str(value)
-    test, expected = RULES.get(name, (None, _describe(hint)))
-    if not _type_ok(value, hint):
-        raise ConfigError(f"{where} must be {expected}, got {value!r}")
+    test, expected = RULES.get(name, (None, None))
+    try:
+        check_value(where, value, hint)
+    except ConfigError:
+        if expected is None:
+            raise
+        raise ConfigError(f"{where} must be {expected}, got {value!r}") from None
     if value is None:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and float in (*typing.get_args(hint), hint):
@@ -227,8 +184,7 @@ def check_method_options(method: str, options: dict[str, Any], where: str = "met
         if key not in hints:
             raise ConfigError(f"{where} {key!r} is not an option of {method}; its options are "
                               f"{', '.join(f.name for f in dataclasses.fields(config_class))}")
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(f"{where} {key} must be {_describe(hints[key])}, got {value!r}")
+        check_value(f"{where} {key}", value, hints[key])
     try:
         config_class(**{**METHOD_DEFAULTS.get(method, {}), **options})
     except TypeError as err:
