@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spread import fmt, verdict
+
 from lorakit.fed import runner
 from lorakit.fed.comm import core_upload_bytes, lora_upload_bytes
 from lorakit.fed.config import FedConfig
@@ -94,19 +96,8 @@ def seeded(runs: dict[str, dict[str, Any]], strategy: str, partition: str) -> li
     return [r for k, r in runs.items() if k.split("@")[0] == f"{strategy}/{partition}"]
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-
-
-def accuracy_verdict(sb: list[float], it: list[float]) -> str:
-    """Fed-SB >= FedIT? The difference of means ± 2 standard errors wholly >= 0 (held), wholly < 0 (not
-    held), else not distinguishable; fewer than 3 seeds a side: incomplete."""
-    if min(len(sb), len(it)) < 3:
-        return f"incomplete (n={min(len(sb), len(it))})"
-    (ms, ss), (mi, si) = mean_std(sb), mean_std(it)
-    d, half = ms - mi, 2 * (ss**2 / len(sb) + si**2 / len(it)) ** 0.5
-    return "held" if d - half >= 0 else "not held" if d + half < 0 else "not distinguishable"
+def said(held: bool) -> str:
+    return "held" if held else "not held"
 
 
 def targets(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -119,7 +110,7 @@ def targets(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[d
         expected = core_upload_bytes(args.r, MATRICES) + HEAD_BYTES
         out.append({"target": f"Fed-SB upload per client and round is the same for every client ({partition})",
                     "measured": f"{per_client} bytes; r² × {MATRICES} matrices × 4 B + head = {expected}",
-                    "held": per_client == [expected]})
+                    "held": said(per_client == [expected])})
         ratio_all = it["upload_bytes"] / sb["upload_bytes"]
         better = sb["final_accuracy"] >= it["final_accuracy"]
         out.append({"target": f"Fed-SB total upload (its init included) >= 50x smaller than FedIT's at equal or "
@@ -127,23 +118,18 @@ def targets(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[d
                     "measured": f"{ratio_all:.1f}x ({sb['upload_bytes']:,} B vs {it['upload_bytes']:,} B, of which "
                                 f"{sb['init_upload_bytes']:,} B for Fed-SB's init); accuracy (seed 0) "
                                 f"{100 * sb['final_accuracy']:.1f} vs {100 * it['final_accuracy']:.1f}",
-                    "held": ratio_all >= 50 and better})
+                    "held": said(ratio_all >= 50 and better)})
         accs = {st: [r["final_accuracy"] for r in seeded(runs, st, partition)] for st in SEEDED}
         out.append({"target": f"Fed-SB accuracy >= FedIT's over seeds ({partition})",
                     "measured": f"Fed-SB {fmt(accs['fed-sb'])} vs FedIT {fmt(accs['fedit'])} (mean ± std, n = seeds)",
-                    "held": accuracy_verdict(accs["fed-sb"], accs["fedit"])})
+                    "held": verdict(accs["fed-sb"], accs["fedit"], 0.0)})
     sb, central = runs.get("fed-sb/iid"), runs.get("central")
     if sb and central:
         gap = 100 * (central["final_accuracy"] - sb["final_accuracy"])
         out.append({"target": "Fed-SB within 1 point of centralised LoRA-SB (IID)",
                     "measured": f"Fed-SB {100 * sb['final_accuracy']:.1f} vs central "
-                                f"{100 * central['final_accuracy']:.1f} ({gap:+.1f} points)", "held": gap <= 1.0})
+                                f"{100 * central['final_accuracy']:.1f} ({gap:+.1f} points)", "held": said(gap <= 1.0)})
     return out
-
-
-def fmt(xs: list[float]) -> str:
-    m, sd = mean_std(xs)
-    return f"{100 * m:.1f} ± {100 * sd:.1f} (n={len(xs)})"
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
@@ -220,8 +206,7 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, rows: list
               "`tests/test_fed_strategies.py` checks the independence from the client count).", "",
               "| target | measured | held |", "| --- | --- | --- |"]
     for row in rows:
-        held = row["held"] if isinstance(row["held"], str) else "held" if row["held"] else "not held"
-        lines.append(f"| {row['target']} | {row['measured']} | {held} |")
+        lines.append(f"| {row['target']} | {row['measured']} | {row['held']} |")
     lines += ["", "![accuracy vs bytes](federated.png)", ""]
     return "\n".join(lines)
 

@@ -40,8 +40,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from spread import diff_interval, fmt, mean_std, verdict
 
 from lorakit.train.compare import compare, steps_to_reach
 from lorakit.train.run import RunConfig, run_training
@@ -340,28 +343,18 @@ def best_rate(part: str, name: str) -> float | None:
     return max(rates, key=lambda lr: (rows[lr]["score_after"], -abs(math.log(lr / rates[1]))))
 
 
-def run_mode(mode: str, part: str, names: list[str], seeds: tuple[int, ...]) -> None:
-    steps, split = MODES[mode]
-    for name in names:
-        if mode == "sweep":
-            for lr in sweep_rates(name):
-                run_one(part, name, lr, 0, steps, split)
-            write_claims(part)
-            continue
-        lr = best_rate(part, name)
-        if lr is None:
-            print(f"-- {name}: its sweep is incomplete, so it has no best rate yet; skipped", flush=True)
-            continue
-        for seed in (seeds if mode == "seeds" else (0,)):
-            run_one(part, name, lr, seed, steps, split)
-        write_claims(part)
+# the sequential queue's stages, each planned once the one before it has run (seeds need the finished sweep)
+QUEUE = (("sweep", CLAIMS), ("seeds", CLAIMS), ("long", LONG), ("sweep", OTHERS))
+# the pool's one plan, longest runs first so the last to start are short
+POOL = (("long", LONG), ("seeds", CLAIMS), ("sweep", CLAIMS + OTHERS))
 
 
-def queue_jobs(part: str, seeds: tuple[int, ...]) -> list[tuple[str, float, int, int, str]]:
-    """The queue's runs not yet stored, longest first, for ``pool``; a config whose sweep is unfinished
-    gets its seeded and long runs in a later pass."""
+def queue_jobs(part: str, plan: tuple[tuple[str, list[str]], ...],
+               seeds: tuple[int, ...]) -> list[tuple[str, float, int, int, str]]:
+    """The runs of ``plan`` (mode, configs) not yet stored; a config whose sweep is unfinished has no best rate,
+    so its seeded and long runs wait for a later plan."""
     jobs = []
-    for mode, names in (("long", LONG), ("seeds", CLAIMS), ("sweep", CLAIMS + OTHERS)):
+    for mode, names in plan:
         steps, split = MODES[mode]
         for name in names:
             rates = sweep_rates(name) if mode == "sweep" else [best_rate(part, name)]
@@ -373,6 +366,13 @@ def queue_jobs(part: str, seeds: tuple[int, ...]) -> list[tuple[str, float, int,
                     if not run_path(part, name, lr, seed, steps, split).exists():
                         jobs.append((name, lr, seed, steps, split))
     return jobs
+
+
+def run_mode(mode: str, part: str, names: list[str], seeds: tuple[int, ...]) -> None:
+    """``mode``'s runs of ``names`` one after the other, the reports refreshed after each."""
+    for job in queue_jobs(part, ((mode, names),), seeds):
+        run_one(part, *job)
+        write_claims(part)
 
 
 def _pool_init(data: Path, model: str) -> None:
@@ -396,12 +396,11 @@ def run_pool(part: str, seeds: tuple[int, ...], workers: int, stop_after: float)
     import multiprocessing
 
     start, failed_in_a_row = time.time(), 0
-    jobs = queue_jobs(part, seeds)
+    jobs = queue_jobs(part, POOL, seeds)
     print(f"pool: {len(jobs)} runs on {workers} workers", flush=True)
     with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init,
                                 initargs=(DATA, MINILM)) as pool:
-        pending = {pool.submit(_pool_run, part, job): job for job in jobs}
-        for future in cf.as_completed(pending):
+        for future in cf.as_completed([pool.submit(_pool_run, part, job) for job in jobs]):
             ok = future.result()
             failed_in_a_row = 0 if ok else failed_in_a_row + 1
             if failed_in_a_row >= 3 or time.time() - start > stop_after:
@@ -409,43 +408,17 @@ def run_pool(part: str, seeds: tuple[int, ...], workers: int, stop_after: float)
                       flush=True)
                 pool.shutdown(wait=True, cancel_futures=True)
                 break
-    print(f"pool: {len(queue_jobs(part, seeds))} runs left (a config whose sweep just finished: run it again)",
+    print(f"pool: {len(queue_jobs(part, POOL, seeds))} runs left (a config whose sweep just finished: run it again)",
           flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- claims
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 with one value)."""
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-
-
-def fmt(xs: list[float], scale: float = 100, digits: int = 1) -> str:
-    if not xs:
-        return "not run"
-    m, s = mean_std([scale * x for x in xs])
-    return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(xs)})"
-
-
-def diff_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """mean(a) − mean(b) and its ± 2 standard errors (seed spread of both sides)."""
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    half = 2 * math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
-    d = ma - mb
-    return d, d - half, d + half
-
-
-def verdict(a: list[float], b: list[float], low: float | None, high: float | None = None) -> str:
-    """The claim ``low <= mean(a) − mean(b) <= high``: held when the whole ±2 SE interval is inside, not held
-    when it is wholly outside, else not distinguishable; fewer than 3 seeds on a side: incomplete."""
-    if min(len(a), len(b)) < len(SEEDS):
-        return f"incomplete (n={len(a)} vs {len(b)})"
-    _, lo, hi = diff_interval(a, b)
-    inside = (low is None or lo >= low) and (high is None or hi <= high)
-    outside = (low is not None and hi < low) or (high is not None and lo > high)
-    return "**held**" if inside else "**not held**" if outside else "**not distinguishable**"
+def claim_verdict(a: list[float], b: list[float], low: float | None, high: float | None = None) -> str:
+    """`spread.verdict` for the claims table: the decided verdicts in bold."""
+    v = verdict(a, b, low, high, len(SEEDS))
+    return v if v.startswith("incomplete") else f"**{v}**"
 
 
 def scored_elements(r: int, inner_r: int) -> tuple[int, int]:
@@ -489,11 +462,8 @@ def devices(part: str) -> str:
     """Where each mode's runs trained (a run from before runs recorded it: the CPU), and what wall times mean."""
     counts = []
     for mode, (steps, split) in MODES.items():
-        names: dict[str, int] = {}
-        for n in [*CLAIMS, *OTHERS]:
-            for r in stored(part, n, steps, split):
-                names[r.get("device", "cpu")] = names.get(r.get("device", "cpu"), 0) + 1
-        counts.append(f"{mode}: " + ", ".join(f"{k} {v}" for k, v in sorted(names.items())))
+        per_device = Counter(r.get("device", "cpu") for n in [*CLAIMS, *OTHERS] for r in stored(part, n, steps, split))
+        counts.append(f"{mode}: " + ", ".join(f"{k} {v}" for k, v in sorted(per_device.items())))
     return ("Devices (runs per device): " + "; ".join(counts) + ". CPU runs: 2 threads on 2 cores shared with other "
             "work. GPU runs: 12 processes sharing one H200 at once (`quality.py pool --workers 12`), so their wall "
             "times measure throughput under sharing, not one run's speed; compare wall times only roughly. Both run "
@@ -507,13 +477,17 @@ def equal_rate_speedups(part: str) -> str:
     ga = {r["lr"]: r for r in stored(part, "lora-ga", steps, split)}
     out = []
     for own in stored(part, "lora", steps, split):
-        fast = ga.get(own["lr"])
-        if fast:
-            target = _final(own)
-            reach = steps_to_reach(fast["train"]["losses"], target)
-            out.append(f"{own['lr']:g}: {steps_to_reach(own['train']['losses'], target) / reach:.2f}" if reach
-                       else f"{own['lr']:g}: never")
+        if own["lr"] in ga:
+            ratio = speedup(own, ga[own["lr"]])
+            out.append(f"{own['lr']:g}: {ratio:.2f}" if ratio is not None else f"{own['lr']:g}: never")
     return "; ".join(out) or "not run"
+
+
+def speedup(own: dict[str, Any], fast: dict[str, Any]) -> float | None:
+    """Steps ``own`` takes to its final 10-step mean loss over the steps ``fast`` takes to it (None: never)."""
+    target = _final(own)
+    reach = steps_to_reach(fast["train"]["losses"], target)
+    return steps_to_reach(own["train"]["losses"], target) / reach if reach else None
 
 
 def claim_rows(runs: dict[str, list[dict[str, Any]]], acc: dict[str, list[float]],
@@ -522,7 +496,7 @@ def claim_rows(runs: dict[str, list[dict[str, Any]]], acc: dict[str, list[float]
     lora, sb = acc["lora"], acc["lora-sb"]
     ratio = params["lora"] / params["lora-sb"] if "lora" in params and "lora-sb" in params else None
     d = f" ({diff_interval(sb, lora)[0] * 100:+.1f})" if sb and lora else ""
-    v = verdict(sb, lora, 0.0) if ratio is None or 27 <= ratio <= 90 else "**not held** (ratio)"
+    v = claim_verdict(sb, lora, 0.0) if ratio is None or 27 <= ratio <= 90 else "**not held** (ratio)"
     rows = [f"| LoRA-SB >= LoRA r=8 with 27-90x fewer parameters | LoRA-SB r=16 {fmt(sb)} vs LoRA {fmt(lora)}{d}; "
             f"{f'{ratio:.1f}x' if ratio else 'n/a'} fewer parameters | {v} | the paper's gains are on larger models "
             "and longer training; 400 steps of 32 is under 2 epochs of SST-2 |"]
@@ -531,9 +505,8 @@ def claim_rows(runs: dict[str, list[dict[str, Any]]], acc: dict[str, list[float]
         own = next((r for r in runs["lora"] if r["seed"] == seed), None)
         fast = next((r for r in runs["lora-ga"] if r["seed"] == seed), None)
         if own and fast:
-            target = _final(own)
-            reach = steps_to_reach(fast["train"]["losses"], target)
-            ratios.append(steps_to_reach(own["train"]["losses"], target) / reach if reach else 0.0)
+            ratio = speedup(own, fast)
+            ratios.append(0.0 if ratio is None else ratio)
     if len(ratios) < len(SEEDS):
         speed, v = f"n={len(ratios)}", f"incomplete (n={len(ratios)})"
     else:
@@ -549,14 +522,14 @@ def claim_rows(runs: dict[str, list[dict[str, Any]]], acc: dict[str, list[float]
                 "at the end; the paper's speed-up is on T5/Llama, at one shared rate |")
     rows.append(f"| XGBLoRA rank-1 boosters >= LoRA r=8 | XGBLoRA {fmt(acc['xgblora'])} vs LoRA r=8 {fmt(lora)}; "
                 f"LoRA r=1 {fmt(acc['lora-r1'])}; {params.get('xgblora', 0):,} trainable at a time | "
-                f"{verdict(acc['xgblora'], lora, 0.0)} | 20 boosters of 20 steps; the paper boosts for many more "
+                f"{claim_verdict(acc['xgblora'], lora, 0.0)} | 20 boosters of 20 steps; the paper boosts for many more "
                 "rounds (see the 2,000-step run below) |")
     ada, lo2 = scored_elements(VARIANTS["adalora"][1]["r"], VARIANTS["lora2"][1]["inner_r"])
     rows.append(f"| LoRA² ~ AdaLoRA (within 1 point) with ~98.5% fewer scored elements | LoRA² {fmt(acc['lora2'])} "
                 f"vs AdaLoRA {fmt(acc['adalora'])}; scored elements {lo2:,} vs {ada:,} = "
-                f"{100 * (1 - lo2 / ada):.1f}% fewer (exact) | {verdict(acc['lora2'], acc['adalora'], -0.01, 0.01)}"
-                " | both budgets prune over steps 48-216 of 400; the paper scores DeBERTa-v3 (768-wide, more "
-                "matrices), so the share differs with the widths |")
+                f"{100 * (1 - lo2 / ada):.1f}% fewer (exact) | "
+                f"{claim_verdict(acc['lora2'], acc['adalora'], -0.01, 0.01)} | both budgets prune over steps 48-216 of "
+                "400; the paper scores DeBERTa-v3 (768-wide, more matrices), so the share differs with the widths |")
     dy = runs["dylora"]
     at = {b: [r["score_at_rank"][str(b)] for r in dy if "score_at_rank" in r] for b in DYLORA_EVAL_RANKS}
     at[8] = acc["dylora"]
@@ -566,8 +539,9 @@ def claim_rows(runs: dict[str, list[dict[str, Any]]], acc: dict[str, list[float]
             f"{mean_std(times)[0]:.0f} s" if times and dy else "")
     rows.append(f"| DyLoRA: one training serves every rank (within 1 point of LoRA trained at that rank) | "
                 f"DyLoRA {per_rank}; LoRA r=1 {fmt(acc['lora-r1'])}, r=8 {fmt(lora)}{cost} | "
-                f"b=1: {verdict(at[1], acc['lora-r1'], -0.01)}; b=8: {verdict(at[8], lora, -0.01)} | LoRA was "
-                "trained with seeds at ranks 1 and 8 only (ranks 2 and 4: single-seed figures in quality.md) |")
+                f"b=1: {claim_verdict(at[1], acc['lora-r1'], -0.01)}; b=8: {claim_verdict(at[8], lora, -0.01)} | "
+                "LoRA was trained with seeds at ranks 1 and 8 only (ranks 2 and 4: single-seed figures in "
+                "quality.md) |")
     return [*rows, fed_row()]
 
 
@@ -674,7 +648,7 @@ def main() -> None:
     if args.mode == "pool":
         run_pool("sst2", seeds, args.workers, args.stop_after)
     elif args.mode == "queue":
-        for mode, names in (("sweep", CLAIMS), ("seeds", CLAIMS), ("long", LONG), ("sweep", OTHERS)):
+        for mode, names in QUEUE:
             run_mode(mode, "sst2", names, seeds)
     elif args.mode in MODES:
         default = {"sweep": CLAIMS + OTHERS, "seeds": CLAIMS, "long": LONG}[args.mode]

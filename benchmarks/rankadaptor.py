@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from spread import fmt
 
 import lorakit
 from lorakit.methods.rankadaptor import RankAdaptorConfig, block_costs, search_ranks
@@ -179,8 +180,8 @@ class Bench:
 
 
 def mean_std(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    """NLL as ``mean ± std`` over seeds (`spread.fmt`, in nats, 3 decimals)."""
+    return fmt(values, scale=1, digits=3, count=False)
 
 
 def markdown(results: dict[str, Any]) -> str:
