@@ -47,7 +47,7 @@ from .api import (
 )
 from .core.layer import AdapterLayer, base_shape, skip_init
 from .errors import ConfigError, LorakitError
-from .io.peft_export import export_factors
+from .io.peft_export import export_factors, pad_rank
 from .methods.lora import LoraConfig
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,6 @@ def _fill(state: AdapterState, factors: dict[str, tuple[Tensor, Tensor]], rank: 
                            "cannot target exactly the combined layers")
     for layer_name, (B, A) in factors.items():
         layer = state.layers[layer_name]
-        pad = rank - B.shape[1]
-        layer.lora_B.copy_(torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1))
-        layer.lora_A.copy_(torch.cat([A, A.new_zeros(pad, A.shape[1])], dim=0))
+        B, A = pad_rank(B, A, rank)
+        layer.lora_B.copy_(B)
+        layer.lora_A.copy_(A)

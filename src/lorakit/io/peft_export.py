@@ -43,7 +43,8 @@ def export_factors(layer: AdapterLayer) -> tuple[Tensor, Tensor]:
     return B, A
 
 
-def _pad(B: Tensor, A: Tensor, r: int) -> tuple[Tensor, Tensor]:
+def pad_rank(B: Tensor, A: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """``(B, A)`` of rank k <= r as rank r: zero columns of B and zero rows of A (the same product)."""
     k = B.shape[1]
     if k == r:
         return B, A
@@ -73,7 +74,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, modules_to_save:
     tensors: dict[str, Tensor] = {}
     for name, (B, A) in factors.items():
         if not rank_pattern:
-            B, A = _pad(B, A, r)
+            B, A = pad_rank(B, A, r)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
     saved: list[str] = []
