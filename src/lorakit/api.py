@@ -158,6 +158,24 @@ def _activate(model: nn.Module, state: AdapterState) -> None:
     setattr(model, STATE_ATTR, state)
 
 
+@contextlib.contextmanager
+def adding_adapter(model: nn.Module, name: str, why: str) -> Iterator[None]:
+    """The block builds adapter ``name`` next to those attached (`attach`, `lorakit.load`,
+    `lorakit.add_weighted_adapter`): the active adapter is set aside first (``why`` completes the refusal when it
+    is merged), and if the block fails, ``name`` is dropped if it got attached and the adapter active before is
+    active again, so the model is as it was."""
+    check_new_name(model, name)
+    previous = _deactivate(model, why)
+    try:
+        yield
+    except BaseException:
+        if name in _adapters(model):
+            detach(model, name)
+        if previous is not None:
+            _activate(model, previous)
+        raise
+
+
 def set_active(model: nn.Module, name: str | None) -> None:
     """Make adapter ``name`` the active one; ``None`` runs the base model.  Refused while the active adapter is
     merged.  The adapter set aside keeps its tensors and hook state (see the module docstring for exactness)."""
@@ -208,14 +226,8 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
     adapter is built and initialised on the base model exactly as alone, and then becomes the active one.
     A failed attach leaves the model as it was, the previously active adapter active again.
     """
-    check_new_name(model, name)
-    previous = _deactivate(model, f"attach adapter {name!r} next to it")
-    try:
+    with adding_adapter(model, name, f"attach adapter {name!r} next to it"):
         return _attach(model, config, data, loss_fn, initialize, name)
-    except BaseException:
-        if previous is not None:
-            _activate(model, previous)
-        raise
 
 
 def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,

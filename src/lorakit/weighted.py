@@ -34,17 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .api import (
-    AdapterState,
-    _deactivate,
-    active_adapter,
-    adapter_names,
-    attach,
-    check_new_name,
-    detach,
-    get_state,
-    set_active,
-)
+from .api import AdapterState, adding_adapter, attach, check_new_name, get_state
 from .core.layer import AdapterLayer, base_shape, skip_init
 from .errors import ConfigError, LorakitError
 from .io.peft_export import export_factors, pad_rank
@@ -156,9 +146,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if combination == "svd" and r is not None and r > smallest:
         raise ConfigError(f"r={r} is larger than the smallest adapted layer (min(d_out, d_in) = {smallest}); "
                           f"at r={smallest} the SVD is already exact")
-    previous = active_adapter(model)
-    _deactivate(model, f"combine adapters {list(adapters)} into {name!r}")
-    try:
+    with adding_adapter(model, name, f"combine adapters {list(adapters)} into {name!r}"):
         factors, errors = _combine(states, [float(w) for w in weights], combination, r)
         rank = max(B.shape[1] for B, _ in factors.values())
         if rank > smallest:
@@ -168,12 +156,6 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         with skip_init():
             attach(model, LoraConfig(r=rank, alpha=rank, target_modules=tuple(factors)), initialize=False, name=name)
         _fill(get_state(model, name), factors, rank)
-    except BaseException:
-        if name in adapter_names(model):
-            detach(model, name)
-        if previous is not None:
-            set_active(model, previous)
-        raise
     if errors:
         logger.info("add_weighted_adapter %r: rank-%d SVD of %d layers, relative Frobenius error mean %.4g, "
                     "max %.4g", name, rank, len(errors), sum(errors.values()) / len(errors), max(errors.values()))

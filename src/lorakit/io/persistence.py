@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..api import DEFAULT_NAME, _deactivate, active_adapter, attach, check_new_name, detach, get_state, set_active
+from ..api import DEFAULT_NAME, adding_adapter, attach, detach, get_state
 from ..config import AdapterConfig
 from ..core.inject import find_targets
 from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
@@ -277,15 +277,8 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     the adapter active before is active again.
     """
     name = DEFAULT_NAME if name is None else name
-    check_new_name(model, name)
-    previous = active_adapter(model)
-    _deactivate(model, f"load adapter {name!r} next to it")
-    try:
+    with adding_adapter(model, name, f"load adapter {name!r} next to it"):
         return _load(model, Path(directory), name)
-    except BaseException:
-        if previous is not None:
-            set_active(model, previous)
-        raise
 
 
 def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
