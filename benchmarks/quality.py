@@ -431,7 +431,8 @@ def scored_elements(r: int, inner_r: int) -> tuple[int, int]:
 def write_claims(part: str = "sst2") -> str:
     """results/claims.md (and quality-sweep.md) from whatever results exist."""
     steps, split = MODES["seeds"]
-    runs = {n: [r for r in stored(part, n, steps, split) if r["lr"] == best_rate(part, n)] for n in CLAIMS}
+    rates = {n: best_rate(part, n) for n in CLAIMS}
+    runs = {n: [r for r in stored(part, n, steps, split) if r["lr"] == rates[n]] for n in CLAIMS}
     acc = {n: [r["score_after"] for r in rows] for n, rows in runs.items()}
     params = {n: rows[0]["trainable_params"] for n, rows in runs.items() if rows}
     lines = ["# Claims: measured with seeds (SST-2, MiniLM-L6)", "",
@@ -445,8 +446,8 @@ def write_claims(part: str = "sst2") -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for n in CLAIMS:
         method, options, _ = VARIANTS[n]
-        lr = best_rate(part, n)
-        wall = fmt([r["wall_seconds"] for r in runs[n]], 1, 0).split(" (")[0] if runs[n] else "-"
+        lr = rates[n]
+        wall = fmt([r["wall_seconds"] for r in runs[n]], 1, 0, count=False) if runs[n] else "-"
         lines.append(f"| {n} | {method} {json.dumps(options)} | {f'{lr:g}' if lr else 'sweep incomplete'} | "
                      f"{params.get(n, 0):,} | {fmt(acc[n])} | {wall} |")
     lines += ["", "| claim | measured | verdict | what this budget cannot show |", "| --- | --- | --- | --- |"]
