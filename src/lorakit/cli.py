@@ -74,12 +74,16 @@ def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
     p.add_argument("--no-length-grouping", dest="group_by_length", action="store_false", default=None,
                    help="random batches instead of length-grouped ones [default: grouped]")
     p.add_argument("--chat-template", dest="chat_template", action=argparse.BooleanOptionalAction, default=None,
-                   help="apply the tokenizer's chat template [default: on for instruct models on arith]")
+                   help="apply the tokenizer's chat template; --no-chat-template gives messages data lorakit's plain "
+                        "'Role: content' format [default: on for messages data, and instruct models on arith]")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast [default: off]")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
                    help="recompute activations in backward to save memory (same gradients) [default: off]")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the frozen base weights across ranks with FSDP2 [default: off]")
+    p.add_argument("--packing", action="store_true", default=None,
+                   help="pack examples into rows of --max-length tokens, no attention across examples; "
+                        "--batch-size counts rows [default: off]")
     p.add_argument("--config", help="YAML recipe; flags override it")
 
 
@@ -217,7 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer, _ = _load_adapted(args.adapter, args)
     _set_rank(model, args.rank)
     metric = cfg.metric or spec.metric
-    value, samples = score(model, tokenizer, metric, examples, encode(spec, examples, tokenizer, cfg), cfg)
+    value, samples = score(model, tokenizer, metric, examples, encode(spec, examples, tokenizer, cfg, evaluation=True),
+                           cfg)
     print(json.dumps({"adapter": args.adapter, "task": cfg.task, "split": cfg.eval_split, "metric": metric,
                       "score": value, "rank": args.rank, "samples": samples[:3]}, indent=2))
 

@@ -24,7 +24,9 @@ class TrainConfig:
     test and demonstrate ``resume``.  ``gradient_checkpointing``: recompute each transformers decoder layer's
     activations in backward (non-reentrant ``torch.utils.checkpoint``) instead of keeping them; same gradients.
     ``fsdp``: under torchrun, shard the frozen base weights across ranks with FSDP2
-    (`lorakit.train.distributed.shard_frozen_base`).
+    (`lorakit.train.distributed.shard_frozen_base`).  ``packing``: causal-LM features packed into rows of
+    ``max_length`` tokens (default: the longest example) with no attention across examples
+    (`lorakit.train.data.pack`); ``batch_size`` then counts rows.
     """
 
     steps: int = 100
@@ -49,6 +51,8 @@ class TrainConfig:
     progress: bool = True
     gradient_checkpointing: bool = False
     fsdp: bool = False
+    packing: bool = False
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -69,6 +73,9 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be positive or None (no clipping), got {self.max_grad_norm}")
         if (self.save_every or self.resume) and not self.output_dir:
             raise ConfigError("save_every and resume need an output_dir for the checkpoint")
+        if self.max_length is not None and (not self.packing or self.max_length < 1):
+            raise ConfigError(f"max_length is the length of packed rows: give it with packing=True, as a positive "
+                              f"number of tokens (got {self.max_length!r}, packing={self.packing})")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"stop_after must be a positive step count or None, got {self.stop_after}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import itertools
@@ -9,8 +10,9 @@ import json
 import logging
 import random
 import re
+import sys
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -34,11 +36,14 @@ class TaskSpec:
     type: Literal["causal-lm", "classification"]
     metric: Literal["exact_match", "accuracy", "nll"]
     num_labels: int | None = None
+    conversational: bool = False  # rows are `messages` conversations (`encode_conversations`)
 
 
 @dataclass
 class Example:
-    """``prompt``/``completion`` for generation tasks, ``text``/``label`` for classification.
+    """``prompt``/``completion`` for generation tasks, ``text``/``label`` for classification, ``messages`` for
+    conversations (TRL's conversational format: role/content turns ending with an assistant turn, whose content is
+    also the ``completion``).
 
     ``answer`` is the exact answer that `exact_match` checks a generated completion against.
     """
@@ -48,6 +53,12 @@ class Example:
     text: str = ""
     label: int | None = None
     answer: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+    @property
+    def context(self) -> str | list[dict[str, str]]:
+        """What evaluation generates from: the prompt, or the conversation (`prompt_ids` cuts its final turn)."""
+        return self.messages if self.messages is not None else self.prompt
 
 
 class Examples(list):
@@ -79,7 +90,8 @@ _HUB = {"sst2": ("stanfordnlp/sst2", None, lambda r: {"text": r["sentence"], "la
         "trec": ("CogComp/trec", None, lambda r: {"text": r["text"], "label": r["coarse_label"]}),
         "gsm8k": ("openai/gsm8k", "main", lambda r: r)}
 # Row kinds and the fields each needs.
-_KINDS = {"completion": ("prompt", "completion"), "label": ("text", "label"), "qa": ("question", "answer")}
+_KINDS = {"completion": ("prompt", "completion"), "label": ("text", "label"), "qa": ("question", "answer"),
+          "messages": ("messages",)}
 
 Row = tuple[int, Any]  # (1-based line or row number, parsed row or None when it could not be parsed)
 
@@ -232,9 +244,28 @@ def _label(value: Any) -> int | None:
     return None
 
 
+def _conversation(row: dict[str, Any]) -> Example | None:
+    """A ``messages`` row (a list of ``{"role", "content"}`` turns, strings) up to its last assistant turn, or None
+    when it is malformed or has no assistant turn with content: the final assistant turn is what evaluation scores,
+    and the turns after it would train nothing."""
+    turns = row["messages"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                              and isinstance(t.get("content"), str) for t in turns):
+        return None
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant" and t["content"].strip()), default=None)
+    if last is None:
+        return None
+    messages = [{"role": t["role"], "content": t["content"]} for t in turns[:last + 1]]
+    answer = row.get("answer")
+    return Example(completion=messages[-1]["content"], messages=messages,
+                   answer=None if answer is None else str(answer))
+
+
 def _parse(row: Any, kind: str, num_labels: int | None, where: str) -> Example | None:
     """One row as an `Example`, or None when it is malformed.  A label beyond `MAX_CLASSES` is an error: the
     classification head has one output per class up to the largest label."""
+    if kind == "messages":
+        return _conversation(row) if isinstance(row, dict) else None
     if not isinstance(row, dict) or not all(isinstance(row.get(k), (str, int)) for k in _KINDS[kind]):
         return None
     if kind == "label":
@@ -278,22 +309,22 @@ def _collect(rows: list[Row], kind: str, source: str, num_labels: int | None = N
 
 def _detect_kind(rows: list[Row], source: str) -> str:
     if not rows:
-        raise LorakitError(f"{source} is empty; expected rows with prompt/completion, text/label or "
-                           "question/answer fields")
+        raise LorakitError(f"{source} is empty; expected rows with prompt/completion, text/label, "
+                           "question/answer or messages fields")
     for _, row in rows:
         if isinstance(row, dict):
             for kind, keys in _KINDS.items():
                 if all(k in row for k in keys):
                     return kind
-    raise LorakitError(f"{source}: no row has the fields prompt/completion, text/label or question/answer; "
-                       "rename the columns to one of these pairs")
+    raise LorakitError(f"{source}: no row has the fields prompt/completion, text/label, question/answer or messages "
+                       "(a list of role/content turns); rename the columns to one of these")
 
 
 def _generic_spec(name: str, kind: str, examples: Examples) -> TaskSpec:
     if kind == "label":
         return TaskSpec(name, "classification", "accuracy", max(2, max(e.label for e in examples) + 1))
     scored = all(e.answer is not None for e in examples)
-    return TaskSpec(name, "causal-lm", "exact_match" if scored else "nll")
+    return TaskSpec(name, "causal-lm", "exact_match" if scored else "nll", conversational=kind == "messages")
 
 
 def load_task(name: str, split: str, data_dir: str | Path | None = None, seed: int = 0,
@@ -301,8 +332,9 @@ def load_task(name: str, split: str, data_dir: str | Path | None = None, seed: i
     """Load a task's split as ``(spec, examples)``.
 
     ``name``: a built-in (``arith``, ``sst2``, ``trec``, ``gsm8k``), a ``.jsonl``/``.csv`` file (fields
-    prompt/completion[/answer], text/label or question/answer; ``{split}`` in the path is replaced by
-    the split), or a Hugging Face dataset name (``name`` or ``name:config``, needs ``datasets``).
+    prompt/completion[/answer], text/label, question/answer or messages[/answer] (TRL's conversational format, see
+    `encode_conversations`); ``{split}`` in the path is replaced by the split), or a Hugging Face dataset name
+    (``name`` or ``name:config``, needs ``datasets``).
     Built-ins other than ``arith`` read ``data_dir/<task>/<split>.{txt,jsonl}``, or the hub when
     ``data_dir`` is None. ``split``: train, dev (or validation) or test.
     ``seed`` picks the ``arith`` problems; ``limit`` is the ``arith`` size (default `ARITH_SIZES`) and
@@ -350,17 +382,111 @@ def load_task(name: str, split: str, data_dir: str | Path | None = None, seed: i
 # ---------------------------------------------------------------------------------------------- encoding
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> list[int]:
+# lorakit's plain conversation format, for a tokenizer without a chat template (``chat_template=False``): one
+# "Role: content" line per turn, the tokenizer's EOS ending each assistant turn (what the model learns to stop at).
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}Assistant:{% endif %}")
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], chat_template: bool,
+            generation_prompt: bool) -> str:
+    """The conversation as text: the tokenizer's chat template, or `PLAIN_CHAT_TEMPLATE`."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise LorakitError("conversations (messages) go through the tokenizer's chat template and this tokenizer has "
+                           "none: use a chat model's tokenizer, or pass --no-chat-template (chat_template=False) for "
+                           "lorakit's plain format ('User: ...' lines, EOS after each assistant turn)")
+    try:
+        return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                             add_generation_prompt=generation_prompt,
+                                             chat_template=None if chat_template else PLAIN_CHAT_TEMPLATE)
+    except Exception as err:  # jinja2's TemplateError (a template refusing a role order) and friends
+        raise LorakitError(f"the chat template cannot render the conversation {list(messages)!r:.200} "
+                           f"({type(err).__name__}: {err}); check its roles and their order") from None
+
+
+def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
+                     chat_template: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """The conversation's token ids and the ``[start, end)`` token range of each assistant turn.
+
+    An assistant turn is the text the template adds for it after the conversation before it with the generation
+    prompt (its content and end-of-turn marker, not the assistant header): what the model writes at inference.
+    The whole conversation is tokenized once (as TRL's ``assistant_only_loss`` does) and a token belongs to a turn
+    when its characters overlap the turn's text.  A template that renders earlier turns differently once later
+    ones follow (not prefix-preserving) is refused: no token range would be what the model wrote.
+    """
+    full = _render(tokenizer, messages, chat_template, generation_prompt=False)
+    chars = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], chat_template, generation_prompt=True)
+        through = _render(tokenizer, messages[:i + 1], chat_template, generation_prompt=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise LorakitError(f"the chat template does not render assistant turn {i} after the conversation before it "
+                               "unchanged (it is not prefix-preserving), so lorakit cannot tell which tokens that turn "
+                               "wrote; use a template that keeps earlier turns as they were")
+        chars.append((len(before), len(through)))
+    if not getattr(tokenizer, "is_fast", False):
+        raise LorakitError("conversations need a fast (Rust) tokenizer, whose character offsets place each assistant "
+                           "turn; load the tokenizer with use_fast=True")
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    spans = []
+    for a, b in chars:
+        inside = [t for t, (s, e) in enumerate(offsets) if s < b and e > a]
+        if inside:
+            spans.append((inside[0], inside[-1] + 1))
+    return ids, spans
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[Mapping[str, str]],
+               chat_template: bool) -> list[int]:
     """The prompt's token ids as training sees them; use the same ids to generate at evaluation.
 
-    With ``chat_template`` (and a tokenizer that has one) the prompt is a user turn followed by the
-    assistant header; otherwise the plain text with the tokenizer's own special tokens (e.g. BOS).
+    A conversation (a list of turns, ending with the assistant turn to be written) gives its tokens before that
+    turn, as `encode_conversations` encodes them (``chat_template``: the tokenizer's template, else the plain format).
+    For a text prompt, with ``chat_template`` (and a tokenizer that has one) the prompt is a user turn followed by
+    the assistant header; otherwise the plain text with the tokenizer's own special tokens (e.g. BOS).
     """
+    if not isinstance(prompt, str):
+        ids, spans = conversation_ids(tokenizer, prompt, chat_template)
+        return ids[:spans[-1][0]] if spans else ids
     if chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
+
+
+def encode_conversations(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                         chat_template: bool = True, final_turn_only: bool = False) -> list[dict[str, list[int]]]:
+    """``input_ids`` = the conversation through its chat template (`conversation_ids`), ``labels`` = the tokens of
+    every assistant turn (with ``final_turn_only``, of the final one: what evaluation scores), -100 elsewhere.
+
+    ``chat_template=False`` uses `PLAIN_CHAT_TEMPLATE` instead of the tokenizer's template; a tokenizer without
+    a template otherwise is an error, never a silent concatenation.  Sequences are cut to ``max_length``; a
+    conversation with no supervised token left is dropped (with a warning).
+    """
+    features, dropped = [], 0
+    for example in examples:
+        if example.messages is None:
+            raise LorakitError(f"encode_conversations needs messages examples, got {example!r}; use encode_causal_lm "
+                               "for prompt/completion data")
+        ids, spans = conversation_ids(tokenizer, example.messages, chat_template)
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans[-1:] if final_turn_only else spans:
+            labels[start:end] = ids[start:end]
+        if all(label == IGNORE_INDEX for label in labels[:max_length]):
+            dropped += 1
+            continue
+        features.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+    if dropped:
+        logger.warning("dropped %d of %d conversations with no assistant token within max_length=%d tokens",
+                       dropped, len(examples), max_length)
+    return features
 
 
 def encode_causal_lm(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
@@ -419,7 +545,7 @@ class Batch:
         return self.inputs["input_ids"].numel()
 
     def to(self, device: torch.device | str) -> Batch:
-        self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
+        self.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
         return self
 
 
@@ -443,6 +569,88 @@ def collate(features: Sequence[dict[str, Any]], pad_token_id: int,
         labels = [f["labels"] for f in features]
         inputs["labels"] = torch.tensor([pad(x, IGNORE_INDEX) for x in labels] if isinstance(labels[0], list)
                                         else labels)
+    return Batch(inputs, real_tokens=sum(len(f["input_ids"]) for f in features))
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack(features: Sequence[Mapping[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
+    """Causal-LM features packed into rows of at most ``max_length`` tokens, each example whole.
+
+    Best-fit decreasing, as TRL's default ``packing_strategy="bfd"``: longest example first, each into the row with
+    the least room that still holds it.  A row carries ``position_ids`` restarting at 0 for each example (how the
+    model tells them apart, as transformers' ``DataCollatorWithFlattening``) and each example's first label is -100
+    (it would be predicted from the previous example).  Deterministic for a given input order.
+    """
+    if max_length < 1:
+        raise ConfigError(f"max_length must be a positive number of tokens per packed row, got {max_length}")
+    if not features:
+        raise TrainingError("no training features to pack; the data set is empty after encoding")
+    if not all(isinstance(f.get("labels"), list) for f in features):
+        raise ConfigError("packing needs causal-LM features with token labels (input_ids, labels lists); a "
+                          "classification task has one label per example: train it without packing")
+    lengths = [len(f["input_ids"]) for f in features]
+    if max(lengths) > max_length:
+        raise ConfigError(f"an example has {max(lengths)} tokens, more than the packed rows' max_length={max_length}; "
+                          "cut the examples to max_length first (lorakit train does) or raise max_length")
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens still free, row), sorted
+    for i in sorted(range(len(features)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(room, (lengths[i], -1))
+        if k == len(room):
+            rows.append([i])
+            free, row = max_length - lengths[i], len(rows) - 1
+        else:
+            free, row = room.pop(k)
+            rows[row].append(i)
+            free -= lengths[i]
+        if free > 0:
+            bisect.insort(room, (free, row))
+    return [{"input_ids": [t for i in row for t in features[i]["input_ids"]],
+             "labels": [t for i in row for t in [IGNORE_INDEX, *features[i]["labels"][1:]]],
+             "position_ids": [p for i in row for p in range(lengths[i])]} for row in rows]
+
+
+def packing_mask(model: Any) -> torch.dtype | None:
+    """How ``model`` keeps packed examples apart: None when it does so from the restarting position ids alone
+    (flash attention's variable-length path; and models whose masks come from ``transformers.masking_utils``, which
+    turns them into a block-diagonal mask for sdpa, eager and flex attention when no KV cache is built); else the
+    dtype of the explicit block-diagonal mask `collate_packed` must give it: bool for sdpa, the model's float
+    dtype (added to the attention scores) for eager attention."""
+    from transformers import masking_utils
+
+    config = getattr(model, "config", None)
+    implementation = str(getattr(config, "_attn_implementation", None) or "eager")
+    if implementation.startswith("flash"):
+        return None
+    for cls in type(model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if getattr(module, "create_causal_mask", None) is masking_utils.create_causal_mask:
+            return None
+    return torch.bool if implementation == "sdpa" else next(model.parameters()).dtype
+
+
+def collate_packed(features: Sequence[Mapping[str, Any]], pad_token_id: int, mask: torch.dtype | None = None,
+                   ) -> Batch:
+    """Packed rows (`pack`) into one batch: ``input_ids``, ``labels`` and ``position_ids`` padded on the right to the
+    longest row (the padding is one more sequence, unsupervised), ``use_cache=False`` (a KV cache would hide the
+    packing from transformers' masks) and, when ``mask`` is a dtype (`packing_mask`), a ``(rows, 1, L, L)``
+    block-diagonal causal ``attention_mask``: True / 0 where a token may attend, False / the dtype's minimum
+    elsewhere.  No attention across examples either way."""
+    width = max(len(f["input_ids"]) for f in features)
+    fill = [width - len(f["input_ids"]) for f in features]
+    position_ids = torch.tensor([list(f["position_ids"]) + list(range(n)) for f, n in zip(features, fill)])
+    inputs: dict[str, Any] = {
+        "input_ids": torch.tensor([list(f["input_ids"]) + [pad_token_id] * n for f, n in zip(features, fill)]),
+        "labels": torch.tensor([list(f["labels"]) + [IGNORE_INDEX] * n for f, n in zip(features, fill)]),
+        "position_ids": position_ids, "use_cache": False}
+    if mask is not None:
+        example = (position_ids == 0).cumsum(-1)  # which example (or the padding) each token belongs to
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
+        inputs["attention_mask"] = allowed if mask == torch.bool else (
+            torch.zeros(allowed.shape, dtype=mask).masked_fill(~allowed, torch.finfo(mask).min))
     return Batch(inputs, real_tokens=sum(len(f["input_ids"]) for f in features))
 
 

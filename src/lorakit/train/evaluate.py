@@ -101,9 +101,10 @@ def answer_nll(model: nn.Module, features: Sequence[Mapping[str, Any]], batch_si
     return total / count
 
 
-def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = 16, chat_template: bool = False) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches, prompt ids as training encodes them)."""
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | list[dict[str, str]]],
+             max_new_tokens: int, batch_size: int = 16, chat_template: bool = False) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches, prompt ids as training encodes them; a conversation
+    is completed from before its final assistant turn, `data.prompt_ids`)."""
     if tokenizer.pad_token_id is None:
         raise LorakitError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
     features = [{"input_ids": data.prompt_ids(tokenizer, p, chat_template)} for p in prompts]
@@ -125,10 +126,12 @@ def exact_match(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
     and the first few completions as ``"prompt -> completion (expected answer)"`` lines."""
     if not examples:
         raise LorakitError("exact_match: no evaluation examples")
-    completions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size,
+    completions = generate(model, tokenizer, [e.context for e in examples], max_new_tokens, batch_size,
                            chat_template)
     answers = [e.answer if e.answer is not None else e.completion for e in examples]
     hits = [data.exact_match(c, a) for c, a in zip(completions, answers)]
-    samples = [f"{e.prompt!r} -> {c!r} (expected {a})"
-               for e, c, a in list(zip(examples, completions, answers))[:N_SAMPLES]]
+    shown = [e.prompt if e.messages is None else e.messages[-2]["content"] if len(e.messages) > 1 else ""
+             for e in examples]
+    samples = [f"{p!r} -> {c!r} (expected {a})"
+               for p, c, a in list(zip(shown, completions, answers))[:N_SAMPLES]]
     return sum(hits) / len(examples), samples

@@ -31,7 +31,15 @@ from ..methods.lora_sb import first_step_lr
 from ..models import load_model
 from . import evaluate
 from .config import SCHEDULES, TrainConfig
-from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, load_task
+from .data import (
+    Example,
+    TaskSpec,
+    collate,
+    encode_causal_lm,
+    encode_classification,
+    encode_conversations,
+    load_task,
+)
 from .state import find_checkpoint, read_checkpoint_meta
 from .trainer import TrainResult, train
 
@@ -117,6 +125,7 @@ class RunConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False
+    packing: bool = False
     device: str = "auto"
     output_dir: str = "lorakit-runs/run"
     save_every: int | None = None
@@ -251,17 +260,24 @@ def method_config(run: RunConfig, spec: TaskSpec, model: nn.Module) -> Any:
         raise ConfigError(f"bad option for {run.method}: {err}; its options are {', '.join(known)}") from err
 
 
-def encode(spec: TaskSpec, examples: list[Example], tokenizer: Any, run: RunConfig) -> list[dict[str, Any]]:
+def encode(spec: TaskSpec, examples: list[Example], tokenizer: Any, run: RunConfig,
+           evaluation: bool = False) -> list[dict[str, Any]]:
+    """The task's features; a conversation is supervised on every assistant turn, for ``evaluation`` (answer NLL)
+    on its final one."""
     if spec.type == "classification":
         return encode_classification(examples, tokenizer, run.max_length)
+    if spec.conversational:
+        return encode_conversations(examples, tokenizer, run.max_length, use_chat_template(run, tokenizer, True),
+                                    final_turn_only=evaluation)
     return encode_causal_lm(examples, tokenizer, run.max_length, use_chat_template(run, tokenizer))
 
 
-def use_chat_template(run: RunConfig, tokenizer: Any) -> bool:
-    """Instruct models get their chat template on prompt-style tasks (``--chat-template`` overrides)."""
+def use_chat_template(run: RunConfig, tokenizer: Any, conversational: bool = False) -> bool:
+    """Instruct models get their chat template on prompt-style tasks, conversations always (``--chat-template``
+    overrides; ``--no-chat-template`` gives conversations lorakit's plain format)."""
     if run.chat_template is not None:
         return run.chat_template
-    return bool(getattr(tokenizer, "chat_template", None)) and run.task == "arith"
+    return conversational or (bool(getattr(tokenizer, "chat_template", None)) and run.task == "arith")
 
 
 def score(model: nn.Module, tokenizer: Any, metric: str, examples: list[Example], features: list[dict],
@@ -271,8 +287,9 @@ def score(model: nn.Module, tokenizer: Any, metric: str, examples: list[Example]
         return evaluate.accuracy(model, features, batch_size=64), []
     if metric == "nll":
         return evaluate.answer_nll(model, features, batch_size=16), []
+    conversational = bool(examples) and examples[0].messages is not None
     return evaluate.exact_match(model, tokenizer, examples, max_new_tokens=run.max_new_tokens, batch_size=50,
-                                chat_template=use_chat_template(run, tokenizer))
+                                chat_template=use_chat_template(run, tokenizer, conversational))
 
 
 def prepare(run: RunConfig) -> tuple[nn.Module, Any, TaskSpec, list[dict], list[Example], list[dict]]:
@@ -288,7 +305,7 @@ def prepare(run: RunConfig) -> tuple[nn.Module, Any, TaskSpec, list[dict], list[
     model, tokenizer = load_model(run.model, spec.type, num_labels=spec.num_labels, dtype=run.dtype,
                                   device=run.device, quantize=run.quantize)
     return (model, tokenizer, spec, encode(spec, train_examples, tokenizer, run), eval_examples,
-            encode(spec, eval_examples, tokenizer, run))
+            encode(spec, eval_examples, tokenizer, run, evaluation=True))
 
 
 def attach_method(model: nn.Module, run: RunConfig, spec: TaskSpec, features: list[dict], pad_id: int) -> None:
@@ -329,7 +346,8 @@ def run_training(run: RunConfig) -> RunResult:
                          max_grad_norm=run.max_grad_norm, seed=run.seed, eval_every=run.eval_every,
                          output_dir=str(out), save_every=run.save_every, bf16=run.bf16,
                          group_by_length=run.group_by_length, resume=run.resume, save_adapter=run.method != FULL,
-                         gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp)
+                         gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp, packing=run.packing,
+                         max_length=run.max_length if run.packing else None)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)

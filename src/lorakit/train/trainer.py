@@ -65,7 +65,9 @@ def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config:
 
     Batches come from the seeded batcher (length-grouped unless ``config.group_by_length`` is False)
     and ``collate`` (default: `data.collate` padding with ``pad_token_id``, itself defaulting to the
-    model config's pad token).  ``loss_fn(model, inputs)`` defaults to `lorakit.core.loss.model_loss`,
+    model config's pad token).  With ``config.packing`` the features are packed into rows first (`data.pack`) and
+    collated by `data.collate_packed`, with the attention mask the model needs (`data.packing_mask`).
+    ``loss_fn(model, inputs)`` defaults to `lorakit.core.loss.model_loss`,
     i.e. ``model(**inputs).loss``.  ``eval_fn(model)`` (in eval mode, no grad needed) returns a score or
     a dict of scores, every ``config.eval_every`` steps.  Runs on the model's device; under torchrun
     (``WORLD_SIZE`` > 1) each rank trains its share of every batch; only rank 0 writes files.
@@ -76,6 +78,15 @@ def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config:
         raise ConfigError("bf16=True but this GPU has no bfloat16 support; set bf16=False")
     if pad_token_id is None:
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    if config.packing:
+        if collate is not None:
+            raise ConfigError("packing=True collates the packed rows itself (data.collate_packed); pass no collate")
+        lengths = [len(f["input_ids"]) for f in train_features]
+        row = config.max_length or max(lengths, default=1)
+        train_features = data.pack(train_features, row)
+        logger.info("packed %d examples into %d rows of at most %d tokens (%.0f%% full)", len(lengths),
+                    len(train_features), row, 100 * sum(lengths) / (row * len(train_features)))
+        collate = functools.partial(data.collate_packed, pad_token_id=pad_token_id, mask=data.packing_mask(model))
     collate = collate or functools.partial(data.collate, pad_token_id=pad_token_id)
     ranks = Ranks(device)  # under torchrun: join the process group (and leave it below if we made it)
     try:
