@@ -48,8 +48,16 @@ def init_batches(features: Sequence[Mapping[str, Any]], samples: int, batch_size
 
 
 def loader_batches(loader: Iterable[Any], count: int) -> list[Any]:
-    """The first ``count`` batches of a data loader (mappings copied into plain dicts)."""
-    return [dict(b) if isinstance(b, Mapping) else b for b in itertools.islice(loader, count)]
+    """The first ``count`` batches of a data loader (mappings copied into plain dicts).
+
+    A packed, padding-free batch (``position_ids`` and no ``attention_mask``, as TRL's packing and transformers'
+    ``DataCollatorWithFlattening`` give) gets ``use_cache=False``: transformers keeps its examples apart from the
+    position ids only when no KV cache is built (TRL's ``SFTTrainer.compute_loss`` passes it for training too)."""
+    batches = [dict(b) if isinstance(b, Mapping) else b for b in itertools.islice(loader, count)]
+    for b in batches:
+        if isinstance(b, dict) and "position_ids" in b and "attention_mask" not in b:
+            b.setdefault("use_cache", False)
+    return batches
 
 
 def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:

@@ -62,6 +62,16 @@ model stays sharded after training, so load the adapter onto an unsharded base t
 error: FSDP1, accelerate's CPU offload, its activation checkpointing (use ``gradient_checkpointing``) and mixed
 precision (accelerate applies none of its policies to a model sharded this way), and a single process.
 
+Packing: TRL's own (``SFTConfig(packing=True)``: best-fit-decreasing rows, flattened padding-free with position ids
+restarting per example and no attention mask) needs nothing more: ``SFTTrainer.compute_loss`` passes
+``use_cache=False``, so transformers builds a block-diagonal mask from the position ids (sdpa, eager, flex) or hands
+the sequence boundaries to flash attention's variable-length kernel, and the callback's data-driven init runs on
+those batches the same way (`lorakit.core.driver.loader_batches`).  Same with the plain Trainer and transformers'
+``DataCollatorWithFlattening`` through `LorakitTrainer` (its ``compute_loss`` passes ``use_cache=False`` on such
+batches); with the callback alone there, set ``model.config.use_cache = False``, else a KV cache hides the packing
+and examples attend to each other.  ``SFTConfig(assistant_only_loss=True)`` supervises the same assistant tokens as
+``lorakit train`` on ``messages`` data (tests/test_conversations.py).
+
 A model that already carries an adapter works too (``LorakitCallback()`` without a config); for a
 data-driven method the callback then runs its init, unless ``init_batches=0`` (attached with data).
 """
@@ -460,6 +470,8 @@ class LorakitTrainerMixin:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Any:
         hooks = self._lorakit_hooks()
+        if "position_ids" in inputs and "attention_mask" not in inputs:  # packed: no KV cache hiding the packing
+            inputs["use_cache"] = False
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
