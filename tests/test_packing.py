@@ -119,3 +119,18 @@ def test_padding_free_init_batches_run_without_a_kv_cache() -> None:
         weights.append({n: p.detach().clone() for n, p in trainable(model).items()})
     for name, weight in weights[0].items():
         torch.testing.assert_close(weights[1][name], weight, rtol=1e-3, atol=1e-5)
+
+
+def test_models_without_transformers_masks_get_an_explicit_block_mask() -> None:
+    class Custom(torch.nn.Module):  # its module does not build masks with transformers.masking_utils
+        def __init__(self, attention: str) -> None:
+            super().__init__()
+            self.config = type("Config", (), {"_attn_implementation": attention})()
+            self.proj = torch.nn.Linear(2, 2, dtype=torch.bfloat16)
+
+    assert packing_mask(Custom("sdpa")) is torch.bool
+    assert packing_mask(Custom("eager")) is torch.bfloat16
+    assert packing_mask(Custom("flash_attention_2")) is None  # cu_seqlens from the position ids
+    mask = collate_packed(pack(features((3, 2)), 8), 0, torch.bool).inputs["attention_mask"]
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]])
+    assert torch.equal(mask[0, 0], expected.bool())
