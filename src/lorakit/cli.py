@@ -221,8 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer, _ = _load_adapted(args.adapter, args)
     _set_rank(model, args.rank)
     metric = cfg.metric or spec.metric
-    value, samples = score(model, tokenizer, metric, examples, encode(spec, examples, tokenizer, cfg, evaluation=True),
-                           cfg)
+    features = encode(spec, examples, tokenizer, cfg, evaluation=True)
+    value, samples = score(model, tokenizer, metric, examples, features, cfg)
     print(json.dumps({"adapter": args.adapter, "task": cfg.task, "split": cfg.eval_split, "metric": metric,
                       "score": value, "rank": args.rank, "samples": samples[:3]}, indent=2))
 

@@ -31,15 +31,7 @@ from ..methods.lora_sb import first_step_lr
 from ..models import load_model
 from . import evaluate
 from .config import SCHEDULES, TrainConfig
-from .data import (
-    Example,
-    TaskSpec,
-    collate,
-    encode_causal_lm,
-    encode_classification,
-    encode_conversations,
-    load_task,
-)
+from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, encode_conversations, load_task
 from .state import find_checkpoint, read_checkpoint_meta
 from .trainer import TrainResult, train
 
