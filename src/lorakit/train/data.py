@@ -417,6 +417,9 @@ def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapp
     when its characters overlap the turn's text.  A template that renders earlier turns differently once later
     ones follow (not prefix-preserving) is refused: no token range would be what the model wrote.
     """
+    if not getattr(tokenizer, "is_fast", False):
+        raise LorakitError("conversations need a fast (Rust) tokenizer, whose character offsets place each assistant "
+                           "turn; load the tokenizer with use_fast=True")
     full = _render(tokenizer, messages, chat_template, generation_prompt=False)
     chars = []
     for i, message in enumerate(messages):
@@ -429,9 +432,6 @@ def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapp
                                "unchanged (it is not prefix-preserving), so lorakit cannot tell which tokens that turn "
                                "wrote; use a template that keeps earlier turns as they were")
         chars.append((len(before), len(through)))
-    if not getattr(tokenizer, "is_fast", False):
-        raise LorakitError("conversations need a fast (Rust) tokenizer, whose character offsets place each assistant "
-                           "turn; load the tokenizer with use_fast=True")
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     spans = []
