@@ -134,3 +134,26 @@ def test_models_without_transformers_masks_get_an_explicit_block_mask() -> None:
     mask = collate_packed(pack(features((3, 2)), 8), 0, torch.bool).inputs["attention_mask"]
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]])
     assert torch.equal(mask[0, 0], expected.bool())
+
+
+def test_lorakit_trainer_with_a_flattening_collator_trains_as_on_padded_batches(tmp_path) -> None:
+    """transformers' padding-free DataCollatorWithFlattening through LorakitTrainer trains the same adapter as padded
+    batches of the same examples, even with ``use_cache=True`` in the arguments (the mixin turns the cache off on
+    such batches; a cache would hide the packing)."""
+    from transformers import DataCollatorWithFlattening, TrainingArguments
+
+    from lorakit.integrations.hf import LorakitCallback, LorakitTrainer
+
+    feats = features()
+    weights = []
+    for name, collator in (("padded", lambda rows: collate(rows, 0).inputs), ("flat", DataCollatorWithFlattening())):
+        model = KINDS["llama"].build()
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=2,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                 logging_strategy="no", seed=0, use_cache=True)
+        trainer = LorakitTrainer(model=model, args=args, train_dataset=feats, data_collator=collator,
+                                 callbacks=[LorakitCallback(lorakit.LoraConfig(r=4, target_modules="all-linear"))])
+        trainer.train()
+        weights.append({n: p.detach().clone() for n, p in trainable(model).items()})
+    for name, weight in weights[0].items():
+        torch.testing.assert_close(weights[1][name], weight, rtol=1e-4, atol=1e-6)

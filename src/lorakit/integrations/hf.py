@@ -63,14 +63,14 @@ error: FSDP1, accelerate's CPU offload, its activation checkpointing (use ``grad
 precision (accelerate applies none of its policies to a model sharded this way), and a single process.
 
 Packing: TRL's own (``SFTConfig(packing=True)``: best-fit-decreasing rows, flattened padding-free with position ids
-restarting per example and no attention mask) needs nothing more: ``SFTTrainer.compute_loss`` passes
-``use_cache=False``, so transformers builds a block-diagonal mask from the position ids (sdpa, eager, flex) or hands
-the sequence boundaries to flash attention's variable-length kernel, and the callback's data-driven init runs on
-those batches the same way (`lorakit.core.driver.loader_batches`).  Same with the plain Trainer and transformers'
-``DataCollatorWithFlattening`` through `LorakitTrainer` (its ``compute_loss`` passes ``use_cache=False`` on such
-batches); with the callback alone there, set ``model.config.use_cache = False``, else a KV cache hides the packing
-and examples attend to each other.  ``SFTConfig(assistant_only_loss=True)`` supervises the same assistant tokens as
-``lorakit train`` on ``messages`` data (tests/test_conversations.py).
+restarting per example and no attention mask) and transformers' ``DataCollatorWithFlattening`` need nothing more.
+transformers keeps the examples apart from the position ids (a block-diagonal mask under sdpa, eager and flex
+attention, the variable-length kernel under flash attention) as long as no KV cache is built: the Trainer turns the
+cache off for training (``TrainingArguments.use_cache=False``, the default), TRL's ``compute_loss`` passes
+``use_cache=False``, `LorakitTrainerMixin.compute_loss` does on such batches (so ``use_cache=True`` is safe there),
+and so does the callback's data-driven init (`lorakit.core.driver.loader_batches`).  tests/test_packing.py checks
+that a flattened run trains the adapter a padded one does.  ``SFTConfig(assistant_only_loss=True)`` supervises the
+same assistant tokens as ``lorakit train`` on ``messages`` data (tests/test_conversations.py).
 
 A model that already carries an adapter works too (``LorakitCallback()`` without a config); for a
 data-driven method the callback then runs its init, unless ``init_batches=0`` (attached with data).
