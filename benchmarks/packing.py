@@ -9,7 +9,8 @@ packed rows of ``--max-length`` tokens (``--packing``; rows then hold several ex
 ``--rounds`` times (so machine load drifts hit all three alike), after one warm-up step each.  Reported: real
 (non-padding) tokens per second (the trainer's count over its step time) per round and their mean, and the
 share of computed tokens that are padding.  Data: the first ``--examples`` GSM8K training problems from
-``../shared/data`` (the repository's sibling folder), encoded as ``lorakit train --task gsm8k`` does.  Writes ``<out>/packing.{json,md}``.
+``../shared/data`` (the repository's sibling folder), encoded as ``lorakit train --task gsm8k`` does.
+Writes ``<out>/packing.{json,md}``.
 """
 
 from __future__ import annotations
