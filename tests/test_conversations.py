@@ -159,3 +159,16 @@ def test_cli_trains_and_evaluates_multi_turn_messages(tiny_chat_lm: Path, tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert report["metric"] == "exact_match" and 0.0 <= report["score"] <= 1.0
     assert report["samples"][0].startswith("'And 7*2?' -> ")
+
+
+def test_cli_without_a_chat_template_says_so_or_uses_the_plain_format(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    model = save_tiny_lm(tmp_path / "plain-lm", 32, 64, 2, 4)  # its tokenizer has no chat template
+    task = tmp_path / "chat.jsonl"
+    task.write_text("".join(json.dumps({"messages": CONVERSATION[1:3]}) + "\n" for _ in range(4)))
+    args = ["train", "--model", str(model), "--task", str(task), "--eval-split", "train", "--method", "lora",
+            "--steps", "1", "--batch-size", "2", "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "--no-chat-template" in capsys.readouterr().err
+    assert main([*args, "--no-chat-template"]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["chat_template"] is False
