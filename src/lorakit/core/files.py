@@ -115,6 +115,27 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to the log file ``path`` (created with the umask's mode), never through a symlink and never
+    blocking on a FIFO: either is an `OutputError`."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     file_mode())
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OutputError(f"cannot append to {path}: it is a symlink; remove it") from None
+        raise write_error(Path(path), err) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"cannot append to {path}: it is {_kind(mode)}, not a regular file; remove it")
+        os.write(fd, text.encode())
+    except OSError as err:
+        raise write_error(Path(path), err) from None
+    finally:
+        os.close(fd)
+
+
 def write_files(out: str | os.PathLike, write: Callable[[Path], None], last: str) -> Path:
     """Write a set of files that belong together (an adapter's weights and config) into ``out``, all or nothing.
 
@@ -137,6 +158,8 @@ def write_files(out: str | os.PathLike, write: Callable[[Path], None], last: str
         for name in names:
             os.chmod(tmp / name, file_mode())
             fsync_path(tmp / name)
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()  # an empty directory (made by a check of the output path): replace it in one rename
         if not out.exists():
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
             fsync_path(tmp)

@@ -88,6 +88,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
 from ..core.driver import data_init, load_adapter_tensors, loader_batches, reset_optimizer, share_rank0_adapter
+from ..core.files import atomic_write, write_text
 from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
 from ..errors import AdapterFileError, LorakitError
@@ -172,10 +173,10 @@ def save_checkpoint_state(model: nn.Module, directory: str | os.PathLike) -> Non
     if unsupported:
         logger.warning("the %s hooks hold state that the checkpoint cannot carry (%s): a resumed run will not "
                        "match an uninterrupted one exactly", type(state.hooks).__name__, ", ".join(unsupported))
-    save_file(tensors, str(out / STATE_TENSORS), metadata={"format": STATE_FORMAT})
+    atomic_write(out / STATE_TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": STATE_FORMAT}))
     meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "hooks": plain,
             "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
-    (out / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    write_text(out / STATE_JSON, json.dumps(meta, indent=1) + "\n")
     for name in _FULL_MODEL_FILES:
         (out / name).unlink(missing_ok=True)
     for shard in itertools.chain(out.glob("model-*-of-*.safetensors"), out.glob("pytorch_model-*-of-*.bin")):

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..core.files import write_text
 from ..errors import LorakitError
 from .progress import read_log
 from .rank_plots import draw_rank_allocation
@@ -50,20 +51,20 @@ def compare(base: RunConfig, methods: list[str], out: Path, target_loss: float |
         logger.info("== %s", name)
         result = run_training(run)
         rows.append({"method": name, **result.summary()})
-        (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
     if target_loss is None:
         reference = next((r for r in rows if r["method"] == "lora"), rows[0])
         target_loss = _final_loss(reference["train"]["losses"])
     for row in rows:
         row["steps_to_target"] = steps_to_reach(row["train"]["losses"], target_loss)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
     plots = draw(rows, out)
     for row in rows:  # adaptive-rank methods log their ranks: heatmap + evolution per method
         log = out / row["method"] / "log.jsonl"
         if log.is_file():
             plots += draw_rank_allocation(read_log(log), out, prefix=f"{row['method']}_", title=row["method"])
     report = out / "report.md"
-    report.write_text(markdown(rows, base, target_loss, plots))
+    write_text(report, markdown(rows, base, target_loss, plots))
     return report
 
 
