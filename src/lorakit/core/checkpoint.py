@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import AdapterFileError, LorakitError, OutputError
-from .files import fsync_path, read_regular, sha256, write_text
+from .files import file_mode, fsync_path, read_regular, sha256, write_text
 
 MANIFEST = "checksums.json"
 MANIFEST_LIMIT = 1 << 20  # bytes; a manifest lists a handful of files
@@ -91,6 +91,8 @@ def write_atomically(out: Path, name: str, write: Callable[[Path], None]) -> Pat
     try:
         tmp.mkdir(parents=True)
         write(tmp)
+        for path in tmp.iterdir():  # safetensors writes 0600: give every file the umask's mode, as `open` would
+            os.chmod(path, file_mode())
         write_manifest(tmp)
         fsync_tree(tmp)
     except BaseException:

@@ -55,8 +55,13 @@ _PROGRESS_KEYS = {f.name for f in dataclasses.fields(Progress)}
 
 def find_checkpoint(out: Path) -> Path | None:
     """The last complete checkpoint in ``out``: ``checkpoint/``, or the previous one if a swap was interrupted (its
-    manifest, written last, marks it complete)."""
-    return find_latest(out, CHECKPOINT_DIR, MANIFEST)
+    manifest, written last, marks it complete).  A ``checkpoint/`` without one (a torn copy, or one written before
+    manifests) is an error, not a silent start from step 0."""
+    found = find_latest(out, CHECKPOINT_DIR, MANIFEST)
+    if found is None and (out / CHECKPOINT_DIR).exists():
+        raise AdapterFileError(f"{out / CHECKPOINT_DIR} has no {MANIFEST}: it is a torn copy or was written by an "
+                               "older lorakit, and cannot be checked; delete it to start over")
+    return found
 
 
 def _bad(path: Path, key: str, expected: str, found: Any) -> AdapterFileError:
@@ -166,14 +171,16 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]
     checked against the schema (`_check_meta`), before any model is built or touched."""
     files = read_verified(directory)
     path = directory / STATE_JSON
-    if STATE_JSON not in files or STATE_TENSORS not in files:
-        raise AdapterFileError(f"{directory} lacks {STATE_JSON} or {STATE_TENSORS}; delete it to start over")
+    if STATE_JSON not in files:
+        raise AdapterFileError(f"{directory} lacks {STATE_JSON}; delete it to start over")
     try:
         meta = json.loads(files[STATE_JSON])
     except (ValueError, RecursionError) as err:
         raise AdapterFileError(f"the checkpoint file {path} is corrupt ({type(err).__name__}: {err}); delete "
                                f"{directory} to start over, or pass another output directory") from None
     meta = _check_meta(path, meta)
+    if STATE_TENSORS not in files:
+        raise AdapterFileError(f"{directory} lacks {STATE_TENSORS}; delete it to start over")
     try:
         tensors = safetensors.torch.load(files[STATE_TENSORS])
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
@@ -348,8 +355,12 @@ class Checkpoints:
             raise _bad(json_path, "trainable", "names of this model's parameters", unknown[:3])
         _check_tensor_names(tensor_path, tensors, world, meta["trainable"], getattr(model, STATE_ATTR, None) is None)
         rng = _checked_rng(tensor_path, tensors, rank, self.ranks.device)
-        hook_values = hooks.checked_state(meta["hooks"], {k[len("hooks."):]: v for k, v in tensors.items()
-                                                          if k.startswith("hooks.")}, f"{json_path} / {tensor_path}")
+        try:
+            hook_values = hooks.checked_state(meta["hooks"], {k[len("hooks."):]: v for k, v in tensors.items()
+                                                              if k.startswith("hooks.")}, str(json_path))
+        except AdapterFileError as err:
+            raise AdapterFileError(f"{err}; the checkpoint is damaged or from another run: delete {directory} to "
+                                   "start over, or pass another output directory") from None
         before = {name: p.requires_grad for name, p in params.items()}
         trainable = set(meta["trainable"])
         try:
