@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..core.files import write_text
+from ..core.files import locked_dir, write_text
 from ..errors import LorakitError
 from .progress import read_log
 from .rank_plots import draw_rank_allocation
@@ -40,10 +40,17 @@ def _final_loss(losses: list[float], window: int = 10) -> float:
 
 def compare(base: RunConfig, methods: list[str], out: Path, target_loss: float | None = None,
             method_options: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Run every method with ``base``'s settings; ``method_options`` adds per-method options."""
+    """Run every method with ``base``'s settings; ``method_options`` adds per-method options.  ``out`` is locked
+    for the whole comparison (one per directory), each method's run directory in it by its own run."""
     if len(set(methods)) != len(methods):
         raise LorakitError(f"methods listed twice: {methods}")
     out.mkdir(parents=True, exist_ok=True)
+    with locked_dir(out):
+        return _compare(base, methods, out, target_loss, method_options)
+
+
+def _compare(base: RunConfig, methods: list[str], out: Path, target_loss: float | None,
+             method_options: dict[str, dict[str, Any]] | None) -> Path:
     rows: list[dict[str, Any]] = []
     for name in methods:
         options = {**base.method_options, **(method_options or {}).get(name, {})}

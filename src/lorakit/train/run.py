@@ -314,7 +314,7 @@ def run_training(run: RunConfig) -> RunResult:
     if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
         check_method_options(run.method, run.method_options)
     out = check_output_dir(run.output_dir)
-    # one run per output directory (sweep trials are run_training calls too); torchrun's other ranks only read
+    # one run per output directory (`compare` and the benchmarks' sweeps call this too); other torchrun ranks only read
     with locked_dir(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         return _run_locked(run, out)
 

@@ -369,13 +369,12 @@ class Checkpoints:
             # the saved config's lr and weight decay: the groups' hyperparameters must be what they give
             optimizer = build_optimizer(model, hooks, meta["config"].get("lr", TrainConfig.lr),
                                         meta["config"].get("weight_decay", TrainConfig.weight_decay))
-            state = _checked_optimizer(json_path, tensor_path, meta, tensors, optimizer)
-            _load_model_tensors(model, directory, tensors)
+            optimizer.load_state_dict(_checked_optimizer(json_path, tensor_path, meta, tensors, optimizer))
+            _load_model_tensors(model, directory, tensors)  # checks every tensor, then copies: the last step
         except BaseException:
             for name, p in params.items():
                 p.requires_grad_(before[name])
             raise
-        optimizer.load_state_dict(state)
         hooks.load_state_dict(hook_values, {})
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng:
@@ -486,8 +485,13 @@ def _checked_optimizer(json_path: Path, tensor_path: Path, meta: Mapping[str, An
 def _load_model_tensors(model: nn.Module, directory: Path, tensors: Mapping[str, Tensor]) -> None:
     """Copy the checkpoint's adapter (or, with no adapter, its trainable parameters) into the model."""
     if getattr(model, STATE_ATTR, None) is None:
-        for name, p in model.named_parameters():
-            if f"params.{name}" in tensors:
-                p.copy_(tensors[f"params.{name}"])
+        saved = {name: (p, tensors[f"params.{name}"]) for name, p in model.named_parameters()
+                 if f"params.{name}" in tensors}
+        for name, (p, t) in saved.items():
+            if t.shape != p.shape or t.dtype != p.dtype or (t.is_floating_point() and not bool(t.isfinite().all())):
+                raise _bad(directory / STATE_TENSORS, f"params.{name}", f"a finite {p.dtype} tensor of shape "
+                           f"{list(p.shape)}", f"{t.dtype} of shape {list(t.shape)}")
+        for p, t in saved.values():
+            p.copy_(t)
         return
     load_adapter_tensors(model, read_adapter_tensors(directory), str(directory))
