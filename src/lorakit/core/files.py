@@ -156,7 +156,8 @@ def write_files(out: str | os.PathLike, write: Callable[[Path], None], last: str
         write(tmp)
         names = sorted(p.name for p in tmp.iterdir())
         for name in names:
-            os.chmod(tmp / name, file_mode())
+            if (tmp / name).is_file():  # HF's writers, safetensors: 0600 or 0644 whatever the umask; a plain write's
+                os.chmod(tmp / name, file_mode())
             fsync_path(tmp / name)
         if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             out.rmdir()  # an empty directory (made by a check of the output path): replace it in one rename
