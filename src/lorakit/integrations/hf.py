@@ -220,7 +220,7 @@ def load_checkpoint_adapter(model: nn.Module, directory: str | os.PathLike) -> N
 def load_checkpoint_hooks(model: nn.Module, directory: str | os.PathLike) -> None:
     """Restore the hooks' state saved by `save_checkpoint_state` (after ``hooks.on_train_begin``)."""
     meta, tensors = _read_checkpoint_state(Path(directory))
-    get_state(model).hooks.load_state_dict(meta["hooks"], tensors)
+    get_state(model).hooks.load_state_dict(meta["hooks"], tensors, str(Path(directory) / STATE_JSON))
 
 
 class LorakitCallback(TrainerCallback):
