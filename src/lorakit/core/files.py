@@ -84,11 +84,12 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path:
     """Call ``write(tmp)`` on a fresh temporary file beside ``path``, flush it, and replace ``path`` with it.
 
     A symlink at ``path`` is replaced, never followed; a directory, FIFO or device there is refused; the file gets
-    the umask's mode.  Any failure (an `OutputError` for a disk or permission error) leaves ``path`` as it was."""
+    ``mode`` (default: the umask's, as a plain write).  Any failure (an `OutputError` for a disk or permission error)
+    leaves ``path`` as it was."""
     path = Path(path)
     check_writable_target(path)
     try:
@@ -96,7 +97,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except OSError as err:
         raise write_error(path, err) from None
     try:
-        os.fchmod(fd, file_mode())
+        os.fchmod(fd, file_mode() if mode is None else mode)
         os.close(fd)
         write(tmp)
         fsync_path(tmp)
@@ -113,6 +114,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """`atomic_write` of ``data`` (``mode``: e.g. 0o600 for a private key, which the temporary file has already)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), mode)
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

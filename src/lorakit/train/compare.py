@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..core.files import locked_dir, write_text
+from ..core.files import atomic_write, locked_dir, write_text
 from ..errors import LorakitError
 from .progress import read_log
 from .rank_plots import draw_rank_allocation
@@ -115,7 +115,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="Loss curves")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
+    atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     files.append("loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -127,7 +127,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} over training")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "metric.png", dpi=110)
+    atomic_write(out / "metric.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     files.append("metric.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -137,7 +137,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=metric, title="Parameters vs final metric")
     fig.tight_layout()
-    fig.savefig(out / "params.png", dpi=110)
+    atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     files.append("params.png")
     plt.close("all")
     return files
