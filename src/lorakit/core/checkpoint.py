@@ -3,8 +3,8 @@
 `write_atomically` writes a checkpoint into a sibling ``.<name>-tmp`` directory, flushes it to disk, then swaps it
 in with two renames (the previous checkpoint goes to ``.<name>-old`` in between, and is removed last), so a crash
 at any point leaves one complete checkpoint: `find_latest` returns it (``<name>``, or ``.<name>-old`` when the crash
-came between the two renames).  Its last file is ``checksums.json`` (`MANIFEST`: the SHA-256 and size of every other
-file), so `read_verified` detects a torn copy or an edited file before anything in it is trusted.
+came between the two renames).  The trainer's ends with ``checksums.json`` (`write_manifest`: the SHA-256 and size
+of every other file), so `read_verified` detects a torn copy or an edited file before anything in it is trusted.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def _refuse_links(out: Path, name: str) -> None:
 
 
 def write_manifest(directory: Path) -> None:
-    """Write ``directory/checksums.json`` (SHA-256 and size of every other file); call it last."""
+    """Write ``directory/checksums.json`` (SHA-256 and size of every other file); call it last, at the end of
+    `write_atomically`'s ``write``."""
     files = {}
     for path in sorted(directory.iterdir()):
         data = read_regular(path, follow_symlinks=False)
@@ -82,8 +83,7 @@ def read_verified(directory: Path) -> dict[str, bytes]:
 def write_atomically(out: Path, name: str, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a fresh sibling directory, flush it, and swap it in as ``out/name``.
 
-    The manifest (`write_manifest`) is written after ``write`` returns.  If ``write`` raises, the sibling is removed
-    and the previous checkpoint stays untouched (the error propagates).
+    If ``write`` raises, the sibling is removed and the previous checkpoint stays untouched (the error propagates).
     """
     _refuse_links(out, name)
     final, tmp, old = out / name, out / f".{name}-tmp", out / f".{name}-old"
@@ -93,7 +93,6 @@ def write_atomically(out: Path, name: str, write: Callable[[Path], None]) -> Pat
         write(tmp)
         for path in tmp.iterdir():  # safetensors writes 0600: give every file the umask's mode, as `open` would
             os.chmod(path, file_mode())
-        write_manifest(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

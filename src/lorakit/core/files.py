@@ -165,7 +165,7 @@ def write_files(out: str | os.PathLike, write: Callable[[Path], None], last: str
             if (tmp / name).is_file():  # HF's writers, safetensors: 0600 or 0644 whatever the umask; a plain write's
                 os.chmod(tmp / name, file_mode())
             fsync_path(tmp / name)
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()) and out != Path.cwd():
             out.rmdir()  # an empty directory (made by a check of the output path): replace it in one rename
         if not out.exists():
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give

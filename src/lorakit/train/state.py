@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..api import STATE_ATTR
 from ..config import check_value
-from ..core.checkpoint import MANIFEST, find_latest, read_verified, write_atomically
+from ..core.checkpoint import MANIFEST, find_latest, read_verified, write_atomically, write_manifest
 from ..core.driver import build_optimizer, load_adapter_tensors
 from ..core.files import read_regular, write_error
 from ..core.hooks import TrainingHooks
@@ -314,6 +314,7 @@ class Checkpoints:
                 save(model, tmp)
             save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "lorakit-trainer"})
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+            write_manifest(tmp)  # last: its presence marks the checkpoint complete
 
         try:
             final = write_atomically(self.out, CHECKPOINT_DIR, write)
