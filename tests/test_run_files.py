@@ -194,6 +194,9 @@ def test_cli_symlinked_checkpoint_and_a_second_run_get_the_right_message(tiny_lm
     (run_copy / "checkpoint").symlink_to(elsewhere)
     code, err = cli(*train_args(tiny_lm, run_copy, *CLI_RUN, "--resume"))
     assert code == 2 and "is a symlink" in err and "disk" not in err, err
+    with pytest.raises(OutputError, match="checkpoint is a symlink"):  # a fresh run: refused before its first step
+        train(lorakit.attach(KINDS["llama"].build(0), lorakit.LoraConfig(r=2)), lm_features(4),
+              TrainConfig(steps=1, batch_size=4, save_every=1, output_dir=str(run_copy), progress=False))
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_copy / files.LOCK_NAME)],
                               stdout=subprocess.PIPE, text=True)
@@ -343,6 +346,14 @@ def test_cli_export_and_merge_replace_planted_symlinks(tiny_lm: Path, trained: P
         assert code == 0, err
         assert victim.read_text() == "precious" and not (out / name).is_symlink()
         assert json.loads((out / name).read_text())
+
+
+def test_cli_train_refuses_a_fifo_in_place_of_its_log(tiny_lm: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / "log.jsonl")
+    code, err = cli(*train_args(tiny_lm, out, "--method", "lora", "--save-every", "0"))
+    assert code == 2 and f"{out / 'log.jsonl'}: it is a FIFO" in err, err
 
 
 @pytest.mark.parametrize("blocker", ["fifo", "directory"])

@@ -31,7 +31,7 @@ def fsync_tree(directory: Path, files: bool = True) -> None:
     fsync_path(directory)
 
 
-def _refuse_links(out: Path, name: str) -> None:
+def refuse_links(out: Path, name: str) -> None:
     """The checkpoint's three paths must not be symlinks: lorakit renames and deletes them, never through a link."""
     for path in (out / name, out / f".{name}-tmp", out / f".{name}-old"):
         if path.is_symlink():
@@ -85,7 +85,7 @@ def write_atomically(out: Path, name: str, write: Callable[[Path], None]) -> Pat
 
     If ``write`` raises, the sibling is removed and the previous checkpoint stays untouched (the error propagates).
     """
-    _refuse_links(out, name)
+    refuse_links(out, name)
     final, tmp, old = out / name, out / f".{name}-tmp", out / f".{name}-old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -108,7 +108,7 @@ def write_atomically(out: Path, name: str, write: Callable[[Path], None]) -> Pat
 
 def find_latest(out: Path, name: str, marker: str) -> Path | None:
     """The last complete checkpoint ``out/name`` (one holding ``marker``), else ``.<name>-old``, else None."""
-    _refuse_links(out, name)
+    refuse_links(out, name)
     for candidate in (out / name, out / f".{name}-old"):
         if (candidate / marker).is_file():
             return candidate

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..api import STATE_ATTR
 from ..config import check_value
-from ..core.checkpoint import MANIFEST, find_latest, read_verified, write_atomically, write_manifest
+from ..core.checkpoint import MANIFEST, find_latest, read_verified, refuse_links, write_atomically, write_manifest
 from ..core.driver import build_optimizer, load_adapter_tensors
 from ..core.files import read_regular, write_error
 from ..core.hooks import TrainingHooks
@@ -259,6 +259,8 @@ class Checkpoints:
     def __init__(self, out: Path | None, config: TrainConfig, ranks: Ranks):
         self.out, self.config, self.ranks = out, config, ranks
         self.warned_hook_state = False
+        if out is not None and config.save_every:  # refused now, not at the first save after some training
+            refuse_links(out, CHECKPOINT_DIR)
 
     def note(self) -> str:
         """Where the last good checkpoint is, for error messages."""
