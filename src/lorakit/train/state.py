@@ -5,7 +5,9 @@ It holds the adapter (with none attached: every trainable parameter), the optimi
 RNG states, how many batches were drawn, the hooks' counters and the run's `Progress`.  The whole directory is
 written beside the old one, flushed to disk (fsync) and swapped in (`lorakit.core.checkpoint`), so ``resume=True``
 always finds a complete checkpoint and continues bit for bit (on CPU) as if the run had never stopped; a write that
-fails (disk full) is a `TrainingError` that leaves the last checkpoint in place.
+fails (disk full) is a `TrainingError` that leaves the last checkpoint in place.  Its last file, ``checksums.json``,
+holds every other file's SHA-256; ``resume`` verifies it, then checks the whole state against the run (`_check_meta`:
+types, ranges, counters; `Checkpoints.resume`: tensors, optimizer, hooks, RNG) before it restores anything.
 """
 
 from __future__ import annotations
