@@ -76,10 +76,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -88,7 +89,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
 from ..core.driver import data_init, load_adapter_tensors, loader_batches, reset_optimizer, share_rank0_adapter
-from ..core.files import atomic_write, write_text
+from ..core.files import atomic_write, read_regular, write_text
 from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
 from ..errors import AdapterFileError, LorakitError
@@ -189,10 +190,10 @@ def _read_checkpoint_state(directory: Path) -> tuple[dict[str, Any], dict[str, T
     if not path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise AdapterFileError(f"{directory} is not a lorakit checkpoint (expected {WEIGHTS_NAME} and {STATE_JSON} "
                                "written by LorakitCallback; found neither or only one)")
-    try:
-        meta = json.loads(path.read_text())
-        tensors = load_file(str(directory / STATE_TENSORS))
-    except (OSError, ValueError, SafetensorError) as err:
+    try:  # regular files only: a FIFO planted there is an error, not a hang
+        meta = json.loads(read_regular(path))
+        tensors = safetensors.torch.load(read_regular(directory / STATE_TENSORS))
+    except (LorakitError, ValueError, SafetensorError) as err:
         raise AdapterFileError(f"the lorakit state in {directory} is corrupt ({type(err).__name__}: {err})") from None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION \
             or not isinstance(meta.get("hooks"), dict) or not isinstance(meta.get("trainable"), list):
