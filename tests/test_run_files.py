@@ -251,6 +251,25 @@ def test_one_run_per_output_directory_in_process_and_for_fed(tmp_path: Path) -> 
         pass
 
 
+def test_fed_and_hf_checkpoints_refuse_a_fifo_instead_of_hanging(tmp_path: Path) -> None:
+    from lorakit.fed import checkpoint as fed_checkpoint
+    from lorakit.fed.config import FedConfig
+    from lorakit.integrations import hf
+
+    server = tmp_path / fed_checkpoint.DIRNAME
+    server.mkdir()
+    (server / fed_checkpoint.META).write_text("{}")
+    os.mkfifo(server / fed_checkpoint.TENSORS)
+    (tmp_path / hf.WEIGHTS_NAME).write_bytes(b"")
+    (tmp_path / hf.STATE_JSON).write_text("{}")
+    os.mkfifo(tmp_path / hf.STATE_TENSORS)
+    with alarm(30):
+        with pytest.raises(LorakitError, match="is a FIFO"):
+            fed_checkpoint.load(tmp_path, FedConfig(output_dir=str(tmp_path)))
+        with pytest.raises(LorakitError, match="is a FIFO"):
+            hf.load_checkpoint_hooks(torch.nn.Linear(1, 1), tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- tensor-level state
 
 @pytest.fixture(scope="module")
