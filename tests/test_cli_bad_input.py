@@ -15,6 +15,7 @@ import pytest
 import lorakit.models
 import lorakit.train.run
 from lorakit.cli import main
+from lorakit.core.checkpoint import write_manifest
 from tests import test_cli
 from tests.test_cli import train_args
 
@@ -43,6 +44,7 @@ def checkpoint(text: str) -> Callable[[Path], list[str]]:
     def make(tmp: Path) -> list[str]:
         (tmp / "run" / "checkpoint").mkdir(parents=True)
         (tmp / "run" / "checkpoint" / "trainer_state.json").write_text(text)
+        write_manifest(tmp / "run" / "checkpoint")  # signed: the content itself must be refused
         return ["--resume"]
     return make
 
@@ -90,8 +92,8 @@ TRAIN_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "deeply nested JSON line": (data_file("deep.jsonl", "[" * 100_000 + "\n"), "deep.jsonl: no row has the fields"),
     "corrupt checkpoint JSON on --resume": (checkpoint('{"format": "lorakit-tr'), "checkpoint/trainer_state.json "
                                                                                   "is corrupt (JSONDecodeError"),
-    "checkpoint JSON without its keys": (checkpoint('{"format": "lorakit-trainer", "version": 1}'),
-                                         "trainer_state.json is incomplete or damaged (missing ['step'"),
+    "checkpoint JSON without its keys": (checkpoint('{"format": "lorakit-trainer", "version": 2}'),
+                                         "trainer_state.json: step must be present"),
 }
 
 

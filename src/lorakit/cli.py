@@ -239,12 +239,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from .api import merge_and_unload
+    from .core.files import write_files
     from .train.run import check_output_dir
     check_output_dir(args.out, "--out")
     model, tokenizer, _ = _load_adapted(args.adapter, args)
     merged = merge_and_unload(model)
-    merged.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_files(args.out, write, last="config.json")  # all or nothing; planted symlinks replaced, not followed
     print(f"merged model written to {args.out}")
 
 

@@ -28,3 +28,8 @@ class AdapterConfigError(AdapterFileError, ConfigError):
 
 class TrainingError(LorakitError):
     """Training cannot continue (non-finite loss, impossible budget, ...)."""
+
+
+class OutputError(LorakitError):
+    """An output path cannot be written: a directory or FIFO in a file's place, no permission, a full disk, or an
+    output directory another run holds."""

@@ -24,10 +24,13 @@ No method registers torch forward hooks: what a step computes reaches the hooks 
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import AdapterFileError
 
 if TYPE_CHECKING:
     from ..config import AdapterConfig
@@ -139,25 +142,97 @@ class TrainingHooks:
             names += [n for n in vars(klass).get("state_attrs", ()) if n not in names]
         return names
 
-    def load_state_dict(self, plain: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-        """Restore `state_dict`'s output (tensors move to the device of the first adapter layer)."""
-        plain = dict(plain)
-        layout: dict[str, str] = plain.pop("__tensor_layout__", {})
-        for name, value in plain.items():
+    def load_state_dict(self, plain: dict[str, Any], tensors: dict[str, Tensor],
+                        source: str = "the checkpoint") -> None:
+        """Restore `state_dict`'s output (tensors move to the device of the first adapter layer), after
+        `checked_state` accepted all of it: a bad value changes nothing."""
+        for name, value in self.checked_state(plain, tensors, source).items():
             setattr(self, name, value)
+
+    def checked_state(self, plain: dict[str, Any], tensors: dict[str, Tensor], source: str) -> dict[str, Any]:
+        """`state_dict`'s output as ``{attribute: value}``, checked before anything is set: only declared
+        ``state_attrs``; each value of the kind the attribute holds now (after ``on_train_begin``: an int stays an
+        int, a tensor keeps its dtype and shape); every number and tensor finite; then the class's own ranges
+        (`check_state`).  Anything else is an `AdapterFileError` naming ``source`` and the key."""
+        declared = set(self.declared_state())
+        plain = dict(plain)
+        layout = plain.pop("__tensor_layout__", {})
+        if not isinstance(layout, dict) or not all(v in ("tensor", "dict", "dict-tuple") for v in layout.values()):
+            raise AdapterFileError(f"{source}: hooks.__tensor_layout__ must map attributes to 'tensor', 'dict' or "
+                                   f"'dict-tuple', got {layout!r}")
+        unknown = sorted((set(plain) | set(layout)) - declared)
+        if unknown:
+            raise AdapterFileError(f"{source}: hooks.{unknown[0]} is not state of {type(self).__name__} (it carries "
+                                   f"{', '.join(sorted(declared))}); the checkpoint belongs to another method")
+        values = dict(plain)
         device = next((p.device for layer in self.layers.values() for p in layer.parameters()), None)
+        claimed: set[str] = set()
         for name, kind in layout.items():
-            own = {k[len(name) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(name + "/")}
+            own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")}
+            claimed.update(f"{name}/{k}" for k in own)
             if kind == "tensor":
-                setattr(self, name, tensors[name].to(device))
+                if name not in tensors:
+                    raise AdapterFileError(f"{source}: the tensor of hooks.{name} is missing")
+                claimed.add(name)
+                values[name] = tensors[name].to(device)
             elif kind == "dict":
-                setattr(self, name, own)
+                values[name] = {k: v.to(device) for k, v in own.items()}
             else:
                 grouped: dict[str, dict[int, Tensor]] = {}
                 for key, t in own.items():
                     base, _, index = key.rpartition("/")
-                    grouped.setdefault(base, {})[int(index)] = t
-                setattr(self, name, {k: tuple(v[i] for i in sorted(v)) for k, v in grouped.items()})
+                    if not index.isdigit():
+                        raise AdapterFileError(f"{source}: hooks tensor {name}/{key} has no tuple index")
+                    grouped.setdefault(base, {})[int(index)] = t.to(device)
+                if any(sorted(v) != list(range(len(v))) for v in grouped.values()):
+                    raise AdapterFileError(f"{source}: the tuples of hooks.{name} have missing items")
+                values[name] = {k: tuple(v[i] for i in sorted(v)) for k, v in grouped.items()}
+        stray = sorted(set(tensors) - claimed)
+        if stray:
+            raise AdapterFileError(f"{source}: hooks tensor {stray[0]!r} belongs to no declared attribute")
+        for name, value in values.items():
+            _check_like(f"{source}: hooks.{name}", value, getattr(self, name, None))
+        try:
+            self.check_state(values)
+        except (ValueError, TypeError) as err:
+            raise AdapterFileError(f"{source}: hooks.{err}") from None
+        return values
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        """The class's own ranges for saved state (``values``: attribute -> value, kinds already checked); raise
+        ``ValueError("<attribute> must be ..., got ...")``.  The base class checks its own attributes."""
+        total = values.get("total_steps")
+        if total is not None and total < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total}")
+
+
+def _check_like(where: str, value: Any, like: Any) -> None:
+    """``value`` is finite and of the kind of ``like`` (the attribute's value now; None: any kind)."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AdapterFileError(f"{where} holds NaN or inf")
+        if isinstance(like, Tensor) and (value.dtype != like.dtype or value.shape != like.shape):
+            raise AdapterFileError(f"{where} is a {value.dtype} tensor of shape {list(value.shape)}; expected "
+                                   f"{like.dtype} of shape {list(like.shape)}")
+        if like is not None and not isinstance(like, Tensor):
+            raise AdapterFileError(f"{where} is a tensor; expected {type(like).__name__}")
+        return
+    if isinstance(value, float) and not math.isfinite(value) and value != like:  # inf where the start value is inf
+        raise AdapterFileError(f"{where} is {value}; expected a finite number")
+    if like is not None:
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,), dict: (dict,),
+                 tuple: (tuple, list)}
+        expected = kinds.get(type(like), (type(like),))
+        if not isinstance(value, expected) or (isinstance(value, bool) and type(like) is not bool):
+            raise AdapterFileError(f"{where} is {type(value).__name__} {value!r:.60}; expected {type(like).__name__}")
+    if isinstance(value, (list, tuple)):
+        sample = like[0] if isinstance(like, (list, tuple)) and like else None
+        for i, item in enumerate(value):
+            _check_like(f"{where}[{i}]", item, sample)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            sample = like.get(key, next(iter(like.values()), None)) if isinstance(like, dict) and like else None
+            _check_like(f"{where}[{key!r}]", item, sample)
 
 
 def _survives_json(value: Any) -> bool:

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..core.checkpoint import find_latest, write_atomically
+from ..core.files import read_regular
+from ..errors import LorakitError
 from .comm import CommLedger
 from .config import FedConfig
 from .errors import CheckpointError
@@ -73,10 +76,10 @@ def load(directory: str | os.PathLike, config: FedConfig) -> ServerState | None:
     where = find_latest(Path(directory), DIRNAME, META)  # `.server-old` after a crash between the two renames
     if where is None:
         return None
-    try:
-        meta = json.loads((where / META).read_text())
-        tensors = load_file(str(where / TENSORS))
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as err:
+    try:  # regular files only: a FIFO planted there is an error, not a hang
+        meta = json.loads(read_regular(where / META))
+        tensors = safetensors.torch.load(read_regular(where / TENSORS))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, LorakitError) as err:
         raise CheckpointError(f"the server checkpoint in {where} is corrupt: {err}") from err
     if meta.get("format") != FORMAT or meta.get("version", VERSION + 1) > VERSION:
         raise CheckpointError(f"{where / META} is not a lorakit server checkpoint this version reads")

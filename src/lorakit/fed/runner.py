@@ -26,6 +26,7 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
+from ..core.files import locked_dir, write_text
 from . import security
 from .config import FedConfig
 from .errors import FedError
@@ -63,6 +64,17 @@ def ray_on_loopback() -> Iterator[None]:
             os.environ[RAY_LOOPBACK_ENV] = saved_env
 
 
+def output_lock(config: FedConfig) -> contextlib.AbstractContextManager[None]:
+    """One run per output directory (`lorakit.core.files.locked_dir`, as `lorakit train` takes it), held by the
+    process that starts the federation for its whole run."""
+    out = Path(config.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FedError(f"cannot create the output directory {out} ({err.strerror or err})") from None
+    return locked_dir(out)
+
+
 def simulate(config: FedConfig, client_app: ClientApp | None = None, actors: int = 1) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine with ``config.clients`` virtual SuperNodes.
 
@@ -75,7 +87,7 @@ def simulate(config: FedConfig, client_app: ClientApp | None = None, actors: int
     from .client import app as default_client_app
     results: list[dict[str, Any]] = []
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": actors}}
-    with ray_on_loopback():
+    with output_lock(config), ray_on_loopback():
         run_simulation(build_server_app(config, results), client_app or default_client_app, config.clients,
                        backend_config=backend)
     if not results:
@@ -102,7 +114,7 @@ def write_app(directory: Path, config: FedConfig) -> Path:
                                                  "clientapp": "lorakit.fed.client:app"},
                                   "config": config.to_record()}}},
     }
-    (directory / "pyproject.toml").write_text(tomli_w.dumps(project))
+    write_text(directory / "pyproject.toml", tomli_w.dumps(project))
     return directory
 
 
@@ -162,7 +174,7 @@ def federation(config: FedConfig, workdir: Path) -> Iterator[tuple[str, dict[str
         connection += "insecure = true\n"
     if config.use_supernode_auth:
         link.append("--enable-supernode-auth")
-    (home / "config.toml").write_text(connection)
+    write_text(home / "config.toml", connection)
     env = {**os.environ, "FLWR_HOME": str(home)}
     processes: list[subprocess.Popen] = []
 
@@ -214,6 +226,7 @@ def deploy(config: FedConfig, workdir: str | os.PathLike | None = None, timeout:
     if config.data_dir is not None:
         config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
     with contextlib.ExitStack() as stack:
+        stack.enter_context(output_lock(config))
         work = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         app_dir = write_app(work / "app", config)
         result_file = Path(config.output_dir) / RESULT_FILE

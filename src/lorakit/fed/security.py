@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -30,14 +29,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ..core.files import write_bytes
+
 VALID_DAYS = 7
 
 
 def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
+    """Owner-only, and never through a symlink planted at ``path`` (which would hand the key to its target)."""
+    return write_bytes(path, data, mode=0o600)
 
 
 def _alt_name(host: str) -> x509.GeneralName:
@@ -71,8 +70,8 @@ def tls_certificates(directory: Path, hosts: list[str]) -> tuple[Path, Path, Pat
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(ca_key, hashes.SHA384()))
     ca_path, cert_path = directory / "ca.crt", directory / "server.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes(ca_path, ca.public_bytes(serialization.Encoding.PEM))
+    write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     key_path = _write_private(directory / "server.key", key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return ca_path, cert_path, key_path
@@ -86,6 +85,6 @@ def supernode_keys(directory: Path, name: str) -> tuple[Path, Path]:
     private = _write_private(directory / name, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
     public = directory / f"{name}.pub"
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH))
+    write_bytes(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH))
     return private, public

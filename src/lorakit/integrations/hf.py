@@ -86,10 +86,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -98,6 +99,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from ..api import STATE_ATTR, AdapterState, attach, get_state
 from ..config import AdapterConfig
 from ..core.driver import data_init, load_adapter_tensors, loader_batches, reset_optimizer, share_rank0_adapter
+from ..core.files import atomic_write, read_regular, write_text
 from ..core.hooks import TrainingHooks
 from ..core.registry import get_method
 from ..errors import AdapterFileError, LorakitError
@@ -182,10 +184,10 @@ def save_checkpoint_state(model: nn.Module, directory: str | os.PathLike) -> Non
     if unsupported:
         logger.warning("the %s hooks hold state that the checkpoint cannot carry (%s): a resumed run will not "
                        "match an uninterrupted one exactly", type(state.hooks).__name__, ", ".join(unsupported))
-    save_file(tensors, str(out / STATE_TENSORS), metadata={"format": STATE_FORMAT})
+    atomic_write(out / STATE_TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": STATE_FORMAT}))
     meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "hooks": plain,
             "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
-    (out / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    write_text(out / STATE_JSON, json.dumps(meta, indent=1) + "\n")
     for name in _FULL_MODEL_FILES:
         (out / name).unlink(missing_ok=True)
     for shard in itertools.chain(out.glob("model-*-of-*.safetensors"), out.glob("pytorch_model-*-of-*.bin")):
@@ -198,10 +200,10 @@ def _read_checkpoint_state(directory: Path) -> tuple[dict[str, Any], dict[str, T
     if not path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise AdapterFileError(f"{directory} is not a lorakit checkpoint (expected {WEIGHTS_NAME} and {STATE_JSON} "
                                "written by LorakitCallback; found neither or only one)")
-    try:
-        meta = json.loads(path.read_text())
-        tensors = load_file(str(directory / STATE_TENSORS))
-    except (OSError, ValueError, SafetensorError) as err:
+    try:  # regular files only: a FIFO planted there is an error, not a hang
+        meta = json.loads(read_regular(path))
+        tensors = safetensors.torch.load(read_regular(directory / STATE_TENSORS))
+    except (LorakitError, ValueError, SafetensorError) as err:
         raise AdapterFileError(f"the lorakit state in {directory} is corrupt ({type(err).__name__}: {err})") from None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION \
             or not isinstance(meta.get("hooks"), dict) or not isinstance(meta.get("trainable"), list):
@@ -229,7 +231,7 @@ def load_checkpoint_adapter(model: nn.Module, directory: str | os.PathLike) -> N
 def load_checkpoint_hooks(model: nn.Module, directory: str | os.PathLike) -> None:
     """Restore the hooks' state saved by `save_checkpoint_state` (after ``hooks.on_train_begin``)."""
     meta, tensors = _read_checkpoint_state(Path(directory))
-    get_state(model).hooks.load_state_dict(meta["hooks"], tensors)
+    get_state(model).hooks.load_state_dict(meta["hooks"], tensors, str(Path(directory) / STATE_JSON))
 
 
 class LorakitCallback(TrainerCallback):

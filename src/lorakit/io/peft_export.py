@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..api import get_state
+from ..core.files import write_files
 from ..core.layer import AdapterLayer
 from ..errors import LorakitError
 
@@ -103,9 +104,15 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, modules_to_save:
         "modules_to_save": saved or None,
         "inference_mode": True,
     }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu() for k, v in tensors.items()}, out / "adapter_model.safetensors",
-              metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    return write_peft_files(directory, {k: v.cpu() for k, v in tensors.items()}, config)
+
+
+def write_peft_files(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict[str, Any]) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory`` together
+    (`lorakit.core.files.write_files`: all or nothing, symlinks replaced, never written through)."""
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_files(directory, write, last="adapter_config.json")

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import reprlib
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from ..api import DEFAULT_NAME, adding_adapter, attach, detach, get_state
 from ..config import AdapterConfig
+from ..core.files import write_files
 from ..core.inject import find_targets
 from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
 from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
@@ -87,18 +87,6 @@ def _original_weight(module: nn.Module) -> tuple[Tensor, str | None]:
     return (module.weight.T if type(module).__name__ == "Conv1D" else module.weight), None
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
     """The flat ``name -> tensor`` dict that `save` writes, of adapter ``name`` (``None``: the active one)."""
     state = get_state(model, name)
@@ -125,14 +113,13 @@ def fingerprints(model: nn.Module, name: str | None = None) -> dict[str, dict[st
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
-    """Write adapter ``name`` (``None``: the active one) to ``directory`` (created if needed); each file is
-    replaced atomically.  The files do not record the name: `load` gives the adapter the name it is asked for."""
+    """Write adapter ``name`` (``None``: the active one) to ``directory`` (created if needed), all or nothing
+    (`lorakit.core.files.write_files`: a temporary directory, then renames; the config last).  The files do not
+    record the name: `load` gives the adapter the name it is asked for."""
     state = get_state(model, name)
     merged = [n for n, layer in state.layers.items() if layer.merged]
     if merged:
         raise LorakitError(f"layer '{merged[0]}' is merged; unmerge(model) before saving")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "lorakit_format_version": FORMAT_VERSION,
         "method": state.method.name,
@@ -144,10 +131,12 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
                          if layer.base_offset_B is not None},
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model, state.name).items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(
-        tensors, p, metadata={"format": "lorakit"}))  # one key: safetensors writes a map in random order
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
-    return out
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "lorakit"})  # one key: a map's order is random
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_files(directory, write, last=CONFIG_NAME)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:

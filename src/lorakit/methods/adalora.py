@@ -47,7 +47,7 @@ terms are (`orth_terms`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +287,40 @@ class SvdBudgetHooks(TrainingHooks):
             self.unc.clear()
         else:
             self.apply_final_mask()
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        """A checkpoint's schedule, budget, masks and EMAs must fit these layers (PEFT's ``RankAllocator`` keeps the
+        same: ``ipt``/``exp_avg_unc`` shaped like each parameter, non-negative)."""
+        super().check_state(values)
+        total = values.get("total_steps", self.total_steps) or 0
+        tinit, tfinal = values.get("tinit", self.tinit), values.get("tfinal", self.tfinal)
+        if tinit < 0 or tfinal < 0 or tinit >= total - tfinal:
+            raise ValueError(f"tinit/tfinal must be >= 0 and leave steps to prune in {total}, got {tinit}/{tfinal}")
+        if values.get("delta_t", self.delta_t) < 1:
+            raise ValueError(f"delta_t must be a positive integer, got {values['delta_t']}")
+        if not self.target_budget <= values.get("budget", self.budget) <= self.initial_budget:
+            raise ValueError(f"budget must be in [{self.target_budget}, {self.initial_budget}], got {values['budget']}")
+        sizes = {n: layer.lora_E.numel() for n, layer in self.svd_layers.items()}
+        allocation = values.get("allocation", self.allocation)
+        if set(allocation) != set(sizes) or any(not 0 <= k <= sizes[n] for n, k in allocation.items()):
+            raise ValueError(f"allocation must give each of the {len(sizes)} layers a rank in [0, r], got "
+                             f"{allocation!r:.200}")
+        mask = values.get("final_mask")
+        if mask is not None and (set(mask) != set(sizes) or any(
+                len(m) != sizes[n] or not all(isinstance(b, bool) for b in m) for n, m in mask.items())):
+            raise ValueError("final_mask must hold one list of r booleans per layer")
+        shapes = {f"{n}.{key}": p.shape for n, layer in self.svd_layers.items()
+                  for key, p in layer.importance_tensors().items()}
+        ema, unc = values.get("ema", self.ema), values.get("unc", self.unc)
+        if set(ema) != set(unc):
+            raise ValueError("ema and unc must score the same tensors")
+        for attr, scores in (("ema", ema), ("unc", unc)):
+            for key, t in scores.items():
+                if key not in shapes or t.shape != shapes[key] or not t.is_floating_point():
+                    raise ValueError(f"{attr}[{key!r}] does not fit a tensor of these layers (shape "
+                                     f"{list(t.shape)})")
+                if bool((t < 0).any()) or not bool(torch.isfinite(ema[key] * unc[key]).all()):
+                    raise ValueError(f"{attr}[{key!r}] must be >= 0 with finite scores (ema x unc)")
 
     def regularizer(self) -> Tensor | None:
         if self.config.orth_reg_weight == 0:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..api import get_state
 from ..config import AdapterConfig
+from ..core.files import write_files
 from ..core.registry import Method, register
 from ..errors import LorakitError
 from ..io.peft_export import PEFT_PREFIX, _target_names
@@ -147,12 +148,13 @@ def write_peft_lora(model: nn.Module, directory: str | os.PathLike, factors: dic
         "bias": "none", "fan_in_fan_out": any(layer.transposed for layer in state.layers.values()),
         "use_rslora": False, "use_dora": magnitudes is not None, "init_lora_weights": True, "inference_mode": True,
     }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / "adapter_model.safetensors",
-              metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_files(directory, write, last="adapter_config.json")  # together, never through a planted link
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..core.files import atomic_write, locked_dir, write_text
 from ..errors import LorakitError
 from .progress import read_log
 from .rank_plots import draw_rank_allocation
@@ -39,10 +40,17 @@ def _final_loss(losses: list[float], window: int = 10) -> float:
 
 def compare(base: RunConfig, methods: list[str], out: Path, target_loss: float | None = None,
             method_options: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Run every method with ``base``'s settings; ``method_options`` adds per-method options."""
+    """Run every method with ``base``'s settings; ``method_options`` adds per-method options.  ``out`` is locked
+    for the whole comparison (one per directory), each method's run directory in it by its own run."""
     if len(set(methods)) != len(methods):
         raise LorakitError(f"methods listed twice: {methods}")
     out.mkdir(parents=True, exist_ok=True)
+    with locked_dir(out):
+        return _compare(base, methods, out, target_loss, method_options)
+
+
+def _compare(base: RunConfig, methods: list[str], out: Path, target_loss: float | None,
+             method_options: dict[str, dict[str, Any]] | None) -> Path:
     rows: list[dict[str, Any]] = []
     for name in methods:
         options = {**base.method_options, **(method_options or {}).get(name, {})}
@@ -50,20 +58,20 @@ def compare(base: RunConfig, methods: list[str], out: Path, target_loss: float |
         logger.info("== %s", name)
         result = run_training(run)
         rows.append({"method": name, **result.summary()})
-        (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
     if target_loss is None:
         reference = next((r for r in rows if r["method"] == "lora"), rows[0])
         target_loss = _final_loss(reference["train"]["losses"])
     for row in rows:
         row["steps_to_target"] = steps_to_reach(row["train"]["losses"], target_loss)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
     plots = draw(rows, out)
     for row in rows:  # adaptive-rank methods log their ranks: heatmap + evolution per method
         log = out / row["method"] / "log.jsonl"
         if log.is_file():
             plots += draw_rank_allocation(read_log(log), out, prefix=f"{row['method']}_", title=row["method"])
     report = out / "report.md"
-    report.write_text(markdown(rows, base, target_loss, plots))
+    write_text(report, markdown(rows, base, target_loss, plots))
     return report
 
 
@@ -107,7 +115,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="Loss curves")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
+    atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     files.append("loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -119,7 +127,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} over training")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "metric.png", dpi=110)
+    atomic_write(out / "metric.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     files.append("metric.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -129,7 +137,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=metric, title="Parameters vs final metric")
     fig.tight_layout()
-    fig.savefig(out / "params.png", dpi=110)
+    atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     files.append("params.png")
     plt.close("all")
     return files

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import TrainingError
-from ..io.persistence import _atomic_write
+from ..core.files import append_text, write_text
+from ..errors import OutputError, TrainingError
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -122,11 +122,11 @@ class RunLog:
         if out is not None and main:
             out.mkdir(parents=True, exist_ok=True)
             self.jsonl = out / LOG_FILE
-            if config.resume and self.jsonl.exists():  # records written after the checkpoint will be replayed
+            kept = []
+            if config.resume and self.jsonl.is_file() and not self.jsonl.is_symlink():
+                # records written after the checkpoint will be replayed
                 kept = [json.dumps(r) for r in read_log(self.jsonl) if r.get("step", 0) <= start_step]
-                _atomic_write(self.jsonl, lambda p: Path(p).write_text("".join(line + "\n" for line in kept)))
-            elif self.jsonl.exists():
-                self.jsonl.unlink()
+            write_text(self.jsonl, "".join(line + "\n" for line in kept))  # a planted symlink is replaced
             self.tb = _summary_writer(out)
         if config.progress and main:
             self.bar = _progress_bar(config.steps, start_step)
@@ -154,11 +154,9 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.jsonl is not None:
             try:
-                with open(self.jsonl, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as err:
-                raise TrainingError(f"could not append to {self.jsonl} ({err}); the checkpoints are unaffected: "
-                                    "free disk space and rerun with resume") from None
+                append_text(self.jsonl, json.dumps(record) + "\n")
+            except OutputError as err:
+                raise TrainingError(f"{err}; the checkpoints are unaffected: fix that and rerun with resume") from None
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("type", "step") and isinstance(value, (int, float)):

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..core.files import atomic_write
 from ..methods.adaptive import RANK_PREFIX, split_name
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def draw_rank_allocation(records: Iterable[Mapping[str, Any]], out: str | Path, 
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
     files = [f"{prefix}rank_heatmap.png"]
-    fig.savefig(out / files[0], dpi=110)
+    atomic_write(out / files[0], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
     names = sorted(final, key=lambda n: (split_name(n)[0] is None, split_name(n)[0] or 0, n))
     evolution = [[float(ranks.get(n, math.nan)) for _, ranks in history] for n in names]
@@ -87,6 +88,6 @@ def draw_rank_allocation(records: Iterable[Mapping[str, Any]], out: str | Path, 
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
     files.append(f"{prefix}rank_evolution.png")
-    fig.savefig(out / files[1], dpi=110)
+    atomic_write(out / files[1], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close("all")
     return files

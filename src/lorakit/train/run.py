@@ -7,10 +7,12 @@ no arguments is the main job: LoRA-SB on SmolLM2-135M-Instruct with the built-in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import os
 import tempfile
 import time
 import typing
@@ -25,8 +27,9 @@ from torch import nn
 from .. import api
 from ..config import check_value
 from ..core.driver import data_init, init_batches
+from ..core.files import locked_dir, write_text
 from ..core.registry import get_method
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, OutputError, TrainingError
 from ..methods.lora_sb import first_step_lr
 from ..models import load_model
 from . import evaluate
@@ -320,6 +323,12 @@ def run_training(run: RunConfig) -> RunResult:
     if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
         check_method_options(run.method, run.method_options)
     out = check_output_dir(run.output_dir)
+    # one run per output directory (`compare` and the benchmarks' sweeps call this too); other torchrun ranks only read
+    with locked_dir(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        return _run_locked(run, out)
+
+
+def _run_locked(run: RunConfig, out: Path) -> RunResult:
     if run.resume and (checkpoint := find_checkpoint(out)) is not None:
         read_checkpoint_meta(checkpoint)  # a corrupt checkpoint fails here, before the model is loaded
     start = time.perf_counter()
@@ -347,8 +356,8 @@ def run_training(run: RunConfig) -> RunResult:
     outcome = RunResult(dataclasses.asdict(run), metric, before, after, trainable, result, samples[:5],
                         time.perf_counter() - start, adapter_dir)
     try:
-        (out / "run.json").write_text(json.dumps(outcome.summary(), indent=2) + "\n")
-    except OSError as err:
-        raise TrainingError(f"could not write {out / 'run.json'} ({err}); the adapter is saved in {adapter_dir}; "
-                            "free disk space and rerun with --resume to write it") from None
+        write_text(out / "run.json", json.dumps(outcome.summary(), indent=2) + "\n")
+    except OutputError as err:
+        raise TrainingError(f"{err}; the adapter is saved in {adapter_dir}: rerun with --resume to write "
+                            "run.json") from None
     return outcome

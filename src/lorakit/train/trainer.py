@@ -23,6 +23,7 @@ live beside this module: `config` (`TrainConfig`, the lr schedule), `distributed
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -38,8 +39,9 @@ from torch import Tensor, nn
 
 from ..api import STATE_ATTR, AdapterState
 from ..core.driver import build_optimizer, reset_optimizer, step_loss
+from ..core.files import locked_dir
 from ..core.hooks import TrainingHooks
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, LorakitError, OutputError, TrainingError
 from ..io.persistence import save
 from . import data
 from .config import TrainConfig, lr_factor
@@ -90,15 +92,27 @@ def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config:
     collate = collate or functools.partial(data.collate, pad_token_id=pad_token_id)
     ranks = Ranks(device)  # under torchrun: join the process group (and leave it below if we made it)
     try:
-        run = _Run(model, train_features, config, eval_fn, collate, loss_fn, ranks)
-        run.setup()
-        try:
-            run.loop()
-        finally:
-            run.cleanup()
-        return run.finish()
+        with _output_lock(config.output_dir, ranks):
+            run = _Run(model, train_features, config, eval_fn, collate, loss_fn, ranks)
+            run.setup()
+            try:
+                run.loop()
+            finally:
+                run.cleanup()
+            return run.finish()
     finally:
         ranks.close()
+
+
+def _output_lock(output_dir: str | None, ranks: Ranks) -> contextlib.AbstractContextManager[None]:
+    """One run per output directory: rank 0 holds its lock (`lorakit.core.files.locked_dir`) for the whole run."""
+    if not output_dir or ranks.rank != 0:
+        return contextlib.nullcontext()
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the output directory {output_dir} ({err.strerror or err})") from None
+    return locked_dir(output_dir)
 
 
 class _Run:
@@ -245,9 +259,9 @@ class _Run:
                 and self.is_main:
             try:
                 adapter_dir = str(save(self.model, self.out / ADAPTER_DIR))
-            except (OSError, SafetensorError) as err:
-                raise TrainingError(f"could not write the adapter to {self.out / ADAPTER_DIR} ({err}); free disk "
-                                    f"space and resume. {self.checkpoints.note()}") from None
+            except (LorakitError, OSError, SafetensorError) as err:
+                raise TrainingError(f"could not write the adapter to {self.out / ADAPTER_DIR} ({err}); fix that and "
+                                    f"resume. {self.checkpoints.note()}") from None
         return TrainResult(
             losses=list(p.losses), evals=list(p.evals), seconds=time.perf_counter() - self.start,
             peak_memory_mib=peak_memory_mib(self.device),
