@@ -32,7 +32,7 @@ def test_train_eval_merge_on_a_pruned_model(pruned_lm: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     model, _ = load_model(str(pruned_lm), "causal-lm")
     widths = [(b.self_attn.q_proj.out_features, b.mlp.up_proj.out_features) for b in model.model.layers]
-    assert widths == [(48, 64), (16, 32), (16, 32), (48, 64)]  # 1 of 3 query heads per KV group, half the MLP
+    assert widths == [(48, 64), (24, 32), (24, 32), (48, 64)]  # 1 of 2 KV groups (3 query heads each), half the MLP
 
     out = tmp_path / "run"
     assert main(train_args(pruned_lm, out, "--method", "rankadaptor", "-o", "r=4", "-o", "block_ranks=[4, 2, 2, 4]",
@@ -64,9 +64,9 @@ def test_a_broken_pruned_directory_is_a_clear_error(pruned_lm: Path, tmp_path: P
     for f in pruned_lm.iterdir():
         if f.suffix != ".safetensors":
             (broken / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(PruneError, match=r"broken has no \.safetensors weights"):
+    with pytest.raises(PruneError, match=r"broken has no model\.safetensors"):
         load_model(str(broken), "causal-lm")
     with pytest.raises(ConfigError, match="pruned by `lorakit prune`"):
         load_model(str(pruned_lm), "classification", num_labels=2)
     assert main(train_args(broken, tmp_path / "run", "--method", "lora")) == 2
-    assert "no .safetensors weights" in capsys.readouterr().err
+    assert "has no model.safetensors" in capsys.readouterr().err

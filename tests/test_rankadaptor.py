@@ -3,6 +3,7 @@ LLM-Pruner-style structured pruning it recovers from (`lorakit.prune`, `lorakit 
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -22,7 +23,16 @@ from lorakit.methods.rankadaptor import (
     sample_configurations,
     search_ranks,
 )
-from lorakit.prune import PRUNED_KEY, PruneError, load_pruned, prune_llama, save_pruned
+from lorakit.prune import (
+    PRUNED_KEY,
+    PruneError,
+    general_calibration,
+    load_pruned,
+    prune_llama,
+    removed_groups,
+    save_pruned,
+    taylor_scores,
+)
 from tests.tiny_models import KINDS, output, perturb
 
 
@@ -126,41 +136,96 @@ def test_search_finds_a_better_allocation_than_uniform_within_budget() -> None:
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------
-def test_prune_removes_heads_per_kv_group_and_channels_and_round_trips(tmp_path: Path) -> None:
-    model = _llama()
-    with torch.no_grad():  # head 4 (KV group 1) and MLP channel 5 of block 1 do nothing: Taylor score zero
-        model.model.layers[1].self_attn.o_proj.weight[:, 4 * 8:5 * 8] = 0
+def _attention_llama(kv_heads: int, heads: int = 4) -> LlamaForCausalLM:
+    """A random 4-block Llama, head_dim 8, MLP width 64: standard attention when ``kv_heads == heads``."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=4, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=32, tie_word_embeddings=False,
+        initializer_range=0.2)).eval()
+
+
+def _group_scores(model: LlamaForCausalLM, block: int, rep: int) -> torch.Tensor:
+    """Each KV group's Taylor importance summed over q, k, v rows and o columns, computed independently."""
+    scores = taylor_scores(model, _batches())
+    s = {n: scores[f"{block}.self_attn.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    kv = s["k_proj"].shape[0] // 8
+    per_q = s["q_proj"].view(kv * rep, 8, -1).sum((1, 2)) + s["o_proj"].view(-1, kv * rep, 8).sum((0, 2))
+    return per_q.view(kv, rep).sum(1) + s["k_proj"].view(kv, -1).sum(1) + s["v_proj"].view(kv, -1).sum(1)
+
+
+@pytest.mark.parametrize("heads", [4, 8], ids=["standard-attention", "grouped-query"])
+def test_prune_removes_whole_heads_or_kv_groups_and_round_trips(heads: int, tmp_path: Path) -> None:
+    kv_heads, rep = 4, heads // 4
+    model = _attention_llama(kv_heads, heads)
+    with torch.no_grad():  # MLP channel 5 of block 1 does nothing: Taylor score zero
         model.model.layers[1].mlp.down_proj.weight[:, 5] = 0
-    report = prune_llama(model, _batches(), 0.2, first=1, last=1)
-    assert report.pruned_blocks == (1, 2)
-    assert [s["heads"] for s in report.layers] == [6, 4, 4, 6]  # round(0.2 * 3) = 1 query head per KV group
-    assert [s["intermediate"] for s in report.layers] == [64, 51, 51, 64]
-    assert 0 < report.removed_share < 0.2 and report.params_after == sum(p.numel() for p in model.parameters())
-    attn = model.model.layers[1].self_attn
-    assert attn.q_proj.out_features == 32 and attn.num_key_value_groups == 2 and attn.k_proj.out_features == 16
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weakest = _group_scores(copy.deepcopy(model), 1, rep).argmin().item()
+    report = prune_llama(model, _batches(), 0.25, first=1, last=1)
+    # LLM-Pruner's count: C - int(0.75 C) channels of the root (q_proj: 4 heads x 8; k_proj: 4 KV groups x 8)
+    # -> one head of 4 (standard), one KV group of 4 (GQA, 2 query heads each); MLP 64 - 48 = 16 channels
+    kept_kv = kv_heads - 1
+    assert [s["kv_heads"] for s in report.layers] == [kv_heads, kept_kv, kept_kv, kv_heads]
+    assert [s["heads"] for s in report.layers] == [heads, kept_kv * rep, kept_kv * rep, heads]
+    assert [s["intermediate"] for s in report.layers] == [64, 48, 48, 64]
+    for block in (1, 2):
+        attn = model.model.layers[block].self_attn
+        assert attn.q_proj.out_features == attn.o_proj.in_features == kept_kv * rep * 8
+        assert attn.k_proj.out_features == attn.v_proj.out_features == kept_kv * 8
+        assert attn.num_key_value_groups == rep
+    assert model.model.layers[0].self_attn.k_proj.out_features == kv_heads * 8  # unpruned blocks untouched
+    # block 1 lost exactly its least important group (q, k, v rows and o columns together), the rest in order
+    kept = [g for g in range(kv_heads) if g != weakest]
+    q_rows = torch.cat([torch.arange(g * rep * 8, (g + 1) * rep * 8) for g in kept])
+    kv_rows = torch.cat([torch.arange(g * 8, (g + 1) * 8) for g in kept])
+    attn, prefix = model.model.layers[1].self_attn, "model.layers.1.self_attn"
+    assert torch.equal(attn.q_proj.weight, original[f"{prefix}.q_proj.weight"][q_rows])
+    assert torch.equal(attn.k_proj.weight, original[f"{prefix}.k_proj.weight"][kv_rows])
+    assert torch.equal(attn.v_proj.weight, original[f"{prefix}.v_proj.weight"][kv_rows])
+    assert torch.equal(attn.o_proj.weight, original[f"{prefix}.o_proj.weight"][:, q_rows])
+    assert not (model.model.layers[1].mlp.down_proj.weight == 0).all(0).any()  # the dead channel is gone
     ids = _batches(1)[0]["input_ids"]
     logits = output(model, {"input_ids": ids})
     assert torch.isfinite(logits).all()
     save_pruned(model, tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     config = AutoConfig.from_pretrained(tmp_path)  # a standard Llama config plus the recorded widths
-    assert config.model_type == "llama" and getattr(config, PRUNED_KEY)[1] == {"heads": 4, "intermediate": 51}
+    assert getattr(config, PRUNED_KEY)[1] == {"heads": kept_kv * rep, "kv_heads": kept_kv, "intermediate": 48}
     loaded = load_pruned(tmp_path)
     torch.testing.assert_close(output(loaded, {"input_ids": ids}), logits)
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
-def test_prune_drops_the_zero_importance_head_and_channel() -> None:
-    model = _llama()
-    with torch.no_grad():
-        o_proj, down = model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj
-        o_proj.weight[:, 4 * 8:5 * 8] = 0
-        down.weight[:, 5] = 0
-        kept_col = down.weight[:, 6].clone()
-    prune_llama(model, _batches(), 0.2, first=1, last=1)
-    down = model.model.layers[1].mlp.down_proj
-    assert not (down.weight == 0).all(0).any()  # the dead channel is gone
-    assert any(torch.equal(down.weight[:, j], kept_col) for j in range(down.in_features))
-    assert not (model.model.layers[1].self_attn.o_proj.weight.view(48, 4, 8) == 0).all(2).all(0).any()
+def test_removed_groups_follow_llm_pruner_count() -> None:
+    # LLaMA-7B (32 heads of 128, MLP 11008) at the paper's per-block ratios 0.25 and 0.635
+    assert (removed_groups(32, 128, 0.25), removed_groups(11008, 1, 0.25)) == (8, 2752)
+    assert (removed_groups(32, 128, 0.635), removed_groups(11008, 1, 0.635)) == (20, 6991)
+    assert removed_groups(3, 64, 0.25) == 0 and removed_groups(3, 64, 0.635) == 1  # SmolLM2's 3 KV groups
+    assert removed_groups(2, 8, 0.99) == 1  # one group always stays
+
+
+def test_general_calibration_is_llm_pruners_windows_of_shipped_text() -> None:
+    from transformers import AutoTokenizer
+
+    from lorakit.calibration_text import PARAGRAPHS
+    from lorakit.models import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    batches = general_calibration(tokenizer)
+    assert len(batches) == 1 and batches[0]["input_ids"].shape == (10, 64)
+    assert torch.equal(batches[0]["labels"], batches[0]["input_ids"])  # loss on every token
+    sources = [tokenizer(t)["input_ids"] for t in PARAGRAPHS]
+
+    def source(window: list[int]) -> int:
+        return next(i for i, ids in enumerate(sources)
+                    if any(ids[j:j + 64] == window for j in range(len(ids) - 63)))
+
+    found = [source(w) for w in batches[0]["input_ids"].tolist()]
+    assert len(set(found)) == 10  # ten different paragraphs
+    assert torch.equal(general_calibration(tokenizer)[0]["input_ids"], batches[0]["input_ids"])
+    assert not torch.equal(general_calibration(tokenizer, seed=1)[0]["input_ids"], batches[0]["input_ids"])
+    with pytest.raises(ConfigError, match="fewer than samples=40"):
+        general_calibration(tokenizer, samples=40)
 
 
 def test_prune_and_load_refuse_bad_input(tmp_path: Path) -> None:
@@ -185,7 +250,7 @@ def test_prune_and_load_refuse_bad_input(tmp_path: Path) -> None:
     (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PruneError, match="do not fit the recorded shapes"):
         load_pruned(tmp_path / "p")
-    cfg[PRUNED_KEY][1]["heads"] = 5
+    cfg[PRUNED_KEY][1].update(heads=5, kv_heads=2)
     (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PruneError, match="block 1 has 5 heads"):
         load_pruned(tmp_path / "p")
