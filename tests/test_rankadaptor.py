@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 from pathlib import Path
 
@@ -17,9 +18,15 @@ import lorakit
 from lorakit.cli import main
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.methods.rankadaptor import (
+    PREDICTORS,
     RankAdaptorConfig,
     block_costs,
+    block_inputs,
     fit_predictor,
+    layer_features,
+    pruning_rates,
+    rank_penalty,
+    reward,
     sample_configurations,
     search_ranks,
 )
@@ -105,15 +112,48 @@ def test_block_costs_count_lora_parameters_per_unit_rank() -> None:
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(costs)
 
 
-def test_predictor_fits_and_ranks_configurations() -> None:
-    configs = [tuple(random.Random(i).choice([2, 8, 16]) for _ in range(4)) for i in range(40)]
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_predictor_fits_and_ranks_configurations(predictor: str) -> None:
+    rng = random.Random(0)
+    configs = list(dict.fromkeys(tuple(rng.choice([2, 8, 16]) for _ in range(4)) for _ in range(40)))
+    configs = [c for c in configs if c not in ((8, 2, 16, 8), (8, 16, 2, 8))]  # the two held out below
     scores = [float(c[1] - c[2]) for c in configs]
     state = torch.random.get_rng_state()
-    predict, mse = fit_predictor(configs, scores, 16)
+    predict, mse = fit_predictor(configs, scores, [[0.5, -1.0]] * 4, [0.0, 0.25, 0.25, 0.0], predictor)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
     assert mse < 0.05
     low, high = predict([(8, 2, 16, 8), (8, 16, 2, 8)])
-    assert high > low
+    assert high > low and high - low > 14  # in the scores' own units (true difference 28)
+
+
+def test_reward_is_the_official_formula() -> None:
+    # LLaMA-7B's 32 layers, budget 8 * 32 = 256; n(x) = 10 (x - 64) / (512 - 64)
+    assert rank_penalty([8] * 32) == pytest.approx(math.log(2))  # d = 0 counts as over: (0 + 1)^2
+    assert rank_penalty([2] * 32) == pytest.approx(math.log(1 + 30 / 7))  # d = -30/7: |d|
+    assert rank_penalty([16] * 32) == pytest.approx(math.log(1 + (40 / 7 + 1) ** 2))  # d = 40/7: (d + 1)^2
+    assert reward(0.6, [8] * 32) == pytest.approx(60 - 1.2 * math.log(2))
+    assert reward(0.6, [6] + [8] * 31) > reward(0.6, [8] * 32) > reward(0.6, [10] * 32)  # just under budget is best
+
+
+def test_block_inputs_carry_rank_pruning_rate_and_svd_features() -> None:
+    model = _llama()
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(model.model.layers[2].self_attn, name).weight.mul_(3)
+    prune_llama(model, _batches(), 0.25, first=1, last=1)
+    features = layer_features(model.model.layers, bins=4)
+    assert torch.tensor(features).shape == (4, 4)
+    assert torch.tensor(features).mean().abs() < 1e-5 and torch.tensor(features).std() == pytest.approx(1, abs=1e-4)
+    assert sum(features[2]) > max(sum(features[b]) for b in (0, 1, 3))  # larger singular values, larger profile
+    rates = pruning_rates(model.model.layers, 64)
+    assert rates == [0.0, 0.25, 0.25, 0.0]  # 64 - int(48) = 16 of 64 channels
+    x = block_inputs([(8, 2, 16, 8), (8, 8, 8, 8)], features, rates)
+    assert x.shape == (2, 4, 2 + 4)
+    torch.testing.assert_close(x[0, :, 0], torch.tensor([6 / 14, 0.0, 1.0, 6 / 14]))  # (r - 2) / 14
+    torch.testing.assert_close(x[1, :, 1], torch.tensor(rates))
+    torch.testing.assert_close(x[0, :, 2:], torch.tensor(features))
+    with pytest.raises(ConfigError, match="one pruning rate and one feature row per block"):
+        block_inputs([(8, 8, 8, 8)], features[:3], rates)
 
 
 def test_search_finds_a_better_allocation_than_uniform_within_budget() -> None:
