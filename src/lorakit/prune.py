@@ -353,6 +353,13 @@ def _check_config(raw: Mapping[str, Any], source: str) -> list[dict[str, int]]:
                 for v in rope.values())):
             raise PruneError(f"{source}: {key} must be null or an object of strings and finite numbers, got "
                              f"{str(rope)[:120]}")
+        if rope is not None:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            kind, factor = rope.get("rope_type", rope.get("type", "default")), rope.get("factor", 1.0)
+            if kind not in ("default", *ROPE_INIT_FUNCTIONS) or not isinstance(factor, (int, float)) or factor < 1:
+                raise PruneError(f"{source}: {key} needs a rope_type among default, {', '.join(ROPE_INIT_FUNCTIONS)} "
+                                 f"and a factor >= 1, got {str(rope)[:120]}")
     shapes = raw.get(PRUNED_KEY)
     if not isinstance(shapes, list) or len(shapes) != sizes["num_hidden_layers"]:
         raise PruneError(f"{source}: {PRUNED_KEY} must list one entry for each of the num_hidden_layers="
