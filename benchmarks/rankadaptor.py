@@ -59,8 +59,8 @@ DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 FULL = {"ratios": [0.25, 0.635], "seeds": [0, 1, 2], "steps": 300, "search_steps": 40, "rounds": 4, "per_round": 6,
         "train_n": 2000, "eval_n": 100, "batch_size": 8}
-SMALL = {"ratios": [0.25, 0.635], "seeds": [0, 1, 2], "steps": 24, "search_steps": 6, "rounds": 3, "per_round": 3,
-         "train_n": 96, "eval_n": 16, "batch_size": 4}
+SMALL = {"ratios": [0.25, 0.635], "seeds": [0, 1, 2], "steps": 16, "search_steps": 6, "rounds": 3, "per_round": 2,
+         "train_n": 64, "eval_n": 12, "batch_size": 4}
 R_UNIFORM, LR, MAX_LENGTH = 8, 1e-3, 96
 
 

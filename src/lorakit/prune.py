@@ -10,26 +10,29 @@ block (``--block_wise``):
 
 * an MLP channel ``j``: row ``j`` of ``gate_proj`` and ``up_proj`` and column ``j`` of ``down_proj`` (root
   ``gate_proj``);
-* an attention group: on standard attention (as many KV heads as query heads: LLaMA-7B, Vicuna-7B), one whole
-  head, its ``head_dim`` rows of ``q_proj``, ``k_proj`` and ``v_proj`` and columns of ``o_proj``, scored over all
-  four (``hf_prune.py``: root ``q_proj``, ``consecutive_groups = head_dim``); on grouped-query attention, one whole
-  KV group, its rows of ``k_proj``/``v_proj`` and the rows of ``q_proj`` and columns of ``o_proj`` of the query
-  heads that share it (``llama3.py``: root ``k_proj``, ``consecutive_groups = head_dim``).  So a KV group *is*
-  LLM-Pruner's unit of importance on GQA models; its score here sums the group's own query heads (Hugging Face's
-  ``repeat_kv`` layout, head ``h`` reads KV head ``h // n_rep``), where the official ``TaylorImportance`` folds
-  query channels onto KV channels by ``imp.view(len // min, min).sum(0)`` (``hf_llama_pruner.py``, the
-  ``aligned_group_imp`` loop), i.e. by position modulo ``n_kv · head_dim``.
+* an attention group: on standard attention (as many KV heads as query heads: LLaMA-7B, Vicuna-7B), one whole head,
+  its ``head_dim`` rows of ``q_proj``, ``k_proj`` and ``v_proj`` and columns of ``o_proj``, scored over all four
+  (``hf_prune.py`` lines 104-112: root ``q_proj``, ``consecutive_groups = head_dim``); on grouped-query attention, one
+  whole KV group, its rows of ``k_proj``/``v_proj`` and the rows of ``q_proj`` and columns of ``o_proj`` of the query
+  heads that share it (``llama3.py`` lines 107-115: root ``k_proj``, ``consecutive_groups = head_dim``; line 164
+  recomputes ``num_key_value_heads``). So a KV group *is* LLM-Pruner's unit of importance on GQA models (an earlier
+  lorakit docstring said it had none and pruned query heads inside each group, which on standard attention pruned no
+  head); its score here sums the group's own query heads (Hugging Face's ``repeat_kv`` layout, head ``h`` reads KV
+  head ``h // n_rep``), where the official ``TaylorImportance`` folds query channels onto KV channels by
+  ``imp.view(len // min, min).sum(0)`` (``hf_llama_pruner.py``, the ``aligned_group_imp`` loop), i.e. by position
+  modulo ``n_kv · head_dim``.
 
-How many: ``MetaPruner.prune_local`` removes ``n = C − int(C · (1 − ratio))`` of a root's ``C`` output channels,
-rounded down to whole heads (``n // head_dim``); we do the same per block (``C`` = MLP width, query channels on
-standard attention, KV channels on GQA) and keep at least one group of each kind (the official code would leave an
-empty attention).  On SmolLM2-135M (3 KV groups of 64 channels) ratio 0.25 therefore removes no KV group
-(``192 − int(144) = 48 < 64``) and 0.635 removes one.
+How many: ``MetaPruner.prune_local`` (``metapruner.py`` lines 249-278) removes ``n = C − int(C · (1 − ratio))`` of a
+root's ``C`` output channels, rounded down to whole heads (``n // head_dim``); we do the same per block (``C`` = MLP
+width, query channels on standard attention, KV channels on GQA) and keep at least one group of each kind (the
+official code would leave an empty attention). On SmolLM2-135M (3 KV groups of 64 channels) ratio 0.25 therefore
+removes no KV group (``192 − int(144) = 48 < 64``) and 0.635 removes one.
 
 Calibration (`general_calibration`, the default): LLM-Pruner's ``get_examples('bookcorpus', tokenizer, 10,
-seq_len=64)``, 10 random 64-token windows of distinct general-text documents, one batch, LM loss on every token.
-lorakit draws the windows from prose shipped in the package (`lorakit.calibration_text`), not BookCorpus (no download
-at run time).  Task data (`calibration_batches`) stays available (``lorakit prune --calibration task``).
+seq_len=64)`` (``hf_prune.py`` line 128, one forward with ``labels=example_prompts``), 10 random 64-token windows of
+distinct general-text documents, one batch, LM loss on every token. lorakit draws the windows from prose shipped in
+the package (`lorakit.calibration_text`), not BookCorpus (no download at run time). Task data (`calibration_batches`)
+stays available (``lorakit prune --calibration task``).
 
 ``ratio`` is LLM-Pruner's ``--pruning_ratio``, the share of each pruned block's groups, not of the whole model (its
 "~20% of parameters" LLaMA-7B run uses 0.25); `PruneReport` gives the parameter share actually removed.  LLM-Pruner
