@@ -176,12 +176,12 @@ def test_search_finds_a_better_allocation_than_uniform_within_budget() -> None:
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------
-def _attention_llama(kv_heads: int, heads: int = 4) -> LlamaForCausalLM:
+def _attention_llama(kv_heads: int, heads: int = 4, tied: bool = False) -> LlamaForCausalLM:
     """A random 4-block Llama, head_dim 8, MLP width 64: standard attention when ``kv_heads == heads``."""
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=64, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=4, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=32, tie_word_embeddings=False,
+        num_key_value_heads=kv_heads, max_position_embeddings=32, tie_word_embeddings=tied,
         initializer_range=0.2)).eval()
 
 
@@ -197,7 +197,7 @@ def _group_scores(model: LlamaForCausalLM, block: int, rep: int) -> torch.Tensor
 @pytest.mark.parametrize("heads", [4, 8], ids=["standard-attention", "grouped-query"])
 def test_prune_removes_whole_heads_or_kv_groups_and_round_trips(heads: int, tmp_path: Path) -> None:
     kv_heads, rep = 4, heads // 4
-    model = _attention_llama(kv_heads, heads)
+    model = _attention_llama(kv_heads, heads, tied=heads == 8)
     with torch.no_grad():  # MLP channel 5 of block 1 does nothing: Taylor score zero
         model.model.layers[1].mlp.down_proj.weight[:, 5] = 0
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -234,6 +234,7 @@ def test_prune_removes_whole_heads_or_kv_groups_and_round_trips(heads: int, tmp_
     assert getattr(config, PRUNED_KEY)[1] == {"heads": kept_kv * rep, "kv_heads": kept_kv, "intermediate": 48}
     loaded = load_pruned(tmp_path)
     torch.testing.assert_close(output(loaded, {"input_ids": ids}), logits)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (heads == 8)  # tied only where configured
 
 
 def test_removed_groups_follow_llm_pruner_count() -> None:
