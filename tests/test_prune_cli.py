@@ -52,6 +52,10 @@ def test_train_eval_merge_on_a_pruned_model(pruned_lm: Path, tmp_path: Path,
     report = json.loads(capsys.readouterr().out)
     assert report["score"] == pytest.approx(run["score_after"], rel=1e-5)
 
+    assert main(["export", str(out / "adapter"), "--out", str(tmp_path / "peft"), "--rank-pattern"]) == 0
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["r"] == 4 and set(peft_config["rank_pattern"].values()) == {2}  # blocks 1 and 2 at rank 2
+
     assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
     merged, tokenizer = load_model(str(tmp_path / "merged"), "causal-lm")  # still pruned: loads the same way
     assert getattr(merged.config, PRUNED_KEY) == getattr(model.config, PRUNED_KEY)
