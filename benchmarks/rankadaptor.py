@@ -8,7 +8,8 @@ The paper's "20%" and "50%" are LLM-Pruner's per-block ratios 0.25 and 0.635 (th
 ratio: `lorakit.prune.prune_llama` (Taylor scores on LLM-Pruner's calibration, `general_calibration`: 10 windows of
 64 tokens of shipped prose; blocks 4..27 of 30 pruned), saved with `save_pruned` under ``--cache`` and loaded back
 through `lorakit.models.load_model` (as ``lorakit train --model DIR`` does); then the RankAdaptor search
-(`search_ranks` with the LSTM predictor over ranks, pruning rates and SVD features and the official reward:
+(`search_ranks` with the official reward and the budget's ``predictor``; the committed ``--small`` run used the
+LSTM over ranks, pruning rates and SVD features, before the comparison below made the MLP the default:
 uniform rank 8 first, then ``per_round`` random configurations, then ``rounds − 1`` rounds of ``per_round``
 proposed by the performance model, each a
 ``search_steps`` LoRA fine-tune (seed 0 for all, so configurations differ only by their ranks) scored by minus the
@@ -57,10 +58,10 @@ from lorakit.train.trainer import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-FULL = {"ratios": [0.25, 0.635], "seeds": [0, 1, 2], "steps": 300, "search_steps": 40, "rounds": 4, "per_round": 6,
-        "train_n": 2000, "eval_n": 100, "batch_size": 8}
-SMALL = {"ratios": [0.25, 0.635], "seeds": [0, 1, 2], "steps": 16, "search_steps": 6, "rounds": 3, "per_round": 2,
-         "train_n": 64, "eval_n": 12, "batch_size": 4}
+FULL = {"ratios": [0.25, 0.635], "predictor": "mlp", "seeds": [0, 1, 2], "steps": 300, "search_steps": 40,
+        "rounds": 4, "per_round": 6, "train_n": 2000, "eval_n": 100, "batch_size": 8}
+SMALL = {"ratios": [0.25, 0.635], "predictor": "lstm", "seeds": [0, 1, 2], "steps": 16, "search_steps": 6,
+         "rounds": 3, "per_round": 2, "train_n": 64, "eval_n": 12, "batch_size": 4}
 R_UNIFORM, LR, MAX_LENGTH = 8, 1e-3, 96
 
 
@@ -188,7 +189,8 @@ class Bench:
 
         start = time.perf_counter()
         result = search_ranks(score, costs, R_UNIFORM, fixed_blocks=fixed, rounds=budget["rounds"],
-                              per_round=budget["per_round"], seed=0, features=features, rates=rates)
+                              per_round=budget["per_round"], seed=0, features=features, rates=rates,
+                              predictor=budget["predictor"])
         seconds = time.perf_counter() - start
         loo = loo_spearman([c for c, _ in result.history], [v for _, v in result.history], features, rates)
         return {"seconds": seconds, "loo_spearman": loo, "fine_tunes": len(result.history),
@@ -245,6 +247,9 @@ def markdown(results: dict[str, Any]) -> str:
              "with other jobs; one intra-op thread).", ""]
     if "note" in results:
         lines += [results["note"], ""]
+    lines += [f"Pruning: LLM-Pruner's block-wise Taylor pruning of blocks 4..27 of 30, calibrated as LLM-Pruner does "
+              "(10 windows of 64 tokens of general text, here lorakit's shipped prose, loss on every token).  Search "
+              f"predictor: {budget['predictor']}; proposals ranked by the official reward.", ""]
     if "unpruned" in results:
         lines += [f"Unpruned: arith {results['unpruned']['arith']:.3f}, GSM8K {results['unpruned']['gsm8k']:.3f}.",
                   ""]
@@ -295,6 +300,14 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("  Leave-one-out Spearman of predicted vs measured score over the search's "
                          f"{s['fine_tunes']} configurations (mean ± std over {len(next(iter(loo.values())))} "
                          "predictor seeds): " + ", ".join(f"{name} {mean_std(v)}" for name, v in loo.items()) + ".")
+    loo = [r["search"]["loo_spearman"] for r in results["ratios"] if "loo_spearman" in r.get("search", {})]
+    if loo and all(isinstance(x, list) for entry in loo for x in entry.values()):
+        means = {name: statistics.mean(statistics.mean(entry[name]) for entry in loo) for name in loo[0]}
+        lines += ["", "Predictors, mean leave-one-out Spearman over the searches above: " + ", ".join(
+            f"{name} {value:.2f}" for name, value in means.items()) + f"; `search_ranks` defaults to the better, "
+            f"{max(means, key=means.get)}" + (f".  With {budget['rounds'] * budget['per_round'] + 1} noisy points per "
+                                              "search neither predicts reliably (a mean under 0.5)."
+                                              if max(means.values()) < 0.5 else ".")]
     lines += ["", f"What this budget cannot show: {len(budget['seeds'])} seeds, {budget['steps']} recovery steps of "
               f"{budget['batch_size']} examples and {budget['eval_n']} evaluation items per task are far from a "
               "converged recovery; a difference inside the seed spread is no win.  The search scores each "
