@@ -23,13 +23,11 @@ The search (`search_ranks`, pure: it only calls the ``score`` function it is giv
    f_l]`` (the official ``LayerRankEncoder`` scaling, the block's pruning rate ``p_l`` and its SVD features
    ``f_l``, `layer_features`), an LSTM over the blocks (hidden 32) whose last output a linear head maps to the
    score.  Both fit standardized scores (Adam, 300 steps, MSE).  The MLP stays the default because it measured
-   better: leave-one-out Spearman of predicted vs measured score on the benchmark's two searches (SmolLM2-135M at
-   per-block ratios 0.25 and 0.635, 7 configurations each, 5 predictor seeds) was 0.86 / −0.77 for the MLP and
-   0.65 / −0.85 for the LSTM (``benchmarks/results/rankadaptor.md``; with 7 noisy points neither predicts well).
+   better in the benchmark's leave-one-out comparison of the two (``benchmarks/results/rankadaptor.md``).
 4. Propose the next configurations: of ``pool`` fresh budget-feasible samples, the ``per_round`` of highest official
-   reward (`reward`, ``infer_nas.py``'s ``NASEnvironment(alpha=100, beta=1.2)`` with budget ``8 L``, 256 on 32 layers):
-   ``100 · predicted score − 1.2 · log(1 + d')``, where ``d = n(Σ r) − n(8 L)``, ``n(x) = 10 (x − 2L)/(16L − 2L)``
-   and ``d' = |d|`` under the budget, ``(d + 1)²`` at or over it.
+   reward (`reward`, ``infer_nas.py``'s ``NASEnvironment(alpha=100, beta=1.2)`` with budget 256 on 32 layers, here
+   ``r_uniform · L``): ``100 · predicted score − 1.2 · log(1 + d')``, where ``d = n(Σ r) − n(r_uniform · L)``,
+   ``n(x) = 10 (x − 2L)/(16L − 2L)`` and ``d' = |d|`` under the budget, ``(d + 1)²`` at or over it.
 5. Repeat for ``rounds``; return the best *measured* configuration (uniform LoRA is always scored first, so the
    search never returns something it measured worse than the baseline).
 
@@ -42,7 +40,9 @@ What differs from the official search, and why:
   feasible samples by the same reward instead of training a policy.
 * The official predictor embeds rank, pruning rate and SVD features to 128 dimensions each and fuses them by
   multi-head attention (``FeatureFusion``) before a 1-layer LSTM (hidden 128), a BatchNorm neck and 7 task heads;
-  ours concatenates the three per block into a hidden-32 LSTM with one linear head (one score, a few points).
+  ``predictor="lstm"`` concatenates the three per block into a hidden-32 LSTM with one linear head (one score, a
+  few points); the default MLP sees the ranks only (pruning rates and SVD features are constant within one model's
+  search, so only a model shared across blocks can use them).
 * SVD features (`layer_features`): the official ``Profiler`` takes the singular values of q, k, v, o, up and down,
   zero-pads each to 4096, averages the six, pools to 128 bins (``AdaptiveAvgPool1d``) and normalizes with LLaMA-7B
   constants (mean 3.276, std 1.371); we pad to the largest of the six, pool to ``bins`` (8) and standardize over the
