@@ -301,3 +301,18 @@ def test_prune_and_load_refuse_bad_input(tmp_path: Path) -> None:
 def test_cli_prune_reports_a_missing_model_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_save_pruned_replaces_planted_symlinks_instead_of_writing_through(tmp_path: Path) -> None:
+    model = _llama()
+    prune_llama(model, _batches(), 0.5, first=1, last=1)
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("keep me")
+    for name in ("config.json", "model.safetensors"):
+        (out / name).symlink_to(victim)
+    save_pruned(model, out)
+    assert victim.read_text() == "keep me"
+    assert not (out / "config.json").is_symlink() and not (out / "model.safetensors").is_symlink()
+    torch.testing.assert_close(output(load_pruned(out), {"input_ids": _batches(1)[0]["input_ids"]}),
+                               output(model, {"input_ids": _batches(1)[0]["input_ids"]}))
