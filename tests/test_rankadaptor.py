@@ -3,7 +3,9 @@ LLM-Pruner-style structured pruning it recovers from (`lorakit.prune`, `lorakit 
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import random
 from pathlib import Path
 
@@ -16,13 +18,28 @@ import lorakit
 from lorakit.cli import main
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.methods.rankadaptor import (
+    PREDICTORS,
     RankAdaptorConfig,
     block_costs,
+    block_inputs,
     fit_predictor,
+    layer_features,
+    pruning_rates,
+    rank_penalty,
+    reward,
     sample_configurations,
     search_ranks,
 )
-from lorakit.prune import PRUNED_KEY, PruneError, load_pruned, prune_llama, save_pruned
+from lorakit.prune import (
+    PRUNED_KEY,
+    PruneError,
+    general_calibration,
+    load_pruned,
+    prune_llama,
+    removed_groups,
+    save_pruned,
+    taylor_scores,
+)
 from tests.tiny_models import KINDS, output, perturb
 
 
@@ -95,15 +112,48 @@ def test_block_costs_count_lora_parameters_per_unit_rank() -> None:
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(costs)
 
 
-def test_predictor_fits_and_ranks_configurations() -> None:
-    configs = [tuple(random.Random(i).choice([2, 8, 16]) for _ in range(4)) for i in range(40)]
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_predictor_fits_and_ranks_configurations(predictor: str) -> None:
+    rng = random.Random(0)
+    configs = list(dict.fromkeys(tuple(rng.choice([2, 8, 16]) for _ in range(4)) for _ in range(40)))
+    configs = [c for c in configs if c not in ((8, 2, 16, 8), (8, 16, 2, 8))]  # the two held out below
     scores = [float(c[1] - c[2]) for c in configs]
     state = torch.random.get_rng_state()
-    predict, mse = fit_predictor(configs, scores, 16)
+    predict, mse = fit_predictor(configs, scores, [[0.5, -1.0]] * 4, [0.0, 0.25, 0.25, 0.0], predictor)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
     assert mse < 0.05
     low, high = predict([(8, 2, 16, 8), (8, 16, 2, 8)])
-    assert high > low
+    assert high > low and high - low > 14  # in the scores' own units (true difference 28)
+
+
+def test_reward_is_the_official_formula() -> None:
+    # LLaMA-7B's 32 layers, budget 8 * 32 = 256; n(x) = 10 (x - 64) / (512 - 64)
+    assert rank_penalty([8] * 32) == pytest.approx(math.log(2))  # d = 0 counts as over: (0 + 1)^2
+    assert rank_penalty([2] * 32) == pytest.approx(math.log(1 + 30 / 7))  # d = -30/7: |d|
+    assert rank_penalty([16] * 32) == pytest.approx(math.log(1 + (40 / 7 + 1) ** 2))  # d = 40/7: (d + 1)^2
+    assert reward(0.6, [8] * 32) == pytest.approx(60 - 1.2 * math.log(2))
+    assert reward(0.6, [6] + [8] * 31) > reward(0.6, [8] * 32) > reward(0.6, [10] * 32)  # just under budget is best
+
+
+def test_block_inputs_carry_rank_pruning_rate_and_svd_features() -> None:
+    model = _llama()
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(model.model.layers[2].self_attn, name).weight.mul_(3)
+    prune_llama(model, _batches(), 0.25, first=1, last=1)
+    features = layer_features(model.model.layers, bins=4)
+    assert torch.tensor(features).shape == (4, 4)
+    assert torch.tensor(features).mean().abs() < 1e-5 and torch.tensor(features).std() == pytest.approx(1, abs=1e-4)
+    assert sum(features[2]) > max(sum(features[b]) for b in (0, 1, 3))  # larger singular values, larger profile
+    rates = pruning_rates(model.model.layers, 64)
+    assert rates == [0.0, 0.25, 0.25, 0.0]  # 64 - int(48) = 16 of 64 channels
+    x = block_inputs([(8, 2, 16, 8), (8, 8, 8, 8)], features, rates)
+    assert x.shape == (2, 4, 2 + 4)
+    torch.testing.assert_close(x[0, :, 0], torch.tensor([6 / 14, 0.0, 1.0, 6 / 14]))  # (r - 2) / 14
+    torch.testing.assert_close(x[1, :, 1], torch.tensor(rates))
+    torch.testing.assert_close(x[0, :, 2:], torch.tensor(features))
+    with pytest.raises(ConfigError, match="one pruning rate and one feature row per block"):
+        block_inputs([(8, 8, 8, 8)], features[:3], rates)
 
 
 def test_search_finds_a_better_allocation_than_uniform_within_budget() -> None:
@@ -126,41 +176,97 @@ def test_search_finds_a_better_allocation_than_uniform_within_budget() -> None:
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------
-def test_prune_removes_heads_per_kv_group_and_channels_and_round_trips(tmp_path: Path) -> None:
-    model = _llama()
-    with torch.no_grad():  # head 4 (KV group 1) and MLP channel 5 of block 1 do nothing: Taylor score zero
-        model.model.layers[1].self_attn.o_proj.weight[:, 4 * 8:5 * 8] = 0
+def _attention_llama(kv_heads: int, heads: int = 4, tied: bool = False) -> LlamaForCausalLM:
+    """A random 4-block Llama, head_dim 8, MLP width 64: standard attention when ``kv_heads == heads``."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=4, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=32, tie_word_embeddings=tied,
+        initializer_range=0.2)).eval()
+
+
+def _group_scores(model: LlamaForCausalLM, block: int, rep: int) -> torch.Tensor:
+    """Each KV group's Taylor importance summed over q, k, v rows and o columns, computed independently."""
+    scores = taylor_scores(model, _batches())
+    s = {n: scores[f"{block}.self_attn.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    kv = s["k_proj"].shape[0] // 8
+    per_q = s["q_proj"].view(kv * rep, 8, -1).sum((1, 2)) + s["o_proj"].view(-1, kv * rep, 8).sum((0, 2))
+    return per_q.view(kv, rep).sum(1) + s["k_proj"].view(kv, -1).sum(1) + s["v_proj"].view(kv, -1).sum(1)
+
+
+@pytest.mark.parametrize("heads", [4, 8], ids=["standard-attention", "grouped-query"])
+def test_prune_removes_whole_heads_or_kv_groups_and_round_trips(heads: int, tmp_path: Path) -> None:
+    kv_heads, rep = 4, heads // 4
+    model = _attention_llama(kv_heads, heads, tied=heads == 8)
+    with torch.no_grad():  # MLP channel 5 of block 1 does nothing: Taylor score zero
         model.model.layers[1].mlp.down_proj.weight[:, 5] = 0
-    report = prune_llama(model, _batches(), 0.2, first=1, last=1)
-    assert report.pruned_blocks == (1, 2)
-    assert [s["heads"] for s in report.layers] == [6, 4, 4, 6]  # round(0.2 * 3) = 1 query head per KV group
-    assert [s["intermediate"] for s in report.layers] == [64, 51, 51, 64]
-    assert 0 < report.removed_share < 0.2 and report.params_after == sum(p.numel() for p in model.parameters())
-    attn = model.model.layers[1].self_attn
-    assert attn.q_proj.out_features == 32 and attn.num_key_value_groups == 2 and attn.k_proj.out_features == 16
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weakest = _group_scores(copy.deepcopy(model), 1, rep).argmin().item()
+    report = prune_llama(model, _batches(), 0.25, first=1, last=1)
+    # LLM-Pruner's count: C - int(0.75 C) channels of the root (q_proj: 4 heads x 8; k_proj: 4 KV groups x 8)
+    # -> one head of 4 (standard), one KV group of 4 (GQA, 2 query heads each); MLP 64 - 48 = 16 channels
+    kept_kv = kv_heads - 1
+    assert [s["kv_heads"] for s in report.layers] == [kv_heads, kept_kv, kept_kv, kv_heads]
+    assert [s["heads"] for s in report.layers] == [heads, kept_kv * rep, kept_kv * rep, heads]
+    assert [s["intermediate"] for s in report.layers] == [64, 48, 48, 64]
+    for block in (1, 2):
+        attn = model.model.layers[block].self_attn
+        assert attn.q_proj.out_features == attn.o_proj.in_features == kept_kv * rep * 8
+        assert attn.k_proj.out_features == attn.v_proj.out_features == kept_kv * 8
+        assert attn.num_key_value_groups == rep
+    assert model.model.layers[0].self_attn.k_proj.out_features == kv_heads * 8  # unpruned blocks untouched
+    # block 1 lost exactly its least important group (q, k, v rows and o columns together), the rest in order
+    kept = [g for g in range(kv_heads) if g != weakest]
+    q_rows = torch.cat([torch.arange(g * rep * 8, (g + 1) * rep * 8) for g in kept])
+    kv_rows = torch.cat([torch.arange(g * 8, (g + 1) * 8) for g in kept])
+    attn, prefix = model.model.layers[1].self_attn, "model.layers.1.self_attn"
+    assert torch.equal(attn.q_proj.weight, original[f"{prefix}.q_proj.weight"][q_rows])
+    assert torch.equal(attn.k_proj.weight, original[f"{prefix}.k_proj.weight"][kv_rows])
+    assert torch.equal(attn.v_proj.weight, original[f"{prefix}.v_proj.weight"][kv_rows])
+    assert torch.equal(attn.o_proj.weight, original[f"{prefix}.o_proj.weight"][:, q_rows])
+    assert not (model.model.layers[1].mlp.down_proj.weight == 0).all(0).any()  # the dead channel is gone
     ids = _batches(1)[0]["input_ids"]
     logits = output(model, {"input_ids": ids})
     assert torch.isfinite(logits).all()
     save_pruned(model, tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     config = AutoConfig.from_pretrained(tmp_path)  # a standard Llama config plus the recorded widths
-    assert config.model_type == "llama" and getattr(config, PRUNED_KEY)[1] == {"heads": 4, "intermediate": 51}
+    assert getattr(config, PRUNED_KEY)[1] == {"heads": kept_kv * rep, "kv_heads": kept_kv, "intermediate": 48}
     loaded = load_pruned(tmp_path)
     torch.testing.assert_close(output(loaded, {"input_ids": ids}), logits)
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (heads == 8)  # tied only where configured
 
 
-def test_prune_drops_the_zero_importance_head_and_channel() -> None:
-    model = _llama()
-    with torch.no_grad():
-        o_proj, down = model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj
-        o_proj.weight[:, 4 * 8:5 * 8] = 0
-        down.weight[:, 5] = 0
-        kept_col = down.weight[:, 6].clone()
-    prune_llama(model, _batches(), 0.2, first=1, last=1)
-    down = model.model.layers[1].mlp.down_proj
-    assert not (down.weight == 0).all(0).any()  # the dead channel is gone
-    assert any(torch.equal(down.weight[:, j], kept_col) for j in range(down.in_features))
-    assert not (model.model.layers[1].self_attn.o_proj.weight.view(48, 4, 8) == 0).all(2).all(0).any()
+def test_removed_groups_follow_llm_pruner_count() -> None:
+    # LLaMA-7B (32 heads of 128, MLP 11008) at the paper's per-block ratios 0.25 and 0.635
+    assert (removed_groups(32, 128, 0.25), removed_groups(11008, 1, 0.25)) == (8, 2752)
+    assert (removed_groups(32, 128, 0.635), removed_groups(11008, 1, 0.635)) == (20, 6991)
+    assert removed_groups(3, 64, 0.25) == 0 and removed_groups(3, 64, 0.635) == 1  # SmolLM2's 3 KV groups
+    assert removed_groups(2, 8, 0.99) == 1  # one group always stays
+
+
+def test_general_calibration_is_llm_pruners_windows_of_shipped_text() -> None:
+    from transformers import AutoTokenizer
+
+    from lorakit.calibration_text import PARAGRAPHS
+    from lorakit.models import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    batches = general_calibration(tokenizer)
+    assert len(batches) == 1 and batches[0]["input_ids"].shape == (10, 64)
+    assert torch.equal(batches[0]["labels"], batches[0]["input_ids"])  # loss on every token
+    sources = [tokenizer(t)["input_ids"] for t in PARAGRAPHS]
+
+    def source(window: list[int]) -> int:
+        return next(i for i, ids in enumerate(sources)
+                    if any(ids[j:j + 64] == window for j in range(len(ids) - 63)))
+
+    found = [source(w) for w in batches[0]["input_ids"].tolist()]
+    assert len(set(found)) == 10  # ten different paragraphs
+    assert torch.equal(general_calibration(tokenizer)[0]["input_ids"], batches[0]["input_ids"])
+    assert not torch.equal(general_calibration(tokenizer, seed=1)[0]["input_ids"], batches[0]["input_ids"])
+    with pytest.raises(ConfigError, match="fewer than samples=40"):
+        general_calibration(tokenizer, samples=40)
 
 
 def test_prune_and_load_refuse_bad_input(tmp_path: Path) -> None:
@@ -185,7 +291,7 @@ def test_prune_and_load_refuse_bad_input(tmp_path: Path) -> None:
     (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PruneError, match="do not fit the recorded shapes"):
         load_pruned(tmp_path / "p")
-    cfg[PRUNED_KEY][1]["heads"] = 5
+    cfg[PRUNED_KEY][1].update(heads=5, kv_heads=2)
     (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PruneError, match="block 1 has 5 heads"):
         load_pruned(tmp_path / "p")
@@ -195,3 +301,18 @@ def test_prune_and_load_refuse_bad_input(tmp_path: Path) -> None:
 def test_cli_prune_reports_a_missing_model_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_save_pruned_replaces_planted_symlinks_instead_of_writing_through(tmp_path: Path) -> None:
+    model = _llama()
+    prune_llama(model, _batches(), 0.5, first=1, last=1)
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("keep me")
+    for name in ("config.json", "model.safetensors"):
+        (out / name).symlink_to(victim)
+    save_pruned(model, out)
+    assert victim.read_text() == "keep me"
+    assert not (out / "config.json").is_symlink() and not (out / "model.safetensors").is_symlink()
+    torch.testing.assert_close(output(load_pruned(out), {"input_ids": _batches(1)[0]["input_ids"]}),
+                               output(model, {"input_ids": _batches(1)[0]["input_ids"]}))

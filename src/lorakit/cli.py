@@ -240,29 +240,37 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from .api import merge_and_unload
     from .core.files import write_files
+    from .prune import PRUNED_KEY, save_pruned
     from .train.run import check_output_dir
     check_output_dir(args.out, "--out")
     model, tokenizer, _ = _load_adapted(args.adapter, args)
     merged = merge_and_unload(model)
 
-    def write(tmp: Path) -> None:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    if getattr(merged.config, PRUNED_KEY, None) is not None:  # blocks of different widths: load_pruned's two files
+        save_pruned(merged, args.out, tokenizer)
+    else:
+        def write(tmp: Path) -> None:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
-    write_files(args.out, write, last="config.json")  # all or nothing; planted symlinks replaced, not followed
+        write_files(args.out, write, last="config.json")  # all or nothing; planted symlinks replaced, not followed
     print(f"merged model written to {args.out}")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from .models import load_model
-    from .prune import calibration_batches, prune_llama, save_pruned
+    from .prune import calibration_batches, general_calibration, prune_llama, save_pruned
     from .train.run import check_output_dir
     check_output_dir(args.out, "--out")
     model, tokenizer = load_model(args.model, "causal-lm")
-    batches = calibration_batches(tokenizer, args.task, args.samples, args.max_length, args.data_dir, args.seed)
+    if args.calibration == "text":
+        batches = general_calibration(tokenizer, args.samples, args.max_length, args.seed)
+    else:
+        batches = calibration_batches(tokenizer, args.task, args.samples, args.max_length, args.data_dir, args.seed)
     report = prune_llama(model, batches, args.ratio, args.first, args.last)
     save_pruned(model, args.out, tokenizer)
-    print(json.dumps({"out": args.out, "ratio": args.ratio, "params_before": report.params_before,
+    print(json.dumps({"out": args.out, "ratio": args.ratio, "calibration": args.calibration,
+                      "params_before": report.params_before,
                       "params_after": report.params_after, "removed_share": round(report.removed_share, 4),
                       "pruned_blocks": list(report.pruned_blocks)}))
 
@@ -417,12 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="structured (LLM-Pruner Taylor) pruning of a Llama model, for RankAdaptor",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="alias, local dir, .gguf file or hub id")
-    p.add_argument("--ratio", type=float, default=0.2, help="share of heads/channels removed per pruned block")
+    p.add_argument("--ratio", type=float, default=0.25,
+                   help="LLM-Pruner's per-block ratio: share of heads (KV groups) and MLP channels removed per block")
     p.add_argument("--out", required=True, help="output directory (load it with lorakit.prune.load_pruned)")
-    p.add_argument("--task", default="arith", help="calibration examples' task")
+    p.add_argument("--calibration", choices=("text", "task"), default="text",
+                   help="LLM-Pruner's general-text windows (shipped prose) or --task training examples")
+    p.add_argument("--task", default="arith", help="calibration examples' task (with --calibration task)")
     p.add_argument("--data-dir", dest="data_dir", help="folder holding sst2/, trec/, gsm8k/")
     p.add_argument("--samples", type=int, default=10, help="calibration examples")
-    p.add_argument("--max-length", dest="max_length", type=int, default=128, help="tokens per calibration example")
+    p.add_argument("--max-length", dest="max_length", type=int, default=64,
+                   help="tokens per calibration example (the window length for text)")
     p.add_argument("--first", type=int, default=4, help="first blocks left unpruned")
     p.add_argument("--last", type=int, default=2, help="last blocks left unpruned")
     p.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -153,9 +152,9 @@ def _is_pruned_dir(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
         return False
-    try:
-        return PRUNED_KEY in json.loads(config.read_text())
-    except (OSError, ValueError):  # unreadable: transformers' loader reports it
+    try:  # the key's mere presence: load_pruned validates the file (even one json cannot parse) with clear errors
+        return f'"{PRUNED_KEY}"' in config.read_text(errors="replace")
+    except OSError:  # unreadable: transformers' loader reports it
         return False
 
 
@@ -244,12 +243,13 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
 
     logger.info("loading %s (%s, %s) from %s", spec, task_type, dtype, where)
     try:
+        pruned_model = load_pruned(path, DTYPES[dtype]) if pruned else None  # its config checked before any read
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
         by_transformers = quantize is not None and task_type == "causal-lm" and "gguf_file" not in kw and not pruned
         if by_transformers:
             kw["quantization_config"] = _quantization_config(quantize, DTYPES[dtype])
             kw["device_map"] = str(torch_device)
-        model = (load_pruned(path, DTYPES[dtype]) if pruned
+        model = (pruned_model if pruned_model is not None
                  else _load_weights(where, task_type, num_labels, {**kw, "dtype": DTYPES[dtype]}))
     except LorakitError:
         raise
