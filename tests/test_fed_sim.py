@@ -138,7 +138,7 @@ def _fault_mod(message: Message, context: Context, call_next):  # type: ignore[n
 
 
 def test_dropped_late_malformed_and_over_reporting_clients_are_excluded(tiny_dir, tmp_path, caplog) -> None:
-    # round_timeout bounds the two good clients' replies (two local steps each, queued behind at most the seven
+    # round_timeout bounds the two good clients' replies (two local steps each, queued behind at most the ten
     # other clients on the free actor): generous for a loaded machine, yet the test waits for it in full, as
     # partition 2 never answers in time.  The designated client's init before it has its own init_timeout.
     cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=13, rounds=1, round_timeout=30.0, local_steps=2,
