@@ -89,28 +89,34 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str],
     return found
 
 
-def regex_matcher(pattern: str, budget_s: float = MATCH_BUDGET_S) -> Callable[[str], bool]:
-    """``name -> bool``: ``pattern`` must match the whole name; all calls together may take ``budget_s``."""
+def compile_regex(pattern: str, what: str = "target_modules") -> regex.Pattern[str]:
+    """``pattern`` compiled, once its length and counted repeats are within bounds; ``what`` names it in errors."""
     if len(pattern) > MAX_PATTERN_LENGTH:
-        raise TargetError(f"target_modules regex is {len(pattern)} characters long; at most "
+        raise TargetError(f"{what} regex is {len(pattern)} characters long; at most "
                           f"{MAX_PATTERN_LENGTH} are accepted: {pattern[:60]!r}...")
     product = 1
     for low, high in _COUNTED_REPEAT.findall(pattern):
         product *= max(int(low or 0), int(high or 0), 1)
     if product > MAX_REPEAT_PRODUCT:
-        raise TargetError(f"target_modules regex {pattern!r:.120} has counted repeats ({{n}}) whose bounds multiply "
+        raise TargetError(f"{what} regex {pattern!r:.120} has counted repeats ({{n}}) whose bounds multiply "
                           f"to {product}; at most {MAX_REPEAT_PRODUCT} are accepted")
     try:
-        compiled = regex.compile(pattern)
+        return regex.compile(pattern)
     except (regex.error, OverflowError, RecursionError, ValueError) as err:
-        raise TargetError(f"target_modules {pattern!r} is not a valid regular expression: {err}") from err
+        raise TargetError(f"{what} {pattern!r} is not a valid regular expression: {err}") from err
+
+
+def regex_matcher(pattern: str | regex.Pattern[str], budget_s: float = MATCH_BUDGET_S) -> Callable[[str], bool]:
+    """``name -> bool``: ``pattern`` (a string, or one `compile_regex` already compiled) must match the whole
+    name; all calls together may take ``budget_s``."""
+    compiled = compile_regex(pattern) if isinstance(pattern, str) else pattern
     deadline = time.monotonic() + budget_s
 
     def matches(name: str) -> bool:
         try:
             return compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 1e-3)) is not None
         except TimeoutError as err:
-            raise TargetError(f"target_modules regex {pattern!r:.120} took over {budget_s} s to match the "
+            raise TargetError(f"target_modules regex {compiled.pattern!r:.120} took over {budget_s} s to match the "
                               "module names (catastrophic backtracking); simplify it or list the module "
                               "names instead") from err
     return matches
