@@ -165,6 +165,8 @@ HOSTILE_CONFIGS = {
                                      r"has factors for layers it does not select \['model.layers.0.self_attn.v_proj'"),
     "bad-pattern-regex": (_set(rank_pattern={"(": 2}), r"pattern key '\('"),
     "bad-alpha": (_set(lora_alpha=-1), r"alpha must be positive"),
+    "null-alpha": (_set(lora_alpha=None), r"lora_alpha must be a number, found None; PEFT cannot load"),
+    "string-r": (_set(r="4"), r"r must be a number, found '4'"),
 }
 
 

@@ -8,9 +8,10 @@ base-offset factors included) and the trained copies of ``modules_to_save`` unde
 ``modules_to_save.{module}.{param}``.
 
 Adapter files may be hostile: `load` checks the JSON against its schema and the method's config schema
-before anything else, refuses any tensor the method does not declare (base offsets included), any
-non-float or non-finite tensor, and any loaded update too large for the base weights; every failure is
-a `LorakitError` naming the file and the item, and leaves the model as it was.
+before anything else, reads only regular files, checks every tensor's name, dtype and shape from the
+safetensors header before reading any tensor data, refuses any tensor the method does not declare (base
+offsets included), any non-float or non-finite tensor, and any loaded update too large for the base
+weights; every failure is a `LorakitError` naming the file and the item, and leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..api import DEFAULT_NAME, adding_adapter, attach, detach, get_state
@@ -47,6 +48,10 @@ SAVED_PREFIX = "modules_to_save."
 PROBES = 16
 MAX_CONFIG_BYTES = 64 << 20
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HEADER_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# named as torch names them in the refusal
+_OTHER_DTYPES = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # A loaded tensor, update or base offset with entries beyond MAX_UPDATE_RATIO * max(1, max|W0|) is refused: no
 # training produces one, and it overflows the activations (e.g. alpha = 1e30 in a hand-edited config).
 MAX_UPDATE_RATIO = 1e5
@@ -249,19 +254,47 @@ def _check_fingerprint(path: Path, name: str, entry: Any) -> None:
                    entry.get("quant"))
 
 
-def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The safetensors file's tensors; each must be float16/bfloat16/float32/float64 and finite."""
+def _weights_file(directory: str | os.PathLike) -> Path:
+    """``adapter_model.safetensors`` in ``directory``, which must be a regular file (opening a FIFO blocks)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
-        raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}")
+        what = "is not a regular file" if path.exists() or path.is_symlink() else "does not exist"
+        raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}: {path} {what}")
+    return path
+
+
+def read_adapter_header(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The safetensors file's tensor names, dtypes and shapes from its header alone, as meta tensors: no tensor
+    data is read or allocated, so names and shapes are checked before a huge or unexpected tensor costs memory.
+    safetensors checks that each tensor's bytes lie in the file; each must be float (`FLOAT_DTYPES`)."""
+    path = _weights_file(directory)
     try:
-        tensors = load_file(path)
+        with safe_open(str(path), "pt") as f:
+            header = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise AdapterFileError(f"{path} is truncated or corrupt and cannot be read: {err}") from err
-    for key, tensor in tensors.items():
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise AdapterFileError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected float "
+    out = {}
+    for key, (dtype, shape) in header.items():
+        if dtype not in _HEADER_DTYPES:
+            raise AdapterFileError(f"{path}: tensor '{key:.160}' has dtype {_OTHER_DTYPES.get(dtype, dtype)}, "
+                                   "expected float "
                                    "(float16, bfloat16, float32 or float64)")
+        out[key] = torch.empty(shape, dtype=_HEADER_DTYPES[dtype], device="meta")
+    return out
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The safetensors file's tensors (`read_adapter_header`'s checks first); each must be finite."""
+    path = Path(directory) / WEIGHTS_NAME
+    header = read_adapter_header(directory)
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in header}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        raise AdapterFileError(f"{path} is truncated or corrupt and cannot be read: {err}") from err
+    for key, tensor in tensors.items():
+        if tensor.dtype != header[key].dtype or tensor.shape != header[key].shape:  # replaced since the header
+            raise AdapterFileError(f"{path} changed while it was read; load it again")
         if not math.isfinite(_largest(tensor)):
             raise AdapterFileError(f"{path}: tensor '{key}' holds NaN or inf values; the adapter is corrupt")
     return tensors
@@ -289,7 +322,7 @@ def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
         return load_peft(model, path, data, name)
     data = check_adapter_config(path / CONFIG_NAME, data)
     method, config = _read_method_config(path, data)
-    tensors = read_adapter_tensors(path)
+    header = read_adapter_header(path)  # names, dtypes, shapes: no tensor data is read before they are checked
     try:
         targets = dict(find_targets(model, config.target_modules, exclude=config.modules_to_save))
     except TargetError as err:
@@ -308,9 +341,9 @@ def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
     with originals_kept(state.layers.values()):  # until checked, so a refused load puts W0 back bit for bit
         try:
             state.base_model_name = data.get("base_model", "")
-            _check_tensors(adapter_tensors(model), tensors, path)
-            _check_offsets(state.layers, offsets, tensors, path)
-            copy_adapter_tensors(model, tensors)
+            _check_tensors(adapter_tensors(model), header, path)
+            _check_offsets(state.layers, offsets, header, path)
+            copy_adapter_tensors(model, read_adapter_tensors(path))
             _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
         except BaseException:
             detach(model, name)
