@@ -19,6 +19,7 @@ HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_o
 # timeout, against every module name within one time budget, so catastrophic backtracking cannot hang `load`.
 # Counted repeats are expanded when compiled (``a{10000000}`` takes seconds): the product of their bounds is capped.
 MAX_PATTERN_LENGTH = 1000
+PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model in its tensor names
 MAX_REPEAT_PRODUCT = 10_000
 MATCH_BUDGET_S = 1.0
 _COUNTED_REPEAT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
@@ -120,6 +121,14 @@ def regex_matcher(pattern: str | regex.Pattern[str], budget_s: float = MATCH_BUD
                               "module names (catastrophic backtracking); simplify it or list the module "
                               "names instead") from err
     return matches
+
+
+def target_names(model: nn.Module, adapted: list[str]) -> list[str]:
+    """Short names (``q_proj``) where they select exactly the adapted layers, else full names (PEFT's
+    ``target_modules`` of an exported adapter)."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    selected = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in short]
+    return short if sorted(selected) == sorted(adapted) else sorted(adapted)
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -24,6 +24,7 @@ from ..api import DEFAULT_NAME, attach, detach, get_state
 from ..core.inject import find_targets, regex_matcher
 from ..core.layer import SUPPORTED_BASES, base_shape, skip_init
 from ..core.registry import get_method
+from ..core.state import check_tensor_names
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError
 from .peft_export import PEFT_PREFIX
 from .persistence import (
@@ -31,7 +32,6 @@ from .persistence import (
     SAVED_PREFIX,
     WEIGHTS_NAME,
     _check_loaded,
-    _check_tensors,
     adapter_tensors,
     read_adapter_header,
     read_adapter_tensors,
@@ -202,7 +202,7 @@ def load_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str
         state = get_state(model)
         base_name = data.get("base_model_name_or_path")
         state.base_model_name = base_name if isinstance(base_name, str) else ""
-        _check_tensors(adapter_tensors(model), found, directory / WEIGHTS_NAME)
+        check_tensor_names(adapter_tensors(model), found, directory / WEIGHTS_NAME)
         found = _split(where, read_adapter_tensors(directory), saved)
         for name, layer in state.layers.items():
             layer.load_adapter_state({k: found[f"{name}.{k}"] for k in layer.adapter_state()})

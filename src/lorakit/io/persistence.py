@@ -22,7 +22,7 @@ import math
 import os
 import reprlib
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,14 @@ from ..core.inject import find_targets
 from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
 from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import Method, get_method
+from ..core.state import (  # noqa: F401  (re-exported: save's tensor names, used by io and the trainers)
+    SAVED_PREFIX,
+    adapter_tensors,
+    check_adapter_tensors,
+    check_offsets,
+    check_tensor_names,
+    copy_adapter_tensors,
+)
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError, TargetError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +52,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-SAVED_PREFIX = "modules_to_save."
 PROBES = 16
 MAX_CONFIG_BYTES = 64 << 20
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -102,19 +109,6 @@ def _atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
-    """The flat ``name -> tensor`` dict that `save` writes, of adapter ``name`` (``None``: the active one)."""
-    state = get_state(model, name)
-    tensors: dict[str, Tensor] = {}
-    for layer_name, layer in state.layers.items():
-        for key, tensor in layer.adapter_state().items():
-            tensors[f"{layer_name}.{key}"] = tensor
-    for module_name, (_, trainable) in state.saved_modules.items():
-        for key, tensor in trainable.state_dict().items():
-            tensors[f"{SAVED_PREFIX}{module_name}.{key}"] = tensor
-    return tensors
 
 
 def layer_fingerprints(layers: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
@@ -341,8 +335,8 @@ def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
     with originals_kept(state.layers.values()):  # until checked, so a refused load puts W0 back bit for bit
         try:
             state.base_model_name = data.get("base_model", "")
-            _check_tensors(adapter_tensors(model), header, path)
-            _check_offsets(state.layers, offsets, header, path)
+            check_tensor_names(adapter_tensors(model), header, path)
+            check_offsets(state.layers, offsets, header, path)
             copy_adapter_tensors(model, read_adapter_tensors(path))
             _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
         except BaseException:
@@ -399,79 +393,6 @@ def _declared_offsets(path: Path, method: Method, data: dict[str, Any],
                                    f"'base_offsets' lacks {sorted(set(targets) - set(declared))[:5]}")
         return {name: declared.get(name) for name in targets}
     return dict(declared)
-
-
-def _check_offsets(layers: dict[str, AdapterLayer], offsets: dict[str, int | None], found: dict[str, Tensor],
-                   path: Path) -> None:
-    """Exactly the declared layers carry base-offset factors ``d_out×k`` and ``k×d_in``, k as recorded."""
-    present = {k.rsplit(".", 1)[0] for k in found if k.rsplit(".", 1)[-1] in ("base_offset_B", "base_offset_A")
-               and not k.startswith(SAVED_PREFIX)}
-    extra = sorted(present - set(offsets))
-    if extra:
-        raise AdapterFileError(f"{path}: unexpected tensors: base-offset factors for {extra[:5]}, which the "
-                               "adapter does not declare (its method or 'base_offsets' record)")
-    for name, rank in offsets.items():
-        layer = layers[name]
-        b, a = found.get(f"{name}.base_offset_B"), found.get(f"{name}.base_offset_A")
-        if b is None or a is None:
-            raise AdapterFileError(f"{path}: layer '{name}' lacks its base-offset factors "
-                                   "(base_offset_B/base_offset_A); the file is incomplete")
-        k = b.shape[1] if b.ndim == 2 else -1
-        if b.ndim != 2 or a.ndim != 2 or b.shape[0] != layer.out_features or a.shape[1] != layer.in_features \
-                or a.shape[0] != k or (rank is not None and k != rank):
-            raise AdapterFileError(f"{path}: base-offset factors of '{name}' have shapes "
-                                   f"{tuple(b.shape)} and {tuple(a.shape)}, which do not fit a "
-                                   f"{layer.out_features}x{layer.in_features} layer"
-                                   + (f" at the recorded rank {rank}" if rank is not None else ""))
-
-
-@torch.no_grad()
-def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-    """Copy ``tensors`` (``save``'s names, already checked) into the adapter attached to ``model``, rebuilding any
-    base offset (moved W0, merged rounds).  Used by `load`, trainer checkpoints and rank-0 broadcasts."""
-    state = get_state(model)
-    for name, layer in state.layers.items():
-        own = {k[len(name) + 1:]: v for k, v in tensors.items()
-               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
-        layer.load_adapter_state(own)
-    for name, (_, module) in state.saved_modules.items():
-        for key, tensor in module.state_dict().items():
-            tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
-
-
-def check_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
-    """``tensors`` (``save``'s names) fit the adapter attached to ``model`` exactly: the same names and shapes,
-    and base offsets only where its method owns them (every layer for W0-moving inits; any layer for merged
-    boosting rounds, whose record is in the JSON that `load` reads).  For checkpoints and rank-0 broadcasts."""
-    state = get_state(model)
-    path = Path(source)
-    if state.method.base_offsets == "every-layer":
-        offsets: dict[str, int | None] = dict.fromkeys(state.layers)
-    elif state.method.base_offsets == "merged-rounds":
-        offsets = {k.rsplit(".", 1)[0]: None for k in tensors if k.endswith(".base_offset_B")
-                   and k.rsplit(".", 1)[0] in state.layers}
-    else:
-        offsets = {}
-    _check_tensors(adapter_tensors(model), tensors, path)
-    _check_offsets(state.layers, offsets, tensors, path)
-
-
-def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path) -> None:
-    """Exactly the tensors the attached adapter has (base offsets aside: `_check_offsets`), same shapes."""
-    offsets = {k for k in found if k.rsplit(".", 1)[-1] in ("base_offset_B", "base_offset_A")
-               and not k.startswith(SAVED_PREFIX)}
-    missing = sorted(set(expected) - set(found) - offsets)
-    extra = sorted(set(found) - set(expected) - offsets)
-    if missing or extra:
-        raise AdapterFileError(f"{path}: tensors missing from the file {missing[:5]}"
-                               f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {extra[:5]}"
-                               f"{' ...' if len(extra) > 5 else ''}")
-    for key, tensor in expected.items():
-        if key in offsets:
-            continue
-        if tuple(found[key].shape) != tuple(tensor.shape):
-            raise AdapterFileError(f"{path}: tensor '{key}' has shape {tuple(found[key].shape)}, "
-                                   f"expected {tuple(tensor.shape)}")
 
 
 @torch.no_grad()
