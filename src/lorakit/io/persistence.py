@@ -54,6 +54,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PROBES = 16
 MAX_CONFIG_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HEADER_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # named as torch names them in the refusal
@@ -258,22 +259,47 @@ def _weights_file(directory: str | os.PathLike) -> Path:
 
 
 def read_adapter_header(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The safetensors file's tensor names, dtypes and shapes from its header alone, as meta tensors: no tensor
-    data is read or allocated, so names and shapes are checked before a huge or unexpected tensor costs memory.
-    safetensors checks that each tensor's bytes lie in the file; each must be float (`FLOAT_DTYPES`)."""
+    """The safetensors file's tensor names, dtypes and shapes from its header alone, as meta tensors: only the
+    header's bytes are read (no tensor data, no mapping of the file), so names and shapes are checked before a
+    huge or unexpected tensor costs memory.  As safetensors requires, the tensors' byte ranges must tile the data
+    section exactly (a truncated file fails here); each must be float (`FLOAT_DTYPES`)."""
     path = _weights_file(directory)
     try:
-        with safe_open(str(path), "pt") as f:
-            header = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            total = os.fstat(f.fileno()).st_size
+            if not 2 <= size <= min(MAX_HEADER_BYTES, total - 8):
+                raise ValueError(f"header length {size} does not fit a {total}-byte file")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, RecursionError) as err:
         raise AdapterFileError(f"{path} is truncated or corrupt and cannot be read: {err}") from err
-    out = {}
-    for key, (dtype, shape) in header.items():
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path} is corrupt: its header is not a JSON object")
+    entries = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape) \
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise AdapterFileError(f"{path} is corrupt: tensor '{key:.160}' has a malformed header entry")
         if dtype not in _HEADER_DTYPES:
             raise AdapterFileError(f"{path}: tensor '{key:.160}' has dtype {_OTHER_DTYPES.get(dtype, dtype)}, "
-                                   "expected float "
-                                   "(float16, bfloat16, float32 or float64)")
-        out[key] = torch.empty(shape, dtype=_HEADER_DTYPES[dtype], device="meta")
+                                   "expected float (float16, bfloat16, float32 or float64)")
+        entries.append((offsets, key, shape, _HEADER_DTYPES[dtype]))
+    out, end = {}, 0
+    for offsets, key, shape, dtype in sorted(entries, key=lambda e: e[0]):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets != [end, end + nbytes]:
+            raise AdapterFileError(f"{path} is truncated or corrupt: tensor '{key:.160}' of shape {shape} has data "
+                                   f"offsets {offsets}, expected {[end, end + nbytes]}")
+        end += nbytes
+        out[key] = torch.empty(shape, dtype=dtype, device="meta")
+    if end != total - 8 - size:
+        raise AdapterFileError(f"{path} is truncated or corrupt: its tensors take {end} bytes, the file holds "
+                               f"{total - 8 - size}")
     return out
 
 
