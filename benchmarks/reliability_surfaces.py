@@ -499,8 +499,17 @@ def loading_cases(tmp: Path) -> dict[str, Callable[[], tuple[str, str]]]:
 
 # ------------------------------------------------------------------------------------------------------ report
 def main() -> None:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="rerun the surfaces whose names contain one of these words; keep the others' results")
+    args = parser.parse_args()
     began = time.monotonic()
     results: dict[str, dict[str, tuple[str, str]]] = {}
+    if args.only:
+        kept = json.loads((RESULTS / "reliability-surfaces.json").read_text())
+        results = {k: {c: tuple(v) for c, v in cases.items()} for k, cases in kept["results"].items()}
+        began -= kept["seconds"]
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         model = rc.tiny_model(tmp / "tiny")
@@ -520,6 +529,8 @@ def main() -> None:
             "output directories": lambda: output_cases(tmp / "out", model, tmp / "trained" / "adapter"),
         }
         for surface, build in surfaces.items():
+            if args.only and not any(word in surface for word in args.only):
+                continue
             for sub in ("ck", "out", "pr", "hd", "lc"):
                 (tmp / sub).mkdir(exist_ok=True)
             results[surface] = {}
