@@ -5,6 +5,7 @@ the file and the item, and leaves the model as it was."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,73 @@ def test_attach_with_a_catastrophic_regex_raises_target_error() -> None:
     model: nn.Module = KINDS["llama"].build(0)
     with pytest.raises(TargetError, match="catastrophic backtracking"):
         lorakit.attach(model, lorakit.LoraConfig(r=2, target_modules="(.|.)*q"))
+
+
+# -- loading cost -----------------------------------------------------------------------------------------------
+def test_twenty_thousand_pattern_keys_compile_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20k-key rank_pattern (2k regex keys, 18k module names) compiles each regex key once, not once per key x
+    layer x call (which took 88 s to load); plain names need no regex.  The first matching key still wins."""
+    import regex
+    keys: dict[str, int] = {f"layers\\.{i}\\.never_proj": 2 for i in range(2000)}
+    keys.update({f"model.layers.{i}.self_attn.x_proj": 2 for i in range(18000)})
+    keys[r"layers\.0\.self_attn\.q_proj"] = 2
+    save_adapter(tmp_path / "a", lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    rank_pattern=keys))
+    compiled = []
+    original = regex.compile
+    monkeypatch.setattr(regex, "compile", lambda pattern, *a, **k: compiled.append(pattern) or original(pattern, *a,
+                                                                                                           **k))
+    model = lorakit.load(KINDS["llama"].build(0), tmp_path / "a")
+    layers = lorakit.get_state(model).layers
+    assert layers[LAYER].lora_A.shape[0] == 2 and layers["model.layers.1.self_attn.q_proj"].lora_A.shape[0] == 4
+    assert 2001 <= len(compiled) <= 2 * 2001, len(compiled)  # at most one config built per file read and attach
+
+
+def _with_extra_tensor(path: Path, name: str, nbytes: int) -> None:
+    """Declare an extra float32 tensor of ``nbytes`` after the others; its data is a hole (a sparse file)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + size]), raw[8 + size:]
+    header[name] = {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [len(data), len(data) + nbytes]}
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate(8 + len(text) + len(data) + nbytes)
+
+
+def test_names_shapes_and_dtypes_are_checked_before_any_tensor_data_is_read(
+        lora_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 6 GiB extra tensor (once a raw MemoryError) and a wrong shape are refused from the header alone."""
+    import lorakit.io.persistence as persistence
+    reads: list[str] = []
+    real = persistence.safe_open
+
+    class Counting:
+        def __init__(self, *args: Any) -> None:
+            self.file = real(*args)
+
+        def __enter__(self) -> Any:
+            handle = self.file.__enter__()
+            return type("Handle", (), {"keys": handle.keys, "get_slice": handle.get_slice,
+                                       "get_tensor": lambda _, k: reads.append(k) or handle.get_tensor(k)})()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.file.__exit__(*exc)
+
+    monkeypatch.setattr(persistence, "safe_open", Counting)
+    _with_extra_tensor(lora_dir / WEIGHTS, "model.layers.0.self_attn.q_proj.extra", 6 << 30)
+    refused(lora_dir, r"unexpected tensors \['model.layers.0.self_attn.q_proj.extra'\]")
+    assert reads == []
+    edit_tensors(lora_dir, lambda t: t.pop("model.layers.0.self_attn.q_proj.extra"))
+    edit_tensors(lora_dir, lambda t: t.update({f"{LAYER}.lora_B": torch.zeros(32, 5)}))
+    refused(lora_dir, rf"tensor '{LAYER}\.lora_B' has shape \(32, 5\), expected \(32, 4\)")
+    assert reads == []
+    edit_tensors(lora_dir, lambda t: t.update({f"{LAYER}.lora_B": torch.zeros(32, 4)}))
+    lorakit.load(KINDS["llama"].build(0), lora_dir)
+    assert f"{LAYER}.lora_B" in reads  # data is read once everything was checked
+
+
+def test_weights_that_are_not_a_regular_file_are_refused_without_blocking(lora_dir: Path) -> None:
+    (lora_dir / WEIGHTS).unlink()
+    os.mkfifo(lora_dir / WEIGHTS)
+    refused(lora_dir, r"adapter_model.safetensors is not a regular file")

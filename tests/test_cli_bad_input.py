@@ -5,12 +5,16 @@ exit code and the traceback as a user sees them."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import lorakit.models
 import lorakit.train.run
@@ -181,3 +185,69 @@ def test_exit_code_and_traceback_as_a_user_sees_them(tmp_path: Path) -> None:
     assert quiet.stderr.strip().splitlines()[-1] == "lorakit: error: --lr must be a positive finite number, got nan"
     verbose = subprocess.run([*cli, "-v", *args], capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr
+
+
+def head_adapter(tmp: Path, head: torch.Tensor | None, peft: bool = False) -> Path:
+    """A classification adapter whose head ``classifier.weight`` is ``head`` (``None``: no weights file), beside a
+    ``run.json`` naming a model: the head's checks must all come before the model is loaded."""
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    if peft:
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query"],
+                  "modules_to_save": ["classifier"], "base_model_name_or_path": "x"}
+        key = "base_model.model.classifier.weight"
+    else:
+        config = {"lorakit_format_version": 1, "method": "lora", "config": {"r": 2, "target_modules": ["query"]},
+                  "fingerprint": {}, "base_model": "x", "modules_to_save": ["classifier"]}
+        key = "modules_to_save.classifier.weight"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    data = str(Path(__file__).parent / "data")
+    (tmp / "run.json").write_text(json.dumps({"config": {"model": "x", "task": "sst2", "data_dir": data,
+                                                         "eval_split": "validation", "eval_limit": 4}}))
+    if head is not None:
+        save_file({key: head}, str(adapter / "adapter_model.safetensors"))
+    return adapter
+
+
+def _huge_empty_head(path: Path) -> None:
+    """Rewrite the header so the head is [1e9, 0]: 0 bytes of data, a billion labels."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    for key, entry in header.items():
+        if key != "__metadata__":
+            entry.update(shape=[10 ** 9, 0], data_offsets=[0, 0])
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+@pytest.mark.parametrize("case", ["billion-by-zero", "fifo", "0-dim", "truncated", "missing", "int64"])
+def test_export_and_eval_check_the_classification_head_before_loading(case: str, peft: bool, tmp_path: Path,
+                                                                      no_model: None,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`export`/`eval` read num_labels from the head through `lorakit.load`'s header checks: a [1e9, 0] head does
+    not allocate, a FIFO does not block, a 0-dim, truncated, missing or integer head is one clear error."""
+    head = {"0-dim": torch.tensor(1.0), "int64": torch.zeros(2, 8, dtype=torch.int64)}.get(case, torch.zeros(2, 8))
+    adapter = head_adapter(tmp_path, None if case in ("missing", "fifo") else head, peft)
+    weights = adapter / "adapter_model.safetensors"
+    if case == "billion-by-zero":
+        _huge_empty_head(weights)
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-9])
+    elif case == "fifo":
+        os.mkfifo(weights)
+    expected = {"billion-by-zero": "has shape [1000000000, 0], expected [num_labels, hidden size]",
+                "0-dim": "has shape [], expected [num_labels, hidden size]", "truncated": "is truncated or corrupt",
+                "missing": "adapter_model.safetensors does not exist", "fifo": "is not a regular file",
+                "int64": "has dtype torch.int64, expected float"}[case]
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("blocked")))
+    signal.alarm(60)  # a FIFO once blocked safe_open forever
+    try:
+        for command in (["export", str(adapter), "--out", str(tmp_path / "out")], ["eval", str(adapter)]):
+            line = error_line(capsys, main(command))
+            assert line.startswith("lorakit: error: ") and expected in line, line
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not list((tmp_path / "out").glob("*"))  # nothing exported

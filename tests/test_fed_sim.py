@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
 from lorakit.fed import checkpoint, runner
 from lorakit.fed.client import build_client_app
@@ -100,9 +101,9 @@ def _wait_until_round_closed(message: Message, limit: float = 600.0) -> None:
 
 def _fault_mod(message: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
     """Partition 1 raises, 2 answers after the round closed, 3-6 send a wrong shape, a wrong dtype, a NaN, a huge
-    norm, 7-8 report an infinite and a huge sample count."""
+    norm, 7-8 report an infinite and a huge sample count, 9-11 no train-loss, a string one and a NaN one."""
     pid = int(context.node_config["partition-id"])
-    if message.metadata.message_type != "train" or pid == 0 or pid > 8:
+    if message.metadata.message_type != "train" or pid == 0 or pid > 11:
         return call_next(message, context)
     if pid == 1:
         raise RuntimeError("simulated client crash mid-round")
@@ -112,6 +113,14 @@ def _fault_mod(message: Message, context: Context, call_next):  # type: ignore[n
     reply = call_next(message, context)
     if pid in (7, 8):
         reply.content["metrics"]["num-examples"] = float("inf") if pid == 7 else 1e12
+        return reply
+    if pid in (9, 10, 11):
+        metrics = dict(reply.content["metrics"])
+        del metrics["train-loss"]
+        if pid == 10:  # a MetricRecord holds numbers only; a hostile client can send any record under "metrics"
+            reply.content["metrics"] = ConfigRecord({**metrics, "train-loss": "0.3"})
+        else:
+            reply.content["metrics"] = MetricRecord(metrics if pid == 9 else {**metrics, "train-loss": float("nan")})
         return reply
     tensors = reply.content["arrays"].to_torch_state_dict()
     key = next(k for k in tensors if k.endswith("lora_R"))
@@ -129,10 +138,10 @@ def _fault_mod(message: Message, context: Context, call_next):  # type: ignore[n
 
 
 def test_dropped_late_malformed_and_over_reporting_clients_are_excluded(tiny_dir, tmp_path, caplog) -> None:
-    # round_timeout bounds the two good clients' replies (two local steps each, queued behind at most the seven
+    # round_timeout bounds the two good clients' replies (two local steps each, queued behind at most the ten
     # other clients on the free actor): generous for a loaded machine, yet the test waits for it in full, as
     # partition 2 never answers in time.  The designated client's init before it has its own init_timeout.
-    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=10, rounds=1, round_timeout=30.0, local_steps=2,
+    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", clients=13, rounds=1, round_timeout=30.0, local_steps=2,
                       init_source="client")
     with caplog.at_level("WARNING", logger="lorakit.fed.server"):
         result = runner.simulate(cfg, client_app=build_client_app(mods=[_fault_mod]), actors=2)
@@ -145,12 +154,16 @@ def test_dropped_late_malformed_and_over_reporting_clients_are_excluded(tiny_dir
     assert result["privacy"].startswith("no differential privacy")
     round1 = result["history"][1]
     reasons = sorted(round1["excluded"].values())
-    assert len(reasons) == 8 and round1.get("clients") == 2, log  # the round completed with partitions 0 and 9
+    assert len(reasons) == 11 and round1.get("clients") == 2, log  # the round completed with partitions 0 and 12
     assert any("simulated client crash" in r for r in reasons), log
     assert any("no reply within the round timeout" in r for r in reasons), log
     assert any("wrong shape" in r for r in reasons) and any("wrong dtype" in r for r in reasons), log
     assert any("non-finite" in r for r in reasons) and any("implausible update norm" in r for r in reasons), log
     assert any("finite and positive, got inf" in r for r in reasons), log
     assert any("num-examples 1e+12 exceeds" in r for r in reasons), log
-    assert len(log) == 8, log
+    assert any("train-loss missing" in r for r in reasons), log
+    assert any("train-loss must be a number, got str" in r for r in reasons), log
+    assert any("train-loss must be finite" in r and "got nan" in r for r in reasons), log
+    assert len(log) == 11, log
     assert round1["loss"] == round1["loss"]  # the aggregate of the two good clients is finite
+    assert math.isfinite(round1["train-loss"]), round1  # and so is the loss they reported

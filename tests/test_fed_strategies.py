@@ -257,13 +257,17 @@ def test_server_init_uses_the_servers_sample_and_uploads_nothing(tiny_dir, tmp_p
         assert torch.allclose(from_file.frozen[key], value, atol=1e-6), key
 
 
+_GONE = object()  # a metric the crafted reply leaves out
+
+
 class _Reply:
     """What `LowRankStrategy.aggregate_train` reads of a Flower reply (a Message needs a running federation)."""
 
-    def __init__(self, node: int, tensors: dict[str, torch.Tensor], count: object) -> None:
+    def __init__(self, node: int, tensors: dict[str, torch.Tensor], count: object, **metrics: object) -> None:
         from flwr.app import ArrayRecord
         self.metadata = SimpleNamespace(src_node_id=node)
-        self.content = {"arrays": ArrayRecord(tensors), "metrics": {"num-examples": count, "train-loss": 0.5}}
+        record = {"num-examples": count, "train-loss": 0.5, **metrics}
+        self.content = {"arrays": ArrayRecord(tensors), "metrics": {k: v for k, v in record.items() if v is not _GONE}}
 
     def has_error(self) -> bool:
         return False
@@ -292,6 +296,52 @@ def test_untrusted_sample_counts_are_excluded_and_weighting_is_a_choice(caplog, 
     assert "must be a number, got str" in excluded["7"] and "101 exceeds" in excluded["8"]
     assert len([r for r in caplog.records if "excluded client" in r.getMessage()]) == 7
     assert metrics["num-examples"] == 4 and metrics["clients"] == 2
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_untrusted_losses_and_epsilons_are_excluded_not_recorded(caplog, dp) -> None:
+    """A missing, string, NaN, inf or negative ``train-loss`` and (under DP) a missing, string, NaN, negative or
+    over-budget ``epsilon`` exclude that client with a reason; the round's loss and ε come from the others and are
+    finite.  Without DP an ``epsilon`` key is not read at all."""
+    from lorakit.fed.config import FedConfig
+    from lorakit.fed.server import LowRankStrategy
+    cfg = FedConfig(strategy="fed-sb", dp_epsilon=3.0 if dp else None)
+    state = checkpoint.ServerState(tensors={"l.lora_R": torch.zeros(2, 2)})
+    strategy = LowRankStrategy(cfg, state, 1.0, max_count=100)
+    crafted: dict[int, dict[str, object]] = {
+        3: {"train-loss": _GONE}, 4: {"train-loss": "0.3"}, 5: {"train-loss": float("nan")},
+        6: {"train-loss": float("inf")}, 7: {"train-loss": -1.0}, 8: {"train-loss": True}}
+    if dp:
+        crafted.update({9: {"epsilon": _GONE}, 10: {"epsilon": "1"}, 11: {"epsilon": float("nan")},
+                        12: {"epsilon": -0.5}, 13: {"epsilon": 4.0}, 14: {"epsilon": float("inf")}})
+    good = {1: {"train-loss": 0.25, "epsilon": 1.0}, 2: {"train-loss": 0.75, "epsilon": 2.0}}
+    replies = [_Reply(node, {"l.lora_R": torch.full((2, 2), float(node))}, 1,
+                      **({"epsilon": 1.5} | metrics if dp else metrics))
+               for node, metrics in {**good, **crafted}.items()]
+    if not dp:
+        replies.append(_Reply(20, {"l.lora_R": torch.full((2, 2), 3.0)}, 1,
+                              **{"train-loss": 0.75, "epsilon": float("nan")}))
+    with caplog.at_level("WARNING", logger="lorakit.fed.server"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    excluded = strategy.excluded[1]
+    assert sorted(map(int, excluded)) == sorted(crafted)
+    assert all(r.startswith("untrusted metrics: ") for r in excluded.values()), excluded
+    assert "train-loss missing" in excluded["3"] and "train-loss must be a number, got str" in excluded["4"]
+    assert "got nan" in excluded["5"] and "got inf" in excluded["6"] and "got -1" in excluded["7"]
+    assert "got bool" in excluded["8"]
+    kept = [1, 2] if dp else [1, 2, 20]
+    assert metrics["clients"] == len(kept)
+    assert metrics["train-loss"] == pytest.approx(sum({1: 0.25, 2: 0.75, 20: 0.75}[n] for n in kept) / len(kept))
+    assert torch.allclose(arrays.to_torch_state_dict()["l.lora_R"], torch.full((2, 2), 1.5 if dp else 2.0))
+    if dp:
+        assert metrics["epsilon"] == 2.0  # the largest trusted client's ε
+        assert "epsilon missing" in excluded["9"] and "epsilon must be a number, got str" in excluded["10"]
+        assert "got nan" in excluded["11"] and "got -0.5" in excluded["12"] and "[0, 3.03], got 4" in excluded["13"]
+    else:
+        assert "epsilon" not in metrics
+    logged = [r.getMessage() for r in caplog.records if "excluded client" in r.getMessage()]
+    assert len(logged) == len(crafted)
 
 
 def test_privacy_note_states_what_the_dp_guarantee_leaves_out() -> None:

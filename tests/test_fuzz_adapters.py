@@ -28,7 +28,7 @@ from torch import nn
 
 import lorakit
 from lorakit.errors import LorakitError
-from tests.tiny_models import KINDS, output, perturb
+from tests.tiny_models import KINDS, make_config, output, perturb
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -359,7 +359,7 @@ def saved_adapter(method_name: str, directory: Path) -> Target:
     method = lorakit.get_method(method_name)
     model = kind.build(0)
     data = kind.batches() if method.needs_data else None
-    lorakit.attach(model, method.config_class(r=4, target_modules="all-linear"), data=data)
+    lorakit.attach(model, make_config(method, kind, r=4, modules_to_save=()), data=data)  # lora-sb's init_lr too
     perturb(model, std=0.1)
     if method.base_offsets == "merged-rounds":
         layers = lorakit.get_state(model).layers

@@ -165,6 +165,8 @@ HOSTILE_CONFIGS = {
                                      r"has factors for layers it does not select \['model.layers.0.self_attn.v_proj'"),
     "bad-pattern-regex": (_set(rank_pattern={"(": 2}), r"pattern key '\('"),
     "bad-alpha": (_set(lora_alpha=-1), r"alpha must be positive"),
+    "null-alpha": (_set(lora_alpha=None), r"lora_alpha must be a number, found None; PEFT cannot load"),
+    "string-r": (_set(r="4"), r"r must be a number, found '4'"),
 }
 
 
@@ -215,9 +217,11 @@ def test_cli_merge_export_peft_adapter(peft_dir: Path, tmp_path: Path) -> None:
 
 def test_pattern_keys_match_as_in_peft() -> None:
     """`pattern_key` picks the key PEFT's ``get_pattern_key`` picks (first match, regex on a dotted suffix)."""
-    keys = ["layers.0.self_attn.q_proj", "v_proj", r"layers\.1\..*", "proj", "k_pro"]
+    # literal keys (matched without a regex, '.' still any character) and regex keys, in PEFT's order
+    keys = ["layers.0.self_attn.q_proj", "v_proj", r"layers\.1\..*", "proj", "k_pro", "a.b", "", "x\n.y"]
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-             "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj", "v_proj", "model.layers.10.mlp.proj"]
+             "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj", "v_proj", "model.layers.10.mlp.proj",
+             "model.layersX0.self_attn.q_proj", "m.a_b", "ma_b", "a.b", "m.", "m\n.a.b", "x\nzy", "m.x\n.y"]
     for name in names:
         ours = pattern_key(dict.fromkeys(keys), name)
         assert (ours if ours is not None else name) == get_pattern_key(keys, name), name

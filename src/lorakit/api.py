@@ -28,7 +28,6 @@ import copy
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,62 +39,24 @@ from .core import quant
 from .core.hooks import TrainingHooks
 from .core.inject import find_modules_to_save, find_targets, replace_module
 from .core.layer import AdapterLayer, base_shape, keep_original, originals_kept
-from .core.registry import Method, get_method
+from .core.registry import get_method
+from .core.state import (  # noqa: F401  (re-exported: the API's names for the adapter state)
+    ADAPTERS_ATTR,
+    DEFAULT_NAME,
+    STATE_ATTR,
+    AdapterState,
+    active_adapter,
+    adapter_names,
+    all_adapters,
+    disabled,
+    get_state,
+)
 from .errors import ConfigError, LorakitError
 
 logger = logging.getLogger(__name__)
 
-STATE_ATTR = "_lorakit"  # the active adapter's `AdapterState`
-ADAPTERS_ATTR = "_lorakit_adapters"  # name -> `AdapterState`: every adapter attached to the model
-DEFAULT_NAME = "default"
 # an adapter name may become a directory name: one plain file-name component, no path syntax
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-@dataclass
-class AdapterState:
-    """What `attach` did to a model, kept on the model so every other call can undo or use it."""
-
-    method: Method
-    config: AdapterConfig
-    layers: dict[str, AdapterLayer]
-    saved_modules: dict[str, tuple[nn.Module, nn.Module]]  # name -> (original, trainable copy)
-    hooks: TrainingHooks
-    requires_grad: dict[int, bool] = field(default_factory=dict)  # id(param) -> flag before attach
-    base_model_name: str = ""
-    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # of W0 at attach; `save` writes them
-    name: str = DEFAULT_NAME
-
-
-def _adapters(model: nn.Module) -> dict[str, AdapterState]:
-    return getattr(model, ADAPTERS_ATTR, None) or {}
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The names of every adapter attached to ``model``, in attach order."""
-    return list(_adapters(model))
-
-
-def active_adapter(model: nn.Module) -> str | None:
-    """The name of the active adapter, or ``None`` when the model runs as its base model."""
-    state = getattr(model, STATE_ATTR, None)
-    return None if state is None else state.name
-
-
-def get_state(model: nn.Module, name: str | None = None) -> AdapterState:
-    """The adapter named ``name`` (``None``: the active one)."""
-    adapters = _adapters(model)
-    if name is not None:
-        if name not in adapters:
-            raise LorakitError(f"no adapter named {name!r:.80} on this model; attached: {list(adapters) or 'none'}")
-        return adapters[name]
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        if adapters:
-            raise LorakitError(f"no lorakit adapter is active on this model (attached: {list(adapters)}); "
-                               "call lorakit.set_active(model, name)")
-        raise LorakitError("no lorakit adapter is attached to this model; call lorakit.attach(model, config)")
-    return state
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
@@ -103,7 +64,7 @@ def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ConfigError(f"adapter name {name!r:.80} is not allowed: use 1 to 64 letters, digits, _ - or ., "
                           "starting with a letter or digit, no '..' (names may be used as directory names)")
-    if name in _adapters(model):
+    if name in all_adapters(model):
         raise LorakitError(f"this model already has a lorakit adapter; detach(model) it first, or pass another "
                            f"name= to add one next to it (attached: {adapter_names(model)}, asked for {name!r})")
 
@@ -169,7 +130,7 @@ def adding_adapter(model: nn.Module, name: str, why: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if name in _adapters(model):
+        if name in all_adapters(model):
             detach(model, name)
         if previous is not None:
             _activate(model, previous)
@@ -179,7 +140,7 @@ def adding_adapter(model: nn.Module, name: str, why: str) -> Iterator[None]:
 def set_active(model: nn.Module, name: str | None) -> None:
     """Make adapter ``name`` the active one; ``None`` runs the base model.  Refused while the active adapter is
     merged.  The adapter set aside keeps its tensors and hook state (see the module docstring for exactness)."""
-    if not _adapters(model):
+    if not all_adapters(model):
         raise LorakitError("no lorakit adapter is attached to this model; call lorakit.attach(model, config)")
     target = None if name is None else get_state(model, name)
     current = getattr(model, STATE_ATTR, None)
@@ -199,8 +160,8 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        if _adapters(model):
-            set_active(model, previous if previous in _adapters(model) else None)
+        if all_adapters(model):
+            set_active(model, previous if previous in all_adapters(model) else None)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -250,7 +211,7 @@ def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,
     find_modules_to_save(model, config.modules_to_save)  # raises on a bad name before the model is touched
 
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    others = _adapters(model)
+    others = all_adapters(model)
     model.requires_grad_(False)
     layers: dict[str, AdapterLayer] = {}
     try:
@@ -303,7 +264,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         for target, (original, _) in state.saved_modules.items():
             replace_module(model, target, original)
         delattr(model, STATE_ATTR)
-    remaining = {n: s for n, s in _adapters(model).items() if s is not state}
+    remaining = {n: s for n, s in all_adapters(model).items() if s is not state}
     if remaining:
         setattr(model, ADAPTERS_ATTR, remaining)
         return model
@@ -348,7 +309,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
     Refused while other named adapters are attached (their W0 would change under them).
     """
     state = get_state(model)
-    others = [n for n in _adapters(model) if n != state.name]
+    others = [n for n in all_adapters(model) if n != state.name]
     if others:
         raise LorakitError(f"merge_and_unload would fold adapter {state.name!r} into the base weights that the "
                            f"other adapters {others} were trained on; save and detach(model, name) them first")
@@ -381,39 +342,6 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
     delattr(model, STATE_ATTR)
     delattr(model, ADAPTERS_ATTR)
     return model
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes its base output (adapters and saved-module copies off).
-
-    For inits that moved W0 the base is the residual plus the initial adapter, i.e. the original model.
-    With named adapters attached and none active, the model already is its base model.
-    """
-    if getattr(model, STATE_ATTR, None) is None and _adapters(model):
-        yield model
-        return
-    state = get_state(model)
-    merged = [layer for layer in state.layers.values() if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    originals = contextlib.ExitStack()
-    for layer in state.layers.values():
-        originals.enter_context(layer.original_base())
-    for name, (original, _) in state.saved_modules.items():
-        replace_module(model, name, original)
-    for layer in state.layers.values():
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer in state.layers.values():
-            layer.disabled = False
-        for name, (_, trainable) in state.saved_modules.items():
-            replace_module(model, name, trainable)
-        originals.close()
-        for layer in merged:
-            layer.merge()
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LorakitError, TrainingError
+from .errors import AdapterFileError, LorakitError, TrainingError
 
 logger = logging.getLogger("lorakit")
 
@@ -168,7 +168,7 @@ def _load_adapted(adapter: str, args: argparse.Namespace) -> tuple[Any, Any, dic
     from . import load as load_adapter
     from .io.peft_export import PEFT_PREFIX
     from .io.peft_import import is_peft_config
-    from .io.persistence import SAVED_PREFIX, read_adapter_config, read_config_json
+    from .io.persistence import SAVED_PREFIX, WEIGHTS_NAME, read_adapter_config, read_adapter_header, read_config_json
     from .models import load_model
     meta = read_config_json(adapter)
     peft = is_peft_config(meta)  # PEFT's names: base_model_name_or_path, base_model.model.<module>.<param>
@@ -180,12 +180,17 @@ def _load_adapted(adapter: str, args: argparse.Namespace) -> tuple[Any, Any, dic
         raise LorakitError(f"{adapter} does not name its base model; pass --model")
     task_type = "classification" if "classifier" in (meta.get("modules_to_save") or []) else "causal-lm"
     num_labels = None
-    if task_type == "classification":
-        from safetensors import safe_open
+    if task_type == "classification":  # the head's row count, from the header `lorakit.load` checks (no data read)
         prefix = PEFT_PREFIX if peft else SAVED_PREFIX
-        with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
-            head = [k for k in f.keys() if k.startswith(prefix) and k.endswith("classifier.weight")]
-            num_labels = f.get_slice(head[0]).get_shape()[0] if head else None
+        header = read_adapter_header(adapter)
+        head = [k for k in header if k.startswith(prefix) and k.endswith("classifier.weight")]
+        if head:
+            shape = tuple(header[head[0]].shape)
+            if len(shape) != 2 or min(shape) < 1:
+                raise AdapterFileError(f"{Path(adapter) / WEIGHTS_NAME}: the classification head '{head[0]:.160}' "
+                                       f"has shape {list(shape)}, expected [num_labels, hidden size]: the file is "
+                                       "corrupt")
+            num_labels = shape[0]
     model, tokenizer = load_model(model_spec, task_type, num_labels=num_labels,
                                   device=getattr(args, "device", None) or "auto")
     load_adapter(model, adapter)

@@ -27,12 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..api import get_state
 from ..errors import TrainingError
-from ..io.persistence import adapter_tensors, check_adapter_tensors, copy_adapter_tensors
 from .hooks import TrainingHooks
 from .layer import originals_kept
 from .loss import model_forward
+from .state import adapter_tensors, check_adapter_tensors, copy_adapter_tensors, get_state
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def loader_batches(loader: Iterable[Any], count: int) -> list[Any]:
 
 def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
     """Check ``tensors`` (``lorakit.save``'s names) against the adapter attached to ``model`` and copy them in
-    (`lorakit.io.persistence.copy_adapter_tensors`); ``source`` names them in errors."""
+    (`lorakit.core.state.copy_adapter_tensors`); ``source`` names them in errors."""
     check_adapter_tensors(model, dict(tensors), source)
     copy_adapter_tensors(model, tensors)
 

@@ -19,6 +19,7 @@ HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "embed_o
 # timeout, against every module name within one time budget, so catastrophic backtracking cannot hang `load`.
 # Counted repeats are expanded when compiled (``a{10000000}`` takes seconds): the product of their bounds is capped.
 MAX_PATTERN_LENGTH = 1000
+PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model in its tensor names
 MAX_REPEAT_PRODUCT = 10_000
 MATCH_BUDGET_S = 1.0
 _COUNTED_REPEAT = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
@@ -89,31 +90,45 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str],
     return found
 
 
-def regex_matcher(pattern: str, budget_s: float = MATCH_BUDGET_S) -> Callable[[str], bool]:
-    """``name -> bool``: ``pattern`` must match the whole name; all calls together may take ``budget_s``."""
+def compile_regex(pattern: str, what: str = "target_modules") -> regex.Pattern[str]:
+    """``pattern`` compiled, once its length and counted repeats are within bounds; ``what`` names it in errors."""
     if len(pattern) > MAX_PATTERN_LENGTH:
-        raise TargetError(f"target_modules regex is {len(pattern)} characters long; at most "
+        raise TargetError(f"{what} regex is {len(pattern)} characters long; at most "
                           f"{MAX_PATTERN_LENGTH} are accepted: {pattern[:60]!r}...")
     product = 1
     for low, high in _COUNTED_REPEAT.findall(pattern):
         product *= max(int(low or 0), int(high or 0), 1)
     if product > MAX_REPEAT_PRODUCT:
-        raise TargetError(f"target_modules regex {pattern!r:.120} has counted repeats ({{n}}) whose bounds multiply "
+        raise TargetError(f"{what} regex {pattern!r:.120} has counted repeats ({{n}}) whose bounds multiply "
                           f"to {product}; at most {MAX_REPEAT_PRODUCT} are accepted")
     try:
-        compiled = regex.compile(pattern)
+        return regex.compile(pattern)
     except (regex.error, OverflowError, RecursionError, ValueError) as err:
-        raise TargetError(f"target_modules {pattern!r} is not a valid regular expression: {err}") from err
+        raise TargetError(f"{what} {pattern!r} is not a valid regular expression: {err}") from err
+
+
+def regex_matcher(pattern: str | regex.Pattern[str], budget_s: float = MATCH_BUDGET_S) -> Callable[[str], bool]:
+    """``name -> bool``: ``pattern`` (a string, or one `compile_regex` already compiled) must match the whole
+    name; all calls together may take ``budget_s``."""
+    compiled = compile_regex(pattern) if isinstance(pattern, str) else pattern
     deadline = time.monotonic() + budget_s
 
     def matches(name: str) -> bool:
         try:
             return compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 1e-3)) is not None
         except TimeoutError as err:
-            raise TargetError(f"target_modules regex {pattern!r:.120} took over {budget_s} s to match the "
+            raise TargetError(f"target_modules regex {compiled.pattern!r:.120} took over {budget_s} s to match the "
                               "module names (catastrophic backtracking); simplify it or list the module "
                               "names instead") from err
     return matches
+
+
+def target_names(model: nn.Module, adapted: list[str]) -> list[str]:
+    """Short names (``q_proj``) where they select exactly the adapted layers, else full names (PEFT's
+    ``target_modules`` of an exported adapter)."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    selected = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in short]
+    return short if sorted(selected) == sorted(adapted) else sorted(adapted)
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -3,9 +3,10 @@
 `LowRankStrategy` is Flower's `FedAvg` (its node sampling and message flow) with lorakit's pieces in the
 two places a strategy decides: `configure_train` adds, per node, what that node still lacks (Fed-SB's
 shared B, A once; FedEx-LoRA's base offsets when they changed) and counts the bytes sent;
-`aggregate_train` excludes failed, late and malformed replies, and replies whose sample count cannot be
-trusted (not finite, not positive, above the largest partition or ``max_client_examples``), each with a
-logged reason, and aggregates the rest with `strategies.aggregate` (unweighted by default, as the
+`aggregate_train` excludes failed, late and malformed replies, and replies whose metrics cannot be
+trusted (`validate.check_metrics`: a sample count not finite, not positive, above the largest partition or
+``max_client_examples``; a training loss or DP ε missing, not a number, not finite or out of range), each with
+a logged reason, and aggregates the rest with `strategies.aggregate` (unweighted by default, as the
 official Fed-SB code; ``weighting = examples`` for FedAvg's sample weights).  `run_server` drives the
 rounds: Fed-SB's shared init first, then train, aggregate, evaluate the global model on the server and
 checkpoint, round after round, resuming after the last completed round when asked.
@@ -106,6 +107,7 @@ class LowRankStrategy(FedAvg):
         updates: dict[str, dict[str, Tensor]] = {}
         counts: dict[str, float] = {}
         metrics: dict[str, dict[str, Any]] = {}
+        budget = cfg.dp_epsilon
         for message in replies:
             node = message.metadata.src_node_id
             if message.has_error():
@@ -114,7 +116,6 @@ class LowRankStrategy(FedAvg):
             try:
                 tensors = message.content[self.arrayrecord_key].to_torch_state_dict()
                 record = dict(message.content["metrics"])
-                count = record["num-examples"]
             except (KeyError, TypeError, ValueError) as err:
                 excluded[str(node)] = f"malformed reply: {type(err).__name__}: {err}"
                 continue
@@ -124,11 +125,11 @@ class LowRankStrategy(FedAvg):
                 self.has_frozen.add(node)
             if version is not None:
                 self.offsets_seen[node] = version
-            reason = validate.check_count(count, self.max_count)
+            reason = validate.check_metrics(record, self.max_count, budget)
             if reason is not None:
-                excluded[str(node)] = f"untrusted sample count: {reason}"
+                excluded[str(node)] = reason
                 continue
-            updates[str(node)], counts[str(node)], metrics[str(node)] = tensors, float(count), record
+            updates[str(node)], counts[str(node)], metrics[str(node)] = tensors, float(record["num-examples"]), record
         for node, reason in validate.screen(updates, self.state.tensors, cfg.max_update_norm, cfg.norm_factor).items():
             excluded[node] = reason
             del updates[node]
@@ -146,9 +147,8 @@ class LowRankStrategy(FedAvg):
         total = sum(counts[n] for n in nodes)
         train_loss = sum(counts[n] * float(metrics[n]["train-loss"]) for n in nodes) / total
         summary: dict[str, Any] = {"clients": len(nodes), "num-examples": total, "train-loss": train_loss}
-        eps = [float(metrics[n]["epsilon"]) for n in nodes if "epsilon" in metrics[n]]
-        if eps:
-            summary["epsilon"] = max(eps)
+        if budget is not None:  # the budget the federation spent: the largest client's ε (each was checked)
+            summary["epsilon"] = max(float(metrics[n]["epsilon"]) for n in nodes)
         return ArrayRecord(result.tensors), MetricRecord(summary)
 
 

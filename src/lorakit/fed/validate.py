@@ -1,5 +1,7 @@
 """Screening of client updates before aggregation: keys, shape, dtype, finiteness and a plausible size,
-and the sample count each client reports (finite, positive, at most the largest partition or a cap).
+and every metric the server reads from a client: the sample count (finite, positive, at most the largest
+partition or a cap), the training loss (finite, non-negative) and, under DP, the ε spent (finite, between 0 and
+the run's budget).
 
 A rejected update is excluded from its round with the reason logged; the others are aggregated.
 The size test measures how far an update moved from the tensors the server broadcast (the L2 norm of
@@ -47,6 +49,32 @@ def check_count(count: object, limit: int) -> str | None:
         return f"num-examples {count:g} exceeds the most a client can hold ({limit}: max_client_examples, or the " \
                "largest partition)"
     return None
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number, got {type(value).__name__}"
+    if not math.isfinite(value) or not low <= value <= high:
+        return f"{name} must be finite and in [{low:g}, {high:g}], got {value}"
+    return None
+
+
+def check_metrics(record: Mapping[str, object], limit: int, epsilon_budget: float | None) -> str | None:
+    """Why a client's metrics cannot be used, or None.  Each metric the server reads is checked as the sample
+    count is: ``num-examples`` (`check_count`), ``train-loss`` (a cross-entropy average: finite, >= 0) and, when
+    the run is DP (``epsilon_budget`` set), ``epsilon``: finite, >= 0 and at most the budget (plus the 1 %
+    slack of Opacus' calibration), since the round's reported ε is the largest client's.  A missing metric
+    is a reason, not a KeyError; keys the server does not read are ignored."""
+    for key in ("num-examples", "train-loss") + (("epsilon",) if epsilon_budget is not None else ()):
+        if key not in record:
+            return f"untrusted metrics: {key} missing (got {sorted(record)[:5]})"
+    reason = check_count(record["num-examples"], limit)
+    if reason is not None:
+        return f"untrusted sample count: {reason}"
+    reason = _check_number("train-loss", record["train-loss"], 0.0)
+    if reason is None and epsilon_budget is not None:
+        reason = _check_number("epsilon", record["epsilon"], 0.0, epsilon_budget * 1.01)
+    return None if reason is None else f"untrusted metrics: {reason}"
 
 
 def update_distance(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:

@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from ..api import get_state
 from ..core.files import write_files
+from ..core.inject import PEFT_PREFIX, target_names
 from ..core.layer import AdapterLayer
 from ..errors import LorakitError
-
-PEFT_PREFIX = "base_model.model."
 
 
 def export_factors(layer: AdapterLayer) -> tuple[Tensor, Tensor]:
@@ -51,13 +50,6 @@ def pad_rank(B: Tensor, A: Tensor, r: int) -> tuple[Tensor, Tensor]:
         return B, A
     return (torch.cat([B, B.new_zeros(B.shape[0], r - k)], dim=1),
             torch.cat([A, A.new_zeros(r - k, A.shape[1])], dim=0))
-
-
-def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
-    """Short names (``q_proj``) where they select exactly the adapted layers, else full names."""
-    short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
-    selected = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in short]
-    return short if sorted(selected) == sorted(adapted) else sorted(adapted)
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, modules_to_save: bool = False,
@@ -94,7 +86,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, modules_to_save:
         "lora_alpha": r,
         "rank_pattern": pattern,
         "alpha_pattern": {n: k for n, k in pattern.items()},
-        "target_modules": _target_names(model, list(state.layers)),
+        "target_modules": target_names(model, list(state.layers)),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": any(layer.transposed for layer in state.layers.values()),

@@ -24,6 +24,7 @@ from ..api import DEFAULT_NAME, attach, detach, get_state
 from ..core.inject import find_targets, regex_matcher
 from ..core.layer import SUPPORTED_BASES, base_shape, skip_init
 from ..core.registry import get_method
+from ..core.state import check_tensor_names
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError
 from .peft_export import PEFT_PREFIX
 from .persistence import (
@@ -31,8 +32,8 @@ from .persistence import (
     SAVED_PREFIX,
     WEIGHTS_NAME,
     _check_loaded,
-    _check_tensors,
     adapter_tensors,
+    read_adapter_header,
     read_adapter_tensors,
 )
 
@@ -63,6 +64,11 @@ def _check_options(where: Path, data: dict[str, Any]) -> None:
             raise AdapterFileError(f"{where}: PEFT option {key!r:.60} is set to {value!r:.80}; lorakit cannot "
                                    "reproduce it exactly (it loads plain LoRA, rsLoRA, DoRA, rank/alpha "
                                    "patterns and modules_to_save), so the adapter is refused")
+    for key in ("r", "lora_alpha"):  # PEFT computes lora_alpha / r: null (lorakit's "alpha = r") fails there
+        value = data.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AdapterFileError(f"{where}: {key} must be a number, found {value!r:.60}; PEFT cannot load this "
+                                   "adapter either")
     init = data.get("init_lora_weights", True)
     if not any(init is v if isinstance(v, bool) else init == v for v in PLAIN_INITS):
         raise AdapterFileError(f"{where}: init_lora_weights={init!r:.60} is not one of {list(PLAIN_INITS)}: "
@@ -172,7 +178,7 @@ def load_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str
                                "safe_serialization=True) in a trusted environment")
     _check_options(where, data)
     saved = _saved_modules(where, model, data)
-    found = _split(where, read_adapter_tensors(directory), saved)
+    found = _split(where, read_adapter_header(directory), saved)  # meta tensors: no data read before the checks
     layers = _layers(where, model, data, found, saved)
     method, config = _lorakit_config(where, data, layers, saved)
     modules = dict(model.named_modules())
@@ -196,7 +202,8 @@ def load_peft(model: nn.Module, directory: Path, data: dict[str, Any], name: str
         state = get_state(model)
         base_name = data.get("base_model_name_or_path")
         state.base_model_name = base_name if isinstance(base_name, str) else ""
-        _check_tensors(adapter_tensors(model), found, directory / WEIGHTS_NAME)
+        check_tensor_names(adapter_tensors(model), found, directory / WEIGHTS_NAME)
+        found = _split(where, read_adapter_tensors(directory), saved)
         for name, layer in state.layers.items():
             layer.load_adapter_state({k: found[f"{name}.{k}"] for k in layer.adapter_state()})
         with torch.no_grad():

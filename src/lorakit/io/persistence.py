@@ -8,9 +8,10 @@ base-offset factors included) and the trained copies of ``modules_to_save`` unde
 ``modules_to_save.{module}.{param}``.
 
 Adapter files may be hostile: `load` checks the JSON against its schema and the method's config schema
-before anything else, refuses any tensor the method does not declare (base offsets included), any
-non-float or non-finite tensor, and any loaded update too large for the base weights; every failure is
-a `LorakitError` naming the file and the item, and leaves the model as it was.
+before anything else, reads only regular files, checks every tensor's name, dtype and shape from the
+safetensors header before reading any tensor data, refuses any tensor the method does not declare (base
+offsets included), any non-float or non-finite tensor, and any loaded update too large for the base
+weights; every failure is a `LorakitError` naming the file and the item, and leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import logging
 import math
 import os
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..api import DEFAULT_NAME, adding_adapter, attach, detach, get_state
@@ -36,6 +37,14 @@ from ..core.inject import find_targets
 from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
 from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import Method, get_method
+from ..core.state import (  # noqa: F401  (re-exported: save's tensor names, used by io and the trainers)
+    SAVED_PREFIX,
+    adapter_tensors,
+    check_adapter_tensors,
+    check_offsets,
+    check_tensor_names,
+    copy_adapter_tensors,
+)
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError, TargetError
 
 logger = logging.getLogger(__name__)
@@ -43,10 +52,14 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-SAVED_PREFIX = "modules_to_save."
 PROBES = 16
 MAX_CONFIG_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HEADER_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# named as torch names them in the refusal
+_OTHER_DTYPES = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # A loaded tensor, update or base offset with entries beyond MAX_UPDATE_RATIO * max(1, max|W0|) is refused: no
 # training produces one, and it overflows the activations (e.g. alpha = 1e30 in a hand-edited config).
 MAX_UPDATE_RATIO = 1e5
@@ -87,17 +100,6 @@ def _original_weight(module: nn.Module) -> tuple[Tensor, str | None]:
     return (module.weight.T if type(module).__name__ == "Conv1D" else module.weight), None
 
 
-def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
-    """The flat ``name -> tensor`` dict that `save` writes, of adapter ``name`` (``None``: the active one)."""
-    state = get_state(model, name)
-    tensors: dict[str, Tensor] = {}
-    for layer_name, layer in state.layers.items():
-        for key, tensor in layer.adapter_state().items():
-            tensors[f"{layer_name}.{key}"] = tensor
-    for module_name, (_, trainable) in state.saved_modules.items():
-        for key, tensor in trainable.state_dict().items():
-            tensors[f"{SAVED_PREFIX}{module_name}.{key}"] = tensor
-    return tensors
 
 
 def layer_fingerprints(layers: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
@@ -238,19 +240,72 @@ def _check_fingerprint(path: Path, name: str, entry: Any) -> None:
                    entry.get("quant"))
 
 
-def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The safetensors file's tensors; each must be float16/bfloat16/float32/float64 and finite."""
+def _weights_file(directory: str | os.PathLike) -> Path:
+    """``adapter_model.safetensors`` in ``directory``, which must be a regular file (opening a FIFO blocks)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
-        raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}")
+        what = "is not a regular file" if path.exists() or path.is_symlink() else "does not exist"
+        raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}: {path} {what}")
+    return path
+
+
+def read_adapter_header(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The safetensors file's tensor names, dtypes and shapes from its header alone, as meta tensors: only the
+    header's bytes are read (no tensor data, no mapping of the file), so names and shapes are checked before a
+    huge or unexpected tensor costs memory.  As safetensors requires, the tensors' byte ranges must tile the data
+    section exactly (a truncated file fails here); each must be float (`FLOAT_DTYPES`)."""
+    path = _weights_file(directory)
     try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            total = os.fstat(f.fileno()).st_size
+            if not 2 <= size <= min(MAX_HEADER_BYTES, total - 8):
+                raise ValueError(f"header length {size} does not fit a {total}-byte file")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, RecursionError) as err:
+        raise AdapterFileError(f"{path} is truncated or corrupt and cannot be read: {err}") from err
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path} is corrupt: its header is not a JSON object")
+    entries = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape) \
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise AdapterFileError(f"{path} is corrupt: tensor '{key:.160}' has a malformed header entry")
+        if dtype not in _HEADER_DTYPES:
+            raise AdapterFileError(f"{path}: tensor '{key:.160}' has dtype {_OTHER_DTYPES.get(dtype, dtype)}, "
+                                   "expected float (float16, bfloat16, float32 or float64)")
+        entries.append((offsets, key, shape, _HEADER_DTYPES[dtype]))
+    out, end = {}, 0
+    for offsets, key, shape, dtype in sorted(entries, key=lambda e: e[0]):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets != [end, end + nbytes]:
+            raise AdapterFileError(f"{path} is truncated or corrupt: tensor '{key:.160}' of shape {shape} has data "
+                                   f"offsets {offsets}, expected {[end, end + nbytes]}")
+        end += nbytes
+        out[key] = torch.empty(shape, dtype=dtype, device="meta")
+    if end != total - 8 - size:
+        raise AdapterFileError(f"{path} is truncated or corrupt: its tensors take {end} bytes, the file holds "
+                               f"{total - 8 - size}")
+    return out
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The safetensors file's tensors (`read_adapter_header`'s checks first); each must be finite."""
+    path = Path(directory) / WEIGHTS_NAME
+    header = read_adapter_header(directory)
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in header}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         raise AdapterFileError(f"{path} is truncated or corrupt and cannot be read: {err}") from err
     for key, tensor in tensors.items():
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise AdapterFileError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected float "
-                                   "(float16, bfloat16, float32 or float64)")
+        if tensor.dtype != header[key].dtype or tensor.shape != header[key].shape:  # replaced since the header
+            raise AdapterFileError(f"{path} changed while it was read; load it again")
         if not math.isfinite(_largest(tensor)):
             raise AdapterFileError(f"{path}: tensor '{key}' holds NaN or inf values; the adapter is corrupt")
     return tensors
@@ -278,7 +333,7 @@ def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
         return load_peft(model, path, data, name)
     data = check_adapter_config(path / CONFIG_NAME, data)
     method, config = _read_method_config(path, data)
-    tensors = read_adapter_tensors(path)
+    header = read_adapter_header(path)  # names, dtypes, shapes: no tensor data is read before they are checked
     try:
         targets = dict(find_targets(model, config.target_modules, exclude=config.modules_to_save))
     except TargetError as err:
@@ -297,9 +352,9 @@ def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
     with originals_kept(state.layers.values()):  # until checked, so a refused load puts W0 back bit for bit
         try:
             state.base_model_name = data.get("base_model", "")
-            _check_tensors(adapter_tensors(model), tensors, path)
-            _check_offsets(state.layers, offsets, tensors, path)
-            copy_adapter_tensors(model, tensors)
+            check_tensor_names(adapter_tensors(model), header, path)
+            check_offsets(state.layers, offsets, header, path)
+            copy_adapter_tensors(model, read_adapter_tensors(path))
             _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
         except BaseException:
             detach(model, name)
@@ -355,79 +410,6 @@ def _declared_offsets(path: Path, method: Method, data: dict[str, Any],
                                    f"'base_offsets' lacks {sorted(set(targets) - set(declared))[:5]}")
         return {name: declared.get(name) for name in targets}
     return dict(declared)
-
-
-def _check_offsets(layers: dict[str, AdapterLayer], offsets: dict[str, int | None], found: dict[str, Tensor],
-                   path: Path) -> None:
-    """Exactly the declared layers carry base-offset factors ``d_out×k`` and ``k×d_in``, k as recorded."""
-    present = {k.rsplit(".", 1)[0] for k in found if k.rsplit(".", 1)[-1] in ("base_offset_B", "base_offset_A")
-               and not k.startswith(SAVED_PREFIX)}
-    extra = sorted(present - set(offsets))
-    if extra:
-        raise AdapterFileError(f"{path}: unexpected tensors: base-offset factors for {extra[:5]}, which the "
-                               "adapter does not declare (its method or 'base_offsets' record)")
-    for name, rank in offsets.items():
-        layer = layers[name]
-        b, a = found.get(f"{name}.base_offset_B"), found.get(f"{name}.base_offset_A")
-        if b is None or a is None:
-            raise AdapterFileError(f"{path}: layer '{name}' lacks its base-offset factors "
-                                   "(base_offset_B/base_offset_A); the file is incomplete")
-        k = b.shape[1] if b.ndim == 2 else -1
-        if b.ndim != 2 or a.ndim != 2 or b.shape[0] != layer.out_features or a.shape[1] != layer.in_features \
-                or a.shape[0] != k or (rank is not None and k != rank):
-            raise AdapterFileError(f"{path}: base-offset factors of '{name}' have shapes "
-                                   f"{tuple(b.shape)} and {tuple(a.shape)}, which do not fit a "
-                                   f"{layer.out_features}x{layer.in_features} layer"
-                                   + (f" at the recorded rank {rank}" if rank is not None else ""))
-
-
-@torch.no_grad()
-def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-    """Copy ``tensors`` (``save``'s names, already checked) into the adapter attached to ``model``, rebuilding any
-    base offset (moved W0, merged rounds).  Used by `load`, trainer checkpoints and rank-0 broadcasts."""
-    state = get_state(model)
-    for name, layer in state.layers.items():
-        own = {k[len(name) + 1:]: v for k, v in tensors.items()
-               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
-        layer.load_adapter_state(own)
-    for name, (_, module) in state.saved_modules.items():
-        for key, tensor in module.state_dict().items():
-            tensor.copy_(tensors[f"{SAVED_PREFIX}{name}.{key}"])
-
-
-def check_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
-    """``tensors`` (``save``'s names) fit the adapter attached to ``model`` exactly: the same names and shapes,
-    and base offsets only where its method owns them (every layer for W0-moving inits; any layer for merged
-    boosting rounds, whose record is in the JSON that `load` reads).  For checkpoints and rank-0 broadcasts."""
-    state = get_state(model)
-    path = Path(source)
-    if state.method.base_offsets == "every-layer":
-        offsets: dict[str, int | None] = dict.fromkeys(state.layers)
-    elif state.method.base_offsets == "merged-rounds":
-        offsets = {k.rsplit(".", 1)[0]: None for k in tensors if k.endswith(".base_offset_B")
-                   and k.rsplit(".", 1)[0] in state.layers}
-    else:
-        offsets = {}
-    _check_tensors(adapter_tensors(model), tensors, path)
-    _check_offsets(state.layers, offsets, tensors, path)
-
-
-def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path) -> None:
-    """Exactly the tensors the attached adapter has (base offsets aside: `_check_offsets`), same shapes."""
-    offsets = {k for k in found if k.rsplit(".", 1)[-1] in ("base_offset_B", "base_offset_A")
-               and not k.startswith(SAVED_PREFIX)}
-    missing = sorted(set(expected) - set(found) - offsets)
-    extra = sorted(set(found) - set(expected) - offsets)
-    if missing or extra:
-        raise AdapterFileError(f"{path}: tensors missing from the file {missing[:5]}"
-                               f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {extra[:5]}"
-                               f"{' ...' if len(extra) > 5 else ''}")
-    for key, tensor in expected.items():
-        if key in offsets:
-            continue
-        if tuple(found[key].shape) != tuple(tensor.shape):
-            raise AdapterFileError(f"{path}: tensor '{key}' has shape {tuple(found[key].shape)}, "
-                                   f"expected {tuple(tensor.shape)}")
 
 
 @torch.no_grad()

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..api import disabled
 from ..core.hooks import TrainingHooks
 from ..core.layer import AdapterLayer
 from ..core.registry import Method, register
+from ..core.state import disabled
 from ..errors import ConfigError, TrainingError
 from .lora import lora_params
 from .pissa import PissaConfig, PissaLayer

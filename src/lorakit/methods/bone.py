@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..api import get_state
 from ..config import AdapterConfig
 from ..core.layer import AdapterLayer, init_skipped
 from ..core.linalg import seeded_generator
 from ..core.registry import Method, register
+from ..core.state import get_state
 from ..errors import ConfigError, LorakitError
 from .dora import write_peft_lora
 

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..api import get_state
 from ..config import AdapterConfig
 from ..core.files import write_files
+from ..core.inject import PEFT_PREFIX, target_names
 from ..core.registry import Method, register
+from ..core.state import get_state
 from ..errors import LorakitError
-from ..io.peft_export import PEFT_PREFIX, _target_names
 from .lora import LoraConfig, LoraLayer
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def write_peft_lora(model: nn.Module, directory: str | os.PathLike, factors: dic
         tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.float()
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": state.base_model_name or None,
-        "r": r, "lora_alpha": r, "target_modules": _target_names(model, list(state.layers)), "lora_dropout": 0.0,
+        "r": r, "lora_alpha": r, "target_modules": target_names(model, list(state.layers)), "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": any(layer.transposed for layer in state.layers.values()),
         "use_rslora": False, "use_dora": magnitudes is not None, "init_lora_weights": True, "inference_mode": True,
     }

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..api import get_state
 from ..config import AdapterConfig
 from ..core.hooks import TrainingHooks
 from ..core.layer import AdapterLayer
 from ..core.linalg import seeded_generator
 from ..core.registry import Method, register
+from ..core.state import get_state
 from ..errors import ConfigError, LorakitError
 from .lora import LoraLayer, lora_params
 

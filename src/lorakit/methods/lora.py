@@ -9,15 +9,18 @@ The forward is ``W0 x + B (s · A dropout(x))``: the scale multiplies the r-wide
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import regex
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..core.inject import regex_matcher
+from ..core.inject import MATCH_BUDGET_S, compile_regex
 from ..core.layer import AdapterLayer, init_skipped
 from ..core.linalg import seeded_generator
 from ..core.registry import Method, register
@@ -27,15 +30,52 @@ from ..errors import ConfigError, TargetError
 PATTERN_METHODS = frozenset({"lora", "rslora", "dora"})
 
 
-def pattern_key(patterns: dict[str, object], name: str) -> str | None:
-    """The first key of ``patterns`` that matches module ``name`` as PEFT's ``get_pattern_key`` matches it:
-    ``re.match(rf"(.*\\.)?({key})$", name)``, i.e. the key is a regex matching a dot-separated suffix."""
+# A key without regex syntax but '.' (any character but a newline): the usual PEFT key, a module name.
+_DOTTED_LITERAL = regex.compile(r"[^\\^$*+?{}\[\]|()\n]*")
+Patterns = tuple[tuple[str, "regex.Pattern[str] | None"], ...]
+
+
+def compile_patterns(patterns: Mapping[str, object]) -> Patterns:
+    """Each key of ``patterns`` with its regex ``(.*\\.)?(key)`` compiled, in order, or ``None`` for a key
+    with no regex syntax but '.' (matched by `_suffix_matches`, as fast as a string comparison): done once per
+    config, since a 20k-key ``rank_pattern`` compiled per layer and call made loading take minutes."""
+    compiled = []
     for key in patterns:
+        if _DOTTED_LITERAL.fullmatch(key):
+            compiled.append((key, None))
+            continue
         try:
-            if regex_matcher(rf"(.*\.)?({key})")(name):
-                return key
+            compiled.append((key, compile_regex(rf"(.*\.)?({key})", "pattern key")))
         except TargetError as err:
             raise ConfigError(f"pattern key {key!r:.120} ({err})") from err
+    return tuple(compiled)
+
+
+def _suffix_matches(key: str, name: str) -> bool:
+    """``(.*\\.)?(key)`` fully matches ``name`` for a `_DOTTED_LITERAL` key: ``name`` ends with as many characters
+    as ``key`` has, equal to it where ``key`` is not '.', after nothing or a '.' (no newline: '.*' skips none)."""
+    head, tail = name[:len(name) - len(key)], name[len(name) - len(key):]
+    return (len(name) >= len(key) and (not head or head.endswith(".")) and "\n" not in head
+            and all(k == c or (k == "." and c != "\n") for k, c in zip(key, tail)))
+
+
+def pattern_key(patterns: Mapping[str, object] | Patterns, name: str) -> str | None:
+    """The first key of ``patterns`` (a mapping, or `compile_patterns` of one) that matches module ``name`` as
+    PEFT's ``get_pattern_key`` matches it: ``re.match(rf"(.*\\.)?({key})$", name)``, i.e. the key is a regex
+    matching a dot-separated suffix.  All the keys together may take `MATCH_BUDGET_S` for one name."""
+    compiled = compile_patterns(patterns) if isinstance(patterns, Mapping) else patterns
+    deadline = time.monotonic() + MATCH_BUDGET_S
+    for key, pattern in compiled:
+        if pattern is None:
+            if _suffix_matches(key, name):
+                return key
+            continue
+        try:
+            if pattern.fullmatch(name, timeout=max(deadline - time.monotonic(), 1e-3)) is not None:
+                return key
+        except TimeoutError as err:
+            raise ConfigError(f"pattern key {key!r:.120} took over {MATCH_BUDGET_S} s to match {name!r:.120} "
+                              "(catastrophic backtracking); simplify it") from err
     return None
 
 
@@ -63,8 +103,9 @@ class LoraConfig(AdapterConfig):
         for key, alpha in self.alpha_pattern.items():
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
                 raise ConfigError(f"alpha_pattern[{key!r:.120}] must be positive and finite, got {alpha!r}")
-        for key in [*self.rank_pattern, *self.alpha_pattern]:
-            pattern_key({key: None}, "")  # an invalid or too costly regex fails here, not at attach
+        # an invalid or too costly regex fails here, not at attach; not fields: neither saved nor compared
+        object.__setattr__(self, "_rank_keys", compile_patterns(self.rank_pattern))
+        object.__setattr__(self, "_alpha_keys", compile_patterns(self.alpha_pattern))
 
     @property
     def scale(self) -> float:
@@ -73,13 +114,13 @@ class LoraConfig(AdapterConfig):
 
     def rank_for(self, name: str) -> int:
         """The rank of layer ``name``: its `rank_pattern` entry, else ``r``."""
-        key = pattern_key(self.rank_pattern, name) if self.rank_pattern else None
+        key = pattern_key(self._rank_keys, name) if self.rank_pattern else None
         return self.r if key is None else self.rank_pattern[key]
 
     def scale_for(self, name: str) -> float:
         """Layer ``name``'s scale ``α/r`` (``α/√r`` with rsLoRA) from its own r and α (PEFT's rule)."""
         r = self.rank_for(name)
-        key = pattern_key(self.alpha_pattern, name) if self.alpha_pattern else None
+        key = pattern_key(self._alpha_keys, name) if self.alpha_pattern else None
         alpha = self.alpha_pattern[key] if key is not None else self.alpha if self.alpha is not None else self.r
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
