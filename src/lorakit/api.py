@@ -39,7 +39,7 @@ from .config import AdapterConfig
 from .core import quant
 from .core.hooks import TrainingHooks
 from .core.inject import find_modules_to_save, find_targets, replace_module
-from .core.layer import AdapterLayer, base_shape, keep_original, originals_kept
+from .core.layer import AdapterLayer, base_shape, keep_original, undo_moves
 from .core.registry import Method, get_method
 from .errors import ConfigError, LorakitError
 
@@ -224,7 +224,11 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
     ``initialize=False`` skips data-driven inits (used by `load`, which restores saved tensors).
     ``name`` adds the adapter next to those already attached: the active one is set aside first, so the new
     adapter is built and initialised on the base model exactly as alone, and then becomes the active one.
-    A failed attach leaves the model as it was, the previously active adapter active again.
+    A failed attach leaves the model as it was, the previously active adapter active again.  A W0-moving init
+    (PiSSA, OLoRA, BA-LoRA, LoRA-GA) moves W0 one layer at a time and keeps no float copy of it (alone; next to
+    other adapters W0 is kept, see the module docstring), so attach needs one layer's W0 beyond LoRA's memory at
+    any model size; a failure puts the moved layers back from their residual and offset
+    (`AdapterLayer.restore_base`: W0 within one rounding in the weight's dtype, bit for bit on a quantized base).
     """
     with adding_adapter(model, name, f"attach adapter {name!r} next to it"):
         return _attach(model, config, data, loss_fn, initialize, name)
@@ -254,8 +258,9 @@ def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,
     model.requires_grad_(False)
     layers: dict[str, AdapterLayer] = {}
     try:
-        # next to other adapters a W0-moving init keeps W0, so setting this adapter aside is bit-exact
-        with keep_original() if others else contextlib.nullcontext():
+        # next to other adapters a W0-moving init keeps W0, so setting this adapter aside is bit-exact; alone,
+        # PiSSA/OLoRA/BA-LoRA layers move W0 as they are built, one layer at a time, undone if a later one fails
+        with keep_original() if others else contextlib.nullcontext(), undo_moves():
             for target, base in targets:
                 layers[target] = method.layer_class(base, config, target)
     except BaseException:
@@ -281,12 +286,11 @@ def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,
     setattr(model, ADAPTERS_ATTR, {**others, name: state})
     setattr(model, STATE_ATTR, state)
     if initialize and method.initialize is not None:
-        with originals_kept(layers.values()):  # while the init runs, so a failed attach restores W0 bit for bit
-            try:
-                method.initialize(model, layers, config, data, loss_fn)
-            except BaseException:
-                detach(model, name)
-                raise
+        try:  # a W0-moving init (LoRA-GA) moves layer by layer, keeping no W0: detach recomputes the moved ones
+            method.initialize(model, layers, config, data, loss_fn)
+        except BaseException:
+            detach(model, name)
+            raise
     return model
 
 
