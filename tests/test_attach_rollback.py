@@ -10,7 +10,6 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

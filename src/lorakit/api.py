@@ -36,7 +36,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import AdapterConfig
-from .core import quant
+from .core import progress, quant
 from .core.hooks import TrainingHooks
 from .core.inject import find_modules_to_save, find_targets, replace_module
 from .core.layer import AdapterLayer, base_shape, keep_original, undo_moves
@@ -261,7 +261,7 @@ def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,
         # next to other adapters a W0-moving init keeps W0, so setting this adapter aside is bit-exact; alone,
         # PiSSA/OLoRA/BA-LoRA layers move W0 as they are built, one layer at a time, undone if a later one fails
         with keep_original() if others else contextlib.nullcontext(), undo_moves():
-            for target, base in targets:
+            for target, base in progress.track(targets, len(targets), f"attach {method.name}"):
                 layers[target] = method.layer_class(base, config, target)
     except BaseException:
         for p in model.parameters():
@@ -360,7 +360,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
         _check_finite(state.layers)
     errors: dict[str, float] = {}
     kinds: dict[str, str] = {}
-    for name, layer in state.layers.items():
+    for name, layer in progress.track(state.layers.items(), len(state.layers), "merge"):
         kind, quantized = layer.quant, layer.base
         if kind is not None:
             kinds[name] = kind
