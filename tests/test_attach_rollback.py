@@ -1,8 +1,8 @@
 """A W0-moving init (PiSSA, OLoRA, LoRA-GA) holds one layer's W0 at a time and still undoes a failure.
 
 Each targeted weight of the tiny models is put into memory owned by a NumPy array, so that a weak reference
-to the array tells whether that W0 is still alive anywhere (kept by `originals_kept`, by a caller, or by an
-autograd graph): this counts copies, not bytes or seconds.
+to the array tells whether that W0 is still alive anywhere (kept by the layer, by a caller, or by an autograd
+graph): this counts copies, not bytes or seconds.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_lora_ga_init_keeps_no_w0_and_a_failure_half_way_rolls_back(monkeypatch:
     refs = _track_w0(model, names)
     counts = _count_copies(monkeypatch, model, refs)
     lorakit.attach(model, lorakit.LoraGaConfig(r=2), data=kind.batches(n=1))
-    assert len(counts) == len(names) and max(counts) == 0  # originals_kept here kept all of them: 1, 2, ... 14
+    assert len(counts) == len(names) and max(counts) == 0  # the former originals_kept kept them all: 1, 2, ... 14
 
     model = kind.build(0)
     w0 = _w0(model, names)
@@ -135,3 +135,17 @@ def test_lora_ga_init_keeps_no_w0_and_a_failure_half_way_rolls_back(monkeypatch:
     assert lorakit.adapter_names(model) == [] and len(offsets) == 3
     _assert_w0_back(model, w0, offsets)
     assert all(torch.equal(model.get_submodule(n).weight, w0[n]) for n in names if n not in offsets)
+
+
+def test_load_checks_before_moving_and_keeps_no_w0(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    kind = KINDS["llama"]
+    adapted = lorakit.attach(kind.build(0), lorakit.PissaConfig(r=2))
+    directory = lorakit.save(adapted, tmp_path / "pissa")
+    model = kind.build(0)
+    names = _targets(model)
+    refs = _track_w0(model, names)
+    counts = _count_copies(monkeypatch, model, refs)
+    lorakit.load(model, directory)
+    assert len(counts) == len(names) and max(counts) == 0
+    for name, layer in lorakit.adapter_layers(model).items():  # the residual `attach` computed, bit for bit
+        assert torch.equal(layer.base.weight, lorakit.adapter_layers(adapted)[name].base.weight)

@@ -226,8 +226,9 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
     adapter is built and initialised on the base model exactly as alone, and then becomes the active one.
     A failed attach leaves the model as it was, the previously active adapter active again.  A W0-moving init
     (PiSSA, OLoRA, BA-LoRA, LoRA-GA) moves W0 one layer at a time and keeps no float copy of it (alone; next to
-    other adapters W0 is kept, see the module docstring), so attach needs one layer's W0 beyond LoRA's memory at
-    any model size; a failure puts the moved layers back from their residual and offset
+    other adapters W0 is kept, see the module docstring): beyond LoRA's memory, attach needs the saved offsets
+    and one layer's work at a time (its factorisation and residual) at any model size; a failure puts the moved
+    layers back from their residual and offset
     (`AdapterLayer.restore_base`: W0 within one rounding in the weight's dtype, bit for bit on a quantized base).
     """
     with adding_adapter(model, name, f"attach adapter {name!r} next to it"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,24 +57,6 @@ def keep_original() -> Iterator[None]:
         _KEEP_ORIGINAL = previous
 
 
-@contextlib.contextmanager
-def originals_kept(layers: Iterable[AdapterLayer]) -> Iterator[None]:
-    """Inside the block `move_base` keeps each float W0, so a refused load is undone bit for bit by `restore_base`;
-    when the block succeeds the copies are dropped, except in layers built inside `keep_original`.  Inits use
-    `undo_moves` instead, which keeps no W0."""
-    layers = list(layers)
-    flags = [layer.keep_original for layer in layers]
-    for layer in layers:
-        layer.keep_original = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, flags):
-            layer.keep_original = flag
-            if not flag and layer.quant is None and not isinstance(layer.original_weight, DTensor):
-                layer.original_weight = None
-
-
 _MOVES: list[tuple[AdapterLayer, Tensor | None, Tensor | None]] | None = None  # journal of `undo_moves`
 
 
@@ -85,8 +67,9 @@ def undo_moves() -> Iterator[None]:
     on a quantized base or where W0 is kept), or to the offset it had before the block.
 
     This is how a W0-moving init (PiSSA, OLoRA, BA-LoRA, LoRA-GA) stays undoable at any size: each `move_base`
-    completes (residual and offset stored) before the next layer starts and keeps no float W0, so the memory
-    the init holds beyond the adapter is one layer's W0 at a time, not a copy of every moved weight."""
+    completes (residual and offset stored) before the next layer starts and keeps no float W0, so beyond the
+    adapter and its saved offsets the init holds one layer's work at a time (its factorisation and the new
+    residual), not a copy of every moved weight (``benchmarks/results/scale.md``)."""
     global _MOVES
     previous, journal = _MOVES, []
     _MOVES = journal

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..api import DEFAULT_NAME, adding_adapter, attach, detach, get_state
 from ..config import AdapterConfig
 from ..core.inject import find_targets
-from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
+from ..core.layer import AdapterLayer, base_shape, skip_init, undo_moves
 from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import Method, get_method
 from ..errors import AdapterConfigError, AdapterFileError, ConfigError, LorakitError, TargetError
@@ -305,16 +305,22 @@ def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
     except LorakitError as err:
         raise AdapterFileError(f"{path / CONFIG_NAME}: {err}") from err
     state = get_state(model)
-    with originals_kept(state.layers.values()):  # until checked, so a refused load puts W0 back bit for bit
-        try:
-            state.base_model_name = data.get("base_model", "")
-            _check_tensors(adapter_tensors(model), tensors, path)
-            _check_offsets(state.layers, offsets, tensors, path)
-            copy_adapter_tensors(model, tensors)
-            _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
-        except BaseException:
-            detach(model, name)
-            raise
+    try:
+        state.base_model_name = data.get("base_model", "")
+        _check_tensors(adapter_tensors(model), tensors, path)
+        _check_offsets(state.layers, offsets, tensors, path)
+        copy_adapter_tensors(model, tensors, move_bases=False)
+        moves = {target: (tensors[f"{target}.base_offset_B"], tensors[f"{target}.base_offset_A"])
+                 for target in state.layers if f"{target}.base_offset_B" in tensors}
+        _check_loaded(state.layers, state.saved_modules, method.low_rank, path, moves)
+        # checked while W0 is untouched (a refused load leaves it bit for bit); then W0 moves one layer at a time,
+        # keeping no copy of it, as attach does (`undo_moves`)
+        with undo_moves():
+            for target, (offset_B, offset_A) in moves.items():
+                state.layers[target].move_base(offset_B, offset_A)
+    except BaseException:
+        detach(model, name)
+        raise
     return model
 
 
@@ -393,13 +399,14 @@ def _check_offsets(layers: dict[str, AdapterLayer], offsets: dict[str, int | Non
 
 
 @torch.no_grad()
-def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], move_bases: bool = True) -> None:
     """Copy ``tensors`` (``save``'s names, already checked) into the adapter attached to ``model``, rebuilding any
-    base offset (moved W0, merged rounds).  Used by `load`, trainer checkpoints and rank-0 broadcasts."""
+    base offset (moved W0, merged rounds) unless ``move_bases=False`` (`load` moves them after its checks).  Used
+    by `load`, trainer checkpoints and rank-0 broadcasts."""
     state = get_state(model)
     for name, layer in state.layers.items():
-        own = {k[len(name) + 1:]: v for k, v in tensors.items()
-               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")
+               and not k.startswith(SAVED_PREFIX) and (move_bases or not k.startswith(f"{name}.base_offset_"))}
         layer.load_adapter_state(own)
     for name, (_, module) in state.saved_modules.items():
         for key, tensor in module.state_dict().items():
@@ -443,8 +450,9 @@ def _check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor], path: 
 
 @torch.no_grad()
 def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tuple[nn.Module, nn.Module]],
-                  low_rank: bool, path: Path) -> None:
-    """Every loaded tensor, update ΔW and base offset is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
+                  low_rank: bool, path: Path, offsets: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> None:
+    """Every loaded tensor, update ΔW and base offset (a layer's own, or ``offsets[layer]``: factors that will
+    move W0) is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
     def limit_of(reference: Tensor) -> float:
         return MAX_UPDATE_RATIO * max(1.0, _largest(reference))
 
@@ -474,8 +482,13 @@ def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tupl
             check(f"tensor '{name}.{key}'", tensor, limit)
         # as_lora() is the update itself for low-rank methods (the PEFT export relies on it)
         check_product(f"update of layer '{name}'", layer.as_lora() if low_rank else None, layer.delta_weight, limit)
-        if layer.base_offset_B is not None:
+        offset = (offsets or {}).get(name)
+        if offset is not None:
+            for key, tensor in zip(("base_offset_B", "base_offset_A"), offset):
+                check(f"tensor '{name}.{key}'", tensor, limit)
+        elif layer.base_offset_B is not None:
             offset = (layer.base_offset_B, layer.base_offset_A)
+        if offset is not None:
             check_product(f"base offset of layer '{name}'", offset, lambda o=offset: o[0] @ o[1], limit)
     for name, (original, trainable) in saved_modules.items():
         reference = dict(original.state_dict())
