@@ -273,16 +273,24 @@ def run_attach(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def attach_summary(attach: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per method: the worse of its two runs' extra peak over the better LoRA run, in MiB and in largest layers."""
+    """Per W0-moving method, its worse run (highest heap peak) against LoRA's better run: the extra peak of live
+    heap over LoRA's, split into what stays after the attach (the saved offsets, plus any one-time library buffer)
+    and the transient (peak less what stays, beyond LoRA's own transient), in MiB and in largest layers."""
     runs = attach["runs"]
     layer = runs["lora"][0]["largest_layer_float32_mib"]
+    lora = min(runs["lora"], key=lambda r: r["attach_peak_heap_over_loaded_mib"])
     out = {}
-    for key in ("attach_peak_heap_over_loaded_mib", "attach_peak_rss_over_loaded_mib"):
-        lora = min(r[key] for r in runs["lora"])
-        for method in ATTACH_METHODS[1:]:
-            extra = max(r[key] for r in runs[method]) - lora
-            out.setdefault(method, {})[key.replace("_over_loaded_mib", "_over_lora_mib")] = extra
-            out[method][key.replace("_over_loaded_mib", "_over_lora_layers")] = extra / layer
+    for method in ATTACH_METHODS[1:]:
+        r = max(runs[method], key=lambda r: r["attach_peak_heap_over_loaded_mib"])
+        peak = r["attach_peak_heap_over_loaded_mib"] - lora["attach_peak_heap_over_loaded_mib"]
+        kept = r["heap_after_attach_over_loaded_mib"] - lora["heap_after_attach_over_loaded_mib"]
+        transient = peak - kept
+        out[method] = {"peak_over_lora_mib": peak, "peak_over_lora_layers": peak / layer,
+                       "kept_over_lora_mib": kept, "offsets_mib": r["offsets_mib"],
+                       "transient_over_lora_mib": transient, "transient_over_lora_layers": transient / layer,
+                       "w0_growth_over_moves_mib": max(x["heap_growth_over_moves_mib"] for x in runs[method]),
+                       "rss_peak_over_lora_mib": r["attach_peak_rss_over_loaded_mib"]
+                       - lora["attach_peak_rss_over_loaded_mib"]}
     return out
 
 
@@ -353,7 +361,7 @@ def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int],
     in_layers = {}
     if attach is not None:  # the layer-by-layer attach (`--attach`): its extra peak in largest layers
         moved = {}
-        in_layers = {m: v["attach_peak_heap_over_lora_layers"] for m, v in attach_summary(attach).items()
+        in_layers = {m: v["transient_over_lora_layers"] for m, v in attach_summary(attach).items()
                      if m != "lora-ga"}
     return {"extra_attach_peak_largest_layers": in_layers,
             "weight_bytes_per_linear_param": out, "adapter_bytes_per_param": ADAM_BYTES,
@@ -385,7 +393,9 @@ def extrapolate(units: dict[str, Any]) -> dict[str, Any]:
         for method, b in units["extra_attach_peak_bytes_per_linear_param"].items():
             row[f"{method} extra attach peak GiB"] = spec["linear"] * b / 2**30
         for method, n in units.get("extra_attach_peak_largest_layers", {}).items():
-            row[f"{method} extra attach peak GiB (float32)"] = max(n, 0.0) * spec["largest_layer"] * 4 / 2**30
+            # the saved offsets (one adapter's worth) plus the measured transient in largest layers, float32
+            row[f"{method} extra attach peak GiB (float32)"] = (spec["lora8"] * 4 + max(n, 0.0)
+                                                                * spec["largest_layer"] * 4) / 2**30
         out[size] = row
     return out
 
@@ -447,7 +457,8 @@ def markdown(res: dict[str, Any]) -> str:
               *(["- attach peak above the loaded model, beyond LoRA's, per linear-layer parameter: " + ", ".join(
                   f"{k} {v:.3f} bytes" for k, v in u["extra_attach_peak_bytes_per_linear_param"].items())]
                 if u["extra_attach_peak_bytes_per_linear_param"] else []),
-              *(["- attach peak above LoRA's, in float32 copies of the largest targeted layer: " + ", ".join(
+              *(["- attach transient beyond LoRA's (its peak less what the attach keeps), in float32 copies of "
+                 "the largest targeted layer: " + ", ".join(
                   f"{k} {v:.2f}" for k, v in u["extra_attach_peak_largest_layers"].items())]
                 if u.get("extra_attach_peak_largest_layers") else []),
               "", f"## Extrapolated GiB (Llama-2 7B / 70B, LoRA r=8 all linear, AdamW, {TOKENS} tokens per step, "
@@ -466,8 +477,8 @@ def attach_markdown(attach: dict[str, Any]) -> list[str]:
     runs, summary = attach["runs"], attach_summary(attach)
     layer = runs["lora"][0]["largest_layer_float32_mib"]
     lines = ["", "## Attach peak of the W0-moving inits (layer by layer)", "",
-             f"Command: `{attach['command']}`; {attach['machine']}. Each attach ran in its own process, in the order "
-             f"{', '.join(ATTACH_METHODS)}, then reversed. Largest targeted layer (float32): {layer:.2f} MiB; all "
+             f"Command: `{attach['command']}`; {attach['machine']}. Each attach ran in its own process. Largest "
+             f"targeted layer (float32): {layer:.2f} MiB; all "
              f"targeted layers: {runs['lora'][0]['linear_float32_mib']:.0f} MiB.", "",
              "| method | attach s | peak live heap over loaded MiB | peak RSS over loaded MiB | live heap after attach "
              "over loaded MiB | heap growth over the moves, less offsets, MiB | load avg before/after |",
@@ -479,14 +490,15 @@ def attach_markdown(attach: dict[str, Any]) -> list[str]:
                          f"{r['attach_peak_heap_over_loaded_mib']:.1f} | {r['attach_peak_rss_over_loaded_mib']:.1f} "
                          f"| {r['heap_after_attach_over_loaded_mib']:.1f} | {r['heap_growth_over_moves_mib']:.1f} "
                          f"| {load} |")
-    lines += ["", "Extra peak over LoRA's (the worse run of the method minus the better LoRA run):", ""]
+    lines += ["", "Extra over LoRA's attach (the method's run with the higher heap peak against LoRA's lower one; "
+              "live heap, MiB; layers = float32 copies of the largest targeted layer):", "",
+              "| method | extra peak | = kept after attach | of which saved offsets | + transient | transient in "
+              "layers | W0 growth over the moves | extra RSS peak |", "|---|---|---|---|---|---|---|---|"]
     for method, v in summary.items():
-        heap = v["attach_peak_heap_over_lora_layers"]
-        target = (f" (target <= 1 layer: {'MET' if heap <= 1 else 'NOT MET'})" if method != "lora-ga"
-                  else " (its init's forward and backward on the init batch: activations, not W0)")
-        lines.append(f"- {method}: live heap {v['attach_peak_heap_over_lora_mib']:.1f} MiB = {heap:.2f} largest "
-                     f"layers{target}; RSS {v['attach_peak_rss_over_lora_mib']:.1f} MiB = "
-                     f"{v['attach_peak_rss_over_lora_layers']:.2f} layers")
+        lines.append(f"| {method} | {v['peak_over_lora_mib']:.1f} ({v['peak_over_lora_layers']:.1f} layers) | "
+                     f"{v['kept_over_lora_mib']:.1f} | {v['offsets_mib']:.1f} | {v['transient_over_lora_mib']:.1f} "
+                     f"| {v['transient_over_lora_layers']:.2f} | {v['w0_growth_over_moves_mib']:.1f} | "
+                     f"{v['rss_peak_over_lora_mib']:.1f} |")
     return lines
 
 
