@@ -3,6 +3,7 @@
     python benchmarks/scale.py                    # every configuration (42 minutes on 2 shared cores, load 4-9)
     python benchmarks/scale.py --steps 3 --out /tmp/x --data /work/shared/data --model /tmp/smollm2-135m
     python benchmarks/scale.py --steps 1 --batch 1 --only lorakit-nf4 --only peft-qlora   # quick check, printed only
+    python benchmarks/scale.py --attach --model /tmp/smollm2-135m --data /work/shared/data   # attach peaks only
 
 A float copy of SmolLM2-135M (``--model``) loads in seconds instead of a minute (GGUF) and is quantized by
 transformers while loading::
@@ -24,6 +25,10 @@ millisecond; the load average is recorded before and after it):
   ratio is taken under the same load;
 * ``lorakit-pissa``, ``lorakit-lora-ga``: attach plus one training step on the float base, against
   ``lorakit-float``'s attach plus one step (the inits that move W0 keep no second copy of it).
+
+``--attach`` measures only the attach of LoRA, PiSSA, OLoRA and LoRA-GA (each in its own process, twice): live
+heap (glibc ``mallinfo2``) and RSS peaks above the loaded model, the live heap right after each layer's W0 move,
+and each init's extra over LoRA's in copies of the largest layer; it adds them to ``scale.json`` and ``scale.md``.
 
 The peak RSS of loading is kept apart (``peak_rss_load_mib``); after loading, float tensors are copied out of
 the memory-mapped checkpoint (whose pages would otherwise stay counted in RSS).
