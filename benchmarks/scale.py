@@ -3,6 +3,7 @@
     python benchmarks/scale.py                    # every configuration (42 minutes on 2 shared cores, load 4-9)
     python benchmarks/scale.py --steps 3 --out /tmp/x --data /work/shared/data --model /tmp/smollm2-135m
     python benchmarks/scale.py --steps 1 --batch 1 --only lorakit-nf4 --only peft-qlora   # quick check, printed only
+    python benchmarks/scale.py --attach --model /tmp/smollm2-135m --data /work/shared/data   # attach peaks only
 
 A float copy of SmolLM2-135M (``--model``) loads in seconds instead of a minute (GGUF) and is quantized by
 transformers while loading::
@@ -25,6 +26,10 @@ millisecond; the load average is recorded before and after it):
 * ``lorakit-pissa``, ``lorakit-lora-ga``: attach plus one training step on the float base, against
   ``lorakit-float``'s attach plus one step (the inits that move W0 keep no second copy of it).
 
+``--attach`` measures only the attach of LoRA, PiSSA, OLoRA and LoRA-GA (each in its own process, twice): live
+heap (glibc ``mallinfo2``) and RSS peaks above the loaded model, the live heap right after each layer's W0 move,
+and each init's extra over LoRA's in copies of the largest layer; it adds them to ``scale.json`` and ``scale.md``.
+
 The peak RSS of loading is kept apart (``peak_rss_load_mib``); after loading, float tensors are copied out of
 the memory-mapped checkpoint (whose pages would otherwise stay counted in RSS).
 Step time is the median of ``--steps`` steps after one warm-up step.  Model-weight memory is counted
@@ -38,6 +43,8 @@ the relative output error of ``merge_and_unload(requantize=True)`` on the nf4 ba
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -53,6 +60,7 @@ from speed import SMOL_TARGETS, PeakRSS, gsm8k_batches
 
 import lorakit
 from lorakit.core import quant
+from lorakit.core.layer import AdapterLayer
 from lorakit.core.loss import model_loss
 from lorakit.models import load_model
 from lorakit.train.trainer import enable_gradient_checkpointing
@@ -183,6 +191,114 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# -- attach peak of the W0-moving inits (layer by layer) ----------------------------------------------------------
+ATTACH_METHODS = ("lora", "pissa", "olora", "lora-ga")
+
+
+class PeakHeap(speed.PeakRSS):
+    """Peak bytes the C heap holds in live allocations (glibc ``mallinfo2``: in-use arena plus mmapped chunks),
+    MiB, sampled every millisecond: unlike RSS it drops when a tensor is freed, so memory kept by malloc after
+    a free does not count."""
+
+    _libc = ctypes.CDLL("libc.so.6")
+
+    class _Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    @staticmethod
+    def current() -> float:
+        PeakHeap._libc.mallinfo2.restype = PeakHeap._Info
+        info = PeakHeap._libc.mallinfo2()
+        return (info.uordblks + info.hblkhd) / 2**20
+
+
+def attach_child(method: str, spec: str, batch_size: int) -> dict[str, Any]:
+    """Attach ``method`` (r=8, SmolLM2's decoder linears) to the loaded float model in this fresh process: peak RSS
+    and peak live heap above the loaded model, and the largest targeted layer's float32 bytes."""
+    model, tok = load_model(spec, "causal-lm")
+    with torch.no_grad():  # out of the memory-mapped checkpoint, as `child` does
+        for p in [*model.parameters(), *model.buffers()]:
+            if type(p) in (torch.Tensor, torch.nn.Parameter):
+                p.data = p.data.clone()
+    model.train()
+    data = gsm8k_batches(tok, 1, batch_size) if method == "lora-ga" else None
+    layers = [m for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in SMOL_TARGETS]
+    largest = max(m.weight.numel() * 4 for m in layers)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed pages back, so RSS starts from the live heap
+    rss_loaded, heap_loaded = speed.PeakRSS.current(), PeakHeap.current()
+    config = lorakit.get_method(method).config_class(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS))
+    after_moves: list[float] = []  # live heap right after each layer's `move_base`: exact points, no sampling
+    offsets = [0]
+    move = AdapterLayer.move_base
+
+    def recorded(layer: AdapterLayer, offset_B: torch.Tensor, offset_A: torch.Tensor) -> None:
+        move(layer, offset_B, offset_A)
+        offsets[0] += (layer.base_offset_B.numel() + layer.base_offset_A.numel()) * 4
+        after_moves.append(PeakHeap.current() - offsets[0] / 2**20)
+    AdapterLayer.move_base = recorded
+    t = time.perf_counter()
+    with speed.PeakRSS() as rss, PeakHeap() as heap:
+        lorakit.attach(model, config, data=data)
+    seconds = time.perf_counter() - t
+    AdapterLayer.move_base = move
+    return {"method": method, "attach_s": seconds, "rss_loaded_mib": rss_loaded, "heap_loaded_mib": heap_loaded,
+            "attach_peak_rss_over_loaded_mib": rss.peak - rss_loaded,
+            "attach_peak_heap_over_loaded_mib": heap.peak - heap_loaded,
+            "heap_after_attach_over_loaded_mib": PeakHeap.current() - heap_loaded,
+            "moves": len(after_moves), "offsets_mib": offsets[0] / 2**20,
+            # growth of the live heap from the first layer's move to the last, less the offsets the moves store
+            "heap_growth_over_moves_mib": max(after_moves) - after_moves[0] if after_moves else 0.0,
+            "largest_layer_float32_mib": largest / 2**20, "linear_float32_mib": sum(m.weight.numel() * 4
+                                                                                    for m in layers) / 2**20,
+            "batch": batch_size if method == "lora-ga" else None, "threads": torch.get_num_threads(),
+            "load_average_before_after": None}
+
+
+def run_attach(args: argparse.Namespace) -> dict[str, Any]:
+    """Every `ATTACH_METHODS` attach in its own process, each twice (A B C D D C B A), then the extra peak of each
+    over LoRA's in units of the largest layer's float32 weight."""
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in ATTACH_METHODS}
+    for method in [*ATTACH_METHODS, *reversed(ATTACH_METHODS)]:
+        before = load_average()
+        out = subprocess.run([sys.executable, __file__, "--attach-child", method, "--model", args.model, "--data",
+                              str(speed.DATA), "--batch", str(args.batch), "--threads", str(args.threads)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"attach {method} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["load_average_before_after"] = [before, load_average()]
+        runs[method].append(r)
+        print(json.dumps(r), flush=True)
+    return {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+            "machine": f"{os.cpu_count()} CPU cores shared with other jobs, {args.threads} torch thread(s), "
+                       f"torch {torch.__version__}", "runs": runs}
+
+
+def attach_summary(attach: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per W0-moving method, its worse run (highest heap peak) against LoRA's better run: the extra peak of live
+    heap over LoRA's, split into what stays after the attach (the saved offsets, plus any one-time library buffer)
+    and the transient (peak less what stays, beyond LoRA's own transient), in MiB and in largest layers."""
+    runs = attach["runs"]
+    layer = runs["lora"][0]["largest_layer_float32_mib"]
+    lora = min(runs["lora"], key=lambda r: r["attach_peak_heap_over_loaded_mib"])
+    out = {}
+    for method in ATTACH_METHODS[1:]:
+        r = max(runs[method], key=lambda r: r["attach_peak_heap_over_loaded_mib"])
+        peak = r["attach_peak_heap_over_loaded_mib"] - lora["attach_peak_heap_over_loaded_mib"]
+        kept = r["heap_after_attach_over_loaded_mib"] - lora["heap_after_attach_over_loaded_mib"]
+        transient = peak - kept
+        out[method] = {"peak_over_lora_mib": peak, "peak_over_lora_layers": peak / layer,
+                       "kept_over_lora_mib": kept, "offsets_mib": r["offsets_mib"],
+                       "transient_over_lora_mib": transient, "transient_over_lora_layers": transient / layer,
+                       "w0_growth_over_moves_mib": max(x["heap_growth_over_moves_mib"] for x in runs[method]),
+                       "rss_peak_over_lora_mib": r["attach_peak_rss_over_loaded_mib"]
+                       - lora["attach_peak_rss_over_loaded_mib"]}
+    return out
+
+
 def merge_error(spec: str, batch_size: int) -> dict[str, float]:
     """Relative output error of merge_and_unload on the nf4 base (dequantized to float, or re-quantized to nf4)
     against the unmerged adapted model: LoRA with B random at the size of a short fine-tune's update."""
@@ -216,9 +332,10 @@ def merge_error(spec: str, batch_size: int) -> dict[str, float]:
 # Llama-2 7B / 70B: parameters in the decoder's linear layers and in the (untied) embedding + head, LoRA r=8
 # parameters on every decoder linear layer, hidden size, layers and vocabulary.
 MODELS = {"7B": {"linear": 6.48e9, "embed_head": 2 * 32000 * 4096, "hidden": 4096, "layers": 32, "vocab": 32000,
-                 "lora8": 8 * 32 * (4 * 2 * 4096 + 3 * (4096 + 11008))},
+                 "lora8": 8 * 32 * (4 * 2 * 4096 + 3 * (4096 + 11008)), "largest_layer": 11008 * 4096},
           "70B": {"linear": 68.45e9, "embed_head": 2 * 32000 * 8192, "hidden": 8192, "layers": 80, "vocab": 32000,
-                  "lora8": 8 * 80 * (2 * 2 * 8192 + 2 * (8192 + 1024) + 3 * (8192 + 28672))}}
+                  "lora8": 8 * 80 * (2 * 2 * 8192 + 2 * (8192 + 1024) + 3 * (8192 + 28672)),
+                  "largest_layer": 28672 * 8192}}
 TOKENS = 8 * 256  # the batch the extrapolated activations are given for (this benchmark's batch at full length)
 
 
@@ -228,7 +345,8 @@ def attach_growth(r: dict[str, Any]) -> float:
     return r.get("peak_rss_attach_mib", r["rss_before_training_mib"]) - r["rss_after_load_mib"]
 
 
-def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[str, float]:
+def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int],
+             attach: dict[str, Any] | None = None) -> dict[str, float]:
     """The measured per-parameter and per-token figures of SmolLM2 that the extrapolation scales.
 
     Activations per token split into the decoder layers' part (gc off minus gc on is L - 1 layers' worth, scaled
@@ -245,7 +363,13 @@ def per_unit(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[
         out[kind] = (measured[f"lorakit-{kind}"]["weight_mib"] * 2**20 - other) / smol["linear"]
     # LoRA-GA's attach runs forward and backward passes on its init batch: activations, extrapolated as such
     moved = {"pissa": (attach_growth(measured["lorakit-pissa"]) - attach_growth(f)) * 2**20 / smol["linear"]}
-    return {"weight_bytes_per_linear_param": out, "adapter_bytes_per_param": ADAM_BYTES,
+    in_layers = {}
+    if attach is not None:  # the layer-by-layer attach (`--attach`): its extra peak in largest layers
+        moved = {}
+        in_layers = {m: v["transient_over_lora_layers"] for m, v in attach_summary(attach).items()
+                     if m != "lora-ga"}
+    return {"extra_attach_peak_largest_layers": in_layers,
+            "weight_bytes_per_linear_param": out, "adapter_bytes_per_param": ADAM_BYTES,
             "activation_bytes_per_token_per_layer_per_hidden": layer / hidden,
             "activation_bytes_per_token_rest_per_vocab": rest / vocab,
             "extra_attach_peak_bytes_per_linear_param": moved}
@@ -269,10 +393,14 @@ def extrapolate(units: dict[str, Any]) -> dict[str, Any]:
         for option, b in options.items():
             weights = spec["linear"] * b + spec["embed_head"] * 2.0
             row[f"{option} weights GiB"] = weights / 2**30
-            for gc, act in (("off", act_off), ("on", act_on)):
-                row[f"{option} total GiB (gc {gc})"] = (weights + adapter + TOKENS * act) / 2**30
+            for gc_on, act in (("off", act_off), ("on", act_on)):
+                row[f"{option} total GiB (gc {gc_on})"] = (weights + adapter + TOKENS * act) / 2**30
         for method, b in units["extra_attach_peak_bytes_per_linear_param"].items():
             row[f"{method} extra attach peak GiB"] = spec["linear"] * b / 2**30
+        for method, n in units.get("extra_attach_peak_largest_layers", {}).items():
+            # the saved offsets (one adapter's worth) plus the measured transient in largest layers, float32
+            row[f"{method} extra attach peak GiB (float32)"] = (spec["lora8"] * 4 + max(n, 0.0)
+                                                                * spec["largest_layer"] * 4) / 2**30
         out[size] = row
     return out
 
@@ -331,15 +459,52 @@ def markdown(res: dict[str, Any]) -> str:
               f"- activations per token per decoder layer per hidden unit: "
               f"{u['activation_bytes_per_token_per_layer_per_hidden']:.1f} bytes; loss head per token per "
               f"vocabulary entry: {u['activation_bytes_per_token_rest_per_vocab']:.2f} bytes",
-              "- attach peak above the loaded model, beyond LoRA's, per linear-layer parameter: " + ", ".join(
-                  f"{k} {v:.3f} bytes" for k, v in u["extra_attach_peak_bytes_per_linear_param"].items()),
+              *(["- attach peak above the loaded model, beyond LoRA's, per linear-layer parameter: " + ", ".join(
+                  f"{k} {v:.3f} bytes" for k, v in u["extra_attach_peak_bytes_per_linear_param"].items())]
+                if u["extra_attach_peak_bytes_per_linear_param"] else []),
+              *(["- attach transient beyond LoRA's (its peak less what the attach keeps), in float32 copies of "
+                 "the largest targeted layer: " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in u["extra_attach_peak_largest_layers"].items())]
+                if u.get("extra_attach_peak_largest_layers") else []),
               "", f"## Extrapolated GiB (Llama-2 7B / 70B, LoRA r=8 all linear, AdamW, {TOKENS} tokens per step, "
               "float32 compute as measured)", ""]
     cols = list(res["extrapolation"]["7B"])
     lines += ["| quantity | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
     lines += [f"| {c} | " + " | ".join(f"{res['extrapolation'][s][c]:.1f}" for s in MODELS) + " |" for c in cols]
+    if "attach" in res:
+        lines += attach_markdown(res["attach"])
     lines += ["", *res["notes"], ""]
     return "\n".join(lines)
+
+
+def attach_markdown(attach: dict[str, Any]) -> list[str]:
+    """The `--attach` section: every run, then each W0-moving init's extra peak over LoRA's."""
+    runs, summary = attach["runs"], attach_summary(attach)
+    layer = runs["lora"][0]["largest_layer_float32_mib"]
+    lines = ["", "## Attach peak of the W0-moving inits (layer by layer)", "",
+             f"Command: `{attach['command']}`; {attach['machine']}. Each attach ran in its own process. Largest "
+             f"targeted layer (float32): {layer:.2f} MiB; all "
+             f"targeted layers: {runs['lora'][0]['linear_float32_mib']:.0f} MiB.", "",
+             "| method | attach s | peak live heap over loaded MiB | peak RSS over loaded MiB | live heap after attach "
+             "over loaded MiB | heap growth over the moves, less offsets, MiB | load avg before/after |",
+             "|---|---|---|---|---|---|---|"]
+    for method, rs in runs.items():
+        for i, r in enumerate(rs):
+            load = "/".join(f"{x:.1f}" for x in r["load_average_before_after"])
+            lines.append(f"| {method}{'#2' if i else ''} | {r['attach_s']:.1f} | "
+                         f"{r['attach_peak_heap_over_loaded_mib']:.1f} | {r['attach_peak_rss_over_loaded_mib']:.1f} "
+                         f"| {r['heap_after_attach_over_loaded_mib']:.1f} | {r['heap_growth_over_moves_mib']:.1f} "
+                         f"| {load} |")
+    lines += ["", "Extra over LoRA's attach (the method's run with the higher heap peak against LoRA's lower one; "
+              "live heap, MiB; layers = float32 copies of the largest targeted layer):", "",
+              "| method | extra peak | = kept after attach | of which saved offsets | + transient | transient in "
+              "layers | W0 growth over the moves | extra RSS peak |", "|---|---|---|---|---|---|---|---|"]
+    for method, v in summary.items():
+        lines.append(f"| {method} | {v['peak_over_lora_mib']:.1f} ({v['peak_over_lora_layers']:.1f} layers) | "
+                     f"{v['kept_over_lora_mib']:.1f} | {v['offsets_mib']:.1f} | {v['transient_over_lora_mib']:.1f} "
+                     f"| {v['transient_over_lora_layers']:.2f} | {v['w0_growth_over_moves_mib']:.1f} | "
+                     f"{v['rss_peak_over_lora_mib']:.1f} |")
+    return lines
 
 
 def smol_shape(spec: str) -> dict[str, int]:
@@ -365,18 +530,31 @@ def main() -> None:
                         help="SmolLM2-135M: the alias (its GGUF, quantized after loading) or a saved float copy "
                              "(quantized by transformers' BitsAndBytesConfig while loading; much faster to load)")
     parser.add_argument("--report", action="store_true", help="only rewrite scale.md from <out>/scale.json")
+    parser.add_argument("--attach", action="store_true",
+                        help="only measure the attach peak of the W0-moving inits against LoRA's (each in its own "
+                             "process, twice), store it in <out>/scale.json and rewrite scale.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--attach-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.report:
         out = Path(args.out)
         res = json.loads((out / "scale.json").read_text())
-        write(res | derived(res["configs"], res["smollm2"]), out)
+        write(res | derived(res["configs"], res["smollm2"], res.get("attach")), out)
         return
     speed.DATA = Path(args.data)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.model, args.batch)))
+        return
+    if args.attach_child:
+        print(json.dumps(attach_child(args.attach_child, args.model, args.batch)))
+        return
+    if args.attach:
+        out = Path(args.out)
+        res = json.loads((out / "scale.json").read_text())
+        res["attach"] = run_attach(args)
+        write(res | derived(res["configs"], res["smollm2"], res["attach"]), out)
         return
     if args.only:
         for name in args.only:
@@ -399,9 +577,10 @@ def main() -> None:
     write(res, Path(args.out))
 
 
-def derived(measured: dict[str, dict[str, Any]], smol: dict[str, int]) -> dict[str, Any]:
+def derived(measured: dict[str, dict[str, Any]], smol: dict[str, int],
+            attach: dict[str, Any] | None = None) -> dict[str, Any]:
     """Targets, per-unit figures and the extrapolation, all computed from the measured configurations."""
-    units = per_unit(measured, smol)
+    units = per_unit(measured, smol, attach)
     return {"targets": targets(measured), "per_unit": units, "extrapolation": extrapolate(units)}
 
 

@@ -35,10 +35,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import AdapterConfig
-from .core import quant
+from .core import progress, quant
 from .core.hooks import TrainingHooks
 from .core.inject import find_modules_to_save, find_targets, replace_module
-from .core.layer import AdapterLayer, base_shape, keep_original, originals_kept
+from .core.layer import AdapterLayer, base_shape, keep_original, undo_moves
 from .core.registry import get_method
 from .core.state import (  # noqa: F401  (re-exported: the API's names for the adapter state)
     ADAPTERS_ATTR,
@@ -185,7 +185,12 @@ def attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None =
     ``initialize=False`` skips data-driven inits (used by `load`, which restores saved tensors).
     ``name`` adds the adapter next to those already attached: the active one is set aside first, so the new
     adapter is built and initialised on the base model exactly as alone, and then becomes the active one.
-    A failed attach leaves the model as it was, the previously active adapter active again.
+    A failed attach leaves the model as it was, the previously active adapter active again.  A W0-moving init
+    (PiSSA, OLoRA, BA-LoRA, LoRA-GA) moves W0 one layer at a time and keeps no float copy of it (alone; next to
+    other adapters W0 is kept, see the module docstring): beyond LoRA's memory, attach needs the saved offsets
+    and one layer's work at a time (its factorisation and residual) at any model size; a failure puts the moved
+    layers back from their residual and offset
+    (`AdapterLayer.restore_base`: W0 within one rounding in the weight's dtype, bit for bit on a quantized base).
     """
     with adding_adapter(model, name, f"attach adapter {name!r} next to it"):
         return _attach(model, config, data, loss_fn, initialize, name)
@@ -215,9 +220,10 @@ def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,
     model.requires_grad_(False)
     layers: dict[str, AdapterLayer] = {}
     try:
-        # next to other adapters a W0-moving init keeps W0, so setting this adapter aside is bit-exact
-        with keep_original() if others else contextlib.nullcontext():
-            for target, base in targets:
+        # next to other adapters a W0-moving init keeps W0, so setting this adapter aside is bit-exact; alone,
+        # PiSSA/OLoRA/BA-LoRA layers move W0 as they are built, one layer at a time, undone if a later one fails
+        with keep_original() if others else contextlib.nullcontext(), undo_moves():
+            for target, base in progress.track(targets, len(targets), f"attach {method.name}"):
                 layers[target] = method.layer_class(base, config, target)
     except BaseException:
         for p in model.parameters():
@@ -242,12 +248,11 @@ def _attach(model: nn.Module, config: AdapterConfig, data: Iterable[Any] | None,
     setattr(model, ADAPTERS_ATTR, {**others, name: state})
     setattr(model, STATE_ATTR, state)
     if initialize and method.initialize is not None:
-        with originals_kept(layers.values()):  # while the init runs, so a failed attach restores W0 bit for bit
-            try:
-                method.initialize(model, layers, config, data, loss_fn)
-            except BaseException:
-                detach(model, name)
-                raise
+        try:  # a W0-moving init (LoRA-GA) moves layer by layer, keeping no W0: detach recomputes the moved ones
+            method.initialize(model, layers, config, data, loss_fn)
+        except BaseException:
+            detach(model, name)
+            raise
     return model
 
 
@@ -317,7 +322,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True, requantize: bool = Fal
         _check_finite(state.layers)
     errors: dict[str, float] = {}
     kinds: dict[str, str] = {}
-    for name, layer in state.layers.items():
+    for name, layer in progress.track(state.layers.items(), len(state.layers), "merge"):
         kind, quantized = layer.quant, layer.base
         if kind is not None:
             kinds[name] = kind

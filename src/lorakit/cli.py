@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -17,9 +19,24 @@ from typing import Any
 
 import yaml
 
+from .core import progress
 from .errors import AdapterFileError, LorakitError, TrainingError
 
 logger = logging.getLogger("lorakit")
+
+
+class _Yaml(yaml.SafeLoader):
+    """YAML as PyYAML reads it (1.1), plus YAML 1.2's floats without a dot (``1e-6``, ``-2E3``), which 1.1 reads
+    as strings: users write learning rates that way."""
+
+
+_Yaml.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                            list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML value or document: `yaml.safe_load` with YAML 1.2 exponent floats (`_Yaml`)."""
+    return yaml.load(text, Loader=_Yaml)  # a SafeLoader subclass: plain data only, as safe_load
 
 RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("model", {"help": "alias (smollm2-135m, minilm-l6), local dir, .gguf file or hub id", "shown": "per task"}),
@@ -30,26 +47,63 @@ RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("batch_size", {"type": int, "help": "examples per optimizer step", "shown": "per task"}),
     ("grad_accum", {"type": int, "help": "micro-batches per step"}),
     ("lr", {"type": float, "help": "peak learning rate", "shown": "per method"}),
-    ("weight_decay", {"type": float}),
-    ("warmup_steps", {"type": int}),
-    ("schedule", {"choices": ["linear", "cosine", "constant"]}),
-    ("max_grad_norm", {"type": float}),
+    ("weight_decay", {"type": float, "help": "AdamW weight decay"}),
+    ("warmup_steps", {"type": int, "help": "linear warm-up steps"}),
+    ("schedule", {"choices": ["linear", "cosine", "constant"], "help": "learning-rate schedule after warm-up"}),
+    ("max_grad_norm", {"type": float, "help": "clip the gradient norm to this"}),
     ("max_length", {"type": int, "help": "tokens per example", "shown": "per task"}),
-    ("seed", {"type": int}),
+    ("seed", {"type": int, "help": "seed of the adapter init, data order and dropout"}),
     ("eval_every", {"type": int, "help": "evaluate every N steps (0: only before and after)"}),
     ("eval_limit", {"type": int, "help": "evaluation examples", "shown": "per task"}),
     ("eval_split", {"help": "split to evaluate on"}),
     ("metric", {"choices": ["exact_match", "accuracy", "nll"], "help": "evaluation metric", "shown": "the task's"}),
     ("max_new_tokens", {"type": int, "help": "generation length for exact-match scoring"}),
     ("init_samples", {"type": int, "help": "training examples fed to data-driven inits (LoRA-GA, LoRA-SB)"}),
-    ("dtype", {"choices": ["fp32", "bf16", "fp16"]}),
+    ("dtype", {"choices": ["fp32", "bf16", "fp16"], "help": "the base model's weight dtype"}),
     ("quantize", {"choices": ["nf4", "fp4", "int8", "torchao-int8", "torchao-int4"],
                   "help": "load the base quantized (the quant extra; torchao-int4 needs CUDA)", "shown": "none"}),
-    ("device", {"choices": ["cpu", "cuda", "auto"]}),
+    ("device", {"choices": ["cpu", "cuda", "auto"], "help": "where the model runs (auto: CUDA when available)"}),
     ("output_dir", {"help": "where checkpoints, logs, run.json and the adapter go"}),
     ("save_every", {"type": int, "help": "checkpoint every N steps, and at the end (0: never)",
                     "shown": "steps/10"}),
 ]
+
+
+class _Help(argparse.HelpFormatter):
+    """Appends ``[default: X]`` to an option's help unless the help already names its default or there is none to
+    show (``None``, ``False``): argparse's own formatter would print "(default: None)" after every such option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default:" in text or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} [default: %(default)s]"
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads) [default: OMP_NUM_THREADS if set, else the "
+                        "CPUs this process may use less the busy ones (1-minute load average), at least 1]")
+
+
+def set_threads(requested: int | None) -> int:
+    """Set torch's CPU threads: ``requested``; by default OMP_NUM_THREADS when set (torch already obeys it), else
+    the usable CPUs not busy with other work.  On shared cores torch's default (every core) oversubscribes them:
+    on 2 loaded cores a step took 15.9 s at 2 threads and 5.9 s at 1 (issue 22; README's figures)."""
+    import torch
+    if requested is not None:
+        if requested < 1:
+            raise LorakitError(f"--threads must be a positive integer, got {requested}")
+        threads = requested
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, min(cpus, cpus - round(os.getloadavg()[0])))
+    torch.set_num_threads(threads)
+    logger.debug("torch CPU threads: %d", threads)
+    return threads
 
 
 def _defaults() -> dict[str, Any]:
@@ -70,7 +124,7 @@ def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
                        **{k: v for k, v in kw.items() if k not in ("help", "shown")},
                        help=f"{help_text} [default: {shown}]")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. -o r=16 -o alpha=32 (YAML values) [default: the method's]")
+                   help="a method option, e.g. -o r=16 -o init_lr=1e-6 (YAML values) [default: the method's]")
     p.add_argument("--no-length-grouping", dest="group_by_length", action="store_false", default=None,
                    help="random batches instead of length-grouped ones [default: grouped]")
     p.add_argument("--chat-template", dest="chat_template", action=argparse.BooleanOptionalAction, default=None,
@@ -85,6 +139,7 @@ def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
                    help="pack examples into rows of --max-length tokens, no attention across examples; "
                         "--batch-size counts rows [default: off]")
     p.add_argument("--config", help="YAML recipe; flags override it")
+    add_threads_flag(p)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -94,7 +149,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise LorakitError(f"method option {pair!r} must look like KEY=VALUE (e.g. r=16)")
         try:
-            options[key.replace("-", "_")] = yaml.safe_load(value)
+            options[key.replace("-", "_")] = load_yaml(value)
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or "not valid YAML"
             raise LorakitError(f"method option -o {pair!r}: the value must be a YAML value such as 16, 0.5, "
@@ -109,7 +164,7 @@ def run_config(args: argparse.Namespace, **overrides: Any) -> Any:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         try:
-            recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+            recipe = load_yaml(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise LorakitError(f"cannot read recipe {args.config}: {' '.join(str(err).split())}") from err
         if not isinstance(recipe, dict):
@@ -320,7 +375,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     base = run_config(args)
     names = args.methods.split(",") if args.methods else None
     if names is None and args.config:
-        names = (yaml.safe_load(Path(args.config).read_text()) or {}).get("methods")
+        names = (load_yaml(Path(args.config).read_text()) or {}).get("methods")
     if not names or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise LorakitError("compare needs --methods (comma-separated), or a 'methods' list of names in the recipe")
     for name in names:
@@ -365,7 +420,7 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
                             "client uploads B, R, A) or clients (every client uploads dense gradient sums)",
              "init_data": "the server's init sample: a split of the task or a .jsonl/.csv file (first N)",
              "init_lr": "LoRA-SB's eta for Fed-SB's init", "weighting": "uniform (official Fed-SB mean) or examples",
-             "max_client_examples": "most examples a client may report (default: the largest partition)",
+             "max_client_examples": "most examples a client may report",
              "host": "deployment: interface the SuperLink binds (not loopback: TLS and SuperNode auth forced on)",
              "tls": "deployment: TLS with a private CA", "supernode_auth": "deployment: only registered SuperNodes",
              "fraction": "share of clients sampled per round",
@@ -374,12 +429,13 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
              "max_update_norm": "reject updates farther than this from the broadcast",
              "norm_factor": "reject updates this many times the round's median distance",
              "dp_epsilon": "DP-SGD target epsilon per client over the run (off when unset)",
-             "dp_delta": "DP delta (default: 1/examples per client)", "dp_max_grad_norm": "per-sample clipping norm",
+             "dp_delta": "DP delta", "dp_max_grad_norm": "per-sample clipping norm",
              "output_dir": "checkpoints and fed_result.json", "resume": "continue after the last checkpointed round",
              "mode": "simulation (Flower simulation engine) or deployment (loopback SuperLink + SuperNodes)"}
     choices = {"strategy": STRATEGY_NAMES, "partition": PARTITIONS, "mode": MODES, "init_source": INIT_SOURCES,
                "weighting": WEIGHTINGS, "quantize": QUANT_KINDS}
-    shown = {"quantize": "none", "lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off", "dp_delta": "1/n",
+    shown = {"quantize": "none", "lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off",
+             "dp_delta": "1/examples per client",
              "data_dir": "the hub",
              "train_limit": "all", "init_lr": "lr / (rounds x local steps)",
              "max_client_examples": "largest partition"}
@@ -387,6 +443,7 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         text = f"{helps.get(name, name.replace('_', ' '))} [default: {shown.get(name, f.default)}]"
         if isinstance(f.default, bool):
+            text = text.replace("[default: False]", "[default: off]").replace("[default: True]", "[default: on]")
             p.add_argument(flag, dest=name, action="store_true", default=None, help=text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
@@ -396,11 +453,12 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
 # -- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank fine-tuning, every method side by side.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_Help)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune (no arguments: LoRA-SB on SmolLM2 with the arithmetic task)")
+    p = sub.add_parser("train", help="fine-tune (no arguments: LoRA-SB on SmolLM2 with the arithmetic task)",
+                       formatter_class=_Help)
     add_run_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.set_defaults(func=cmd_train)
@@ -408,18 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in (("eval", cmd_eval, "score a saved adapter"),
                              ("export", cmd_export, "write a PEFT LoRA adapter"),
                              ("merge", cmd_merge, "write the full merged model")):
-        p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument("adapter", help="adapter directory (lorakit or PEFT LoRA format)")
-        p.add_argument("--model", help="base model, if the adapter's run.json does not name it")
-        p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+        p = sub.add_parser(name, help=what, formatter_class=_Help)
+        p.add_argument("adapter", help="adapter directory (lorakit or PEFT LoRA format; `lorakit train` writes it "
+                                       "to <output-dir>/adapter)")
+        p.add_argument("--model", help="base model [default: the one in the adapter's run.json or config]")
+        p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                       help="where the model runs (auto: CUDA when available)")
+        add_threads_flag(p)
         if name in ("eval", "export"):
-            p.add_argument("--rank", type=int, help="evaluate/export at this rank (DyLoRA)")
+            p.add_argument("--rank", type=int, help="evaluate/export at this rank (DyLoRA) [default: the trained one]")
         if name == "eval":
-            for flag in ("task", "data_dir", "eval_split"):
-                p.add_argument("--" + flag.replace("_", "-"), dest=flag, help="default: the training run's")
-            p.add_argument("--metric", choices=["exact_match", "accuracy", "nll"], help="default: the training run's")
-            p.add_argument("--eval-limit", type=int, help="default: the training run's")
-            p.add_argument("--max-new-tokens", type=int, help="default: the training run's")
+            run = " [default: the training run's]"
+            p.add_argument("--task", help="task to score on" + run)
+            p.add_argument("--data-dir", dest="data_dir", help="folder holding sst2/, trec/, gsm8k/" + run)
+            p.add_argument("--eval-split", dest="eval_split", help="split to evaluate on" + run)
+            p.add_argument("--metric", choices=["exact_match", "accuracy", "nll"], help="evaluation metric" + run)
+            p.add_argument("--eval-limit", type=int, help="evaluation examples" + run)
+            p.add_argument("--max-new-tokens", type=int, help="generation length for exact-match scoring" + run)
         else:
             p.add_argument("--out", required=True, help="output directory")
         if name == "export":
@@ -428,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("prune", help="structured (LLM-Pruner Taylor) pruning of a Llama model, for RankAdaptor",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
+    add_threads_flag(p)
     p.add_argument("--model", default="smollm2-135m", help="alias, local dir, .gguf file or hub id")
     p.add_argument("--ratio", type=float, default=0.25,
                    help="LLM-Pruner's per-block ratio: share of heads (KV groups) and MLP channels removed per block")
@@ -436,31 +500,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=("text", "task"), default="text",
                    help="LLM-Pruner's general-text windows (shipped prose) or --task training examples")
     p.add_argument("--task", default="arith", help="calibration examples' task (with --calibration task)")
-    p.add_argument("--data-dir", dest="data_dir", help="folder holding sst2/, trec/, gsm8k/")
+    p.add_argument("--data-dir", dest="data_dir", help="folder holding sst2/, trec/, gsm8k/ [default: the hub]")
     p.add_argument("--samples", type=int, default=10, help="calibration examples")
     p.add_argument("--max-length", dest="max_length", type=int, default=64,
                    help="tokens per calibration example (the window length for text)")
     p.add_argument("--first", type=int, default=4, help="first blocks left unpruned")
     p.add_argument("--last", type=int, default=2, help="last blocks left unpruned")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("methods", help="list methods, with trainable-parameter counts for --model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--model", help="count trainable parameters on this model (all-linear)")
     p.add_argument("--task", default="arith", help="decides the model head (sst2/trec: classifier)")
     p.add_argument("--r", type=int, default=8, help="rank for the counts")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("compare", help="several methods on the same budget: report.md and plots")
+    p = sub.add_parser("compare", help="several methods on the same budget: report.md and plots", formatter_class=_Help)
     add_run_flags(p, skip=("method", "output_dir"))
     p.add_argument("--methods", help="comma-separated, e.g. lora,lora-sb,lora-ga,full")
     p.add_argument("--out", default="lorakit-compare", help="report folder [default: lorakit-compare]")
     p.add_argument("--target-loss", type=float, help="for 'steps to reach' [default: LoRA's final loss]")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("fed", help="federated fine-tuning on Flower (Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA)")
+    p = sub.add_parser("fed", help="federated fine-tuning on Flower (Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA)",
+                       formatter_class=_Help)
     try:
         add_fed_flags(p)
     except ImportError:  # the fed extra is not installed: `lorakit fed` says how to install it
@@ -476,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
                   "torchao", "torch.utils._pytree"):  # torchao: imported by transformers' model loading
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        args.func(args)
+        if args.func is not cmd_fed:  # fed's clients run in their own processes
+            set_threads(getattr(args, "threads", None))
+        with progress.enabled():
+            args.func(args)
     except LorakitError as err:  # bad input (exit 2) or a run that cannot go on (exit 1): one line, no traceback
         if args.verbose:
             traceback.print_exc()

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from ..errors import TrainingError
 from .hooks import TrainingHooks
-from .layer import originals_kept
 from .loss import model_forward
 from .state import adapter_tensors, check_adapter_tensors, copy_adapter_tensors, get_state
 
@@ -69,7 +68,8 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], source
 def data_init(model: nn.Module, batches: list[Any], loss_fn: LossFn | None = None) -> None:
     """Run the attached method's data-driven init on ``batches`` in place (the parameter objects stay, so an
     optimizer built before keeps them), then apply the DDP policy.  If the init raises, the adapter's tensors are
-    put back as they were before it and the error propagates."""
+    put back as they were before it (a W0 it moved from its residual and offset, `AdapterLayer.restore_base`) and the
+    error propagates."""
     state = get_state(model)
     if state.method.initialize is None:
         return
@@ -77,20 +77,19 @@ def data_init(model: nn.Module, batches: list[Any], loss_fn: LossFn | None = Non
               for name, layer in state.layers.items()}
     saved = {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
              for name, (_, module) in state.saved_modules.items()}
-    with originals_kept(state.layers.values()):  # while the init runs, so a failure puts W0 back bit for bit
-        try:
-            state.method.initialize(model, state.layers, state.config, batches, loss_fn)
-        except BaseException:
-            with torch.no_grad():
-                for name, (before, unmoved) in layers.items():
-                    layer = state.layers[name]
-                    if unmoved and layer.base_offset_B is not None:  # the init moved W0: put the original back
-                        layer.restore_base()
-                        layer.base_offset_B = layer.base_offset_A = None
-                    layer.load_adapter_state(before)
-                for name, (_, module) in state.saved_modules.items():
-                    module.load_state_dict(saved[name])
-            raise
+    try:  # a W0-moving init keeps no W0 (one layer's at a time): the moved layers are recomputed below
+        state.method.initialize(model, state.layers, state.config, batches, loss_fn)
+    except BaseException:
+        with torch.no_grad():
+            for name, (before, unmoved) in layers.items():
+                layer = state.layers[name]
+                if unmoved and layer.base_offset_B is not None:  # the init moved W0: put the original back
+                    layer.restore_base()
+                    layer.base_offset_B = layer.base_offset_A = None
+                layer.load_adapter_state(before)
+            for name, (_, module) in state.saved_modules.items():
+                module.load_state_dict(saved[name])
+        raise
     share_rank0_adapter(model)
 
 

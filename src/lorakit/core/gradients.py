@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from . import progress
 from .layer import AdapterLayer
 from .linalg import orthonormalize, seeded_generator
 from .loss import model_loss
@@ -99,7 +100,7 @@ def gradient_pass(model: nn.Module, layers: Mapping[str, AdapterLayer], batches:
     grads_before = {p: None if p.grad is None else p.grad.clone() for p in model.parameters() if p.requires_grad}
     with _probing(model, layers, on_grad, layers if probe is None else probe), torch.enable_grad():
         try:
-            for i, batch in enumerate(batches):
+            for i, batch in progress.track(enumerate(batches), len(batches), "init: gradient passes"):
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(seed + i)
                     loss = loss_fn(model, _to_device(batch, device))

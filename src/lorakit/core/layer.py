@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,21 +57,37 @@ def keep_original() -> Iterator[None]:
         _KEEP_ORIGINAL = previous
 
 
+_MOVES: list[tuple[AdapterLayer, Tensor | None, Tensor | None]] | None = None  # journal of `undo_moves`
+
+
 @contextlib.contextmanager
-def originals_kept(layers: Iterable[AdapterLayer]) -> Iterator[None]:
-    """Inside the block `move_base` keeps each float W0, so a failed init or load is undone bit for bit by
-    `restore_base`; when the block succeeds the copies are dropped, except in layers built inside `keep_original`."""
-    layers = list(layers)
-    flags = [layer.keep_original for layer in layers]
-    for layer in layers:
-        layer.keep_original = True
+def undo_moves() -> Iterator[None]:
+    """If the block raises, every layer whose W0 `move_base` moved inside it is put back, newest first: from its
+    residual and offset (`restore_base`: W0 within one rounding of the residual in the weight's dtype; bit for bit
+    on a quantized base or where W0 is kept), or to the offset it had before the block.
+
+    This is how a W0-moving init (PiSSA, OLoRA, BA-LoRA, LoRA-GA) stays undoable at any size: each `move_base`
+    completes (residual and offset stored) before the next layer starts and keeps no float W0, so beyond the
+    adapter and its saved offsets the init holds one layer's work at a time (its factorisation and the new
+    residual), not a copy of every moved weight (``benchmarks/results/scale.md``)."""
+    global _MOVES
+    previous, journal = _MOVES, []
+    _MOVES = journal
     try:
         yield
+    except BaseException:
+        _MOVES = None  # the undoing moves are not journaled
+        with torch.no_grad():
+            for layer, offset_B, offset_A in reversed(journal):
+                if offset_B is None:
+                    layer.restore_base()
+                else:
+                    layer.move_base(offset_B, offset_A)
+        raise
     finally:
-        for layer, flag in zip(layers, flags):
-            layer.keep_original = flag
-            if not flag and layer.quant is None and not isinstance(layer.original_weight, DTensor):
-                layer.original_weight = None
+        _MOVES = previous
+    if previous is not None:  # an enclosing block undoes these too if it fails later
+        previous.extend(journal)
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
@@ -208,6 +224,8 @@ class AdapterLayer(nn.Module):
         """
         w = self.base.weight
         if isinstance(w, DTensor):  # sharded by FSDP2: rewrite this rank's rows in place (FSDP gathers from them)
+            if _MOVES is not None:
+                _MOVES.append((self, self.base_offset_B, self.base_offset_A))
             self.register_buffer("base_offset_B", offset_B.detach().to(w.device, torch.float32).clone())
             self.register_buffer("base_offset_A", offset_A.detach().to(w.device, torch.float32).clone())
             offset = self.base_offset_B @ self.base_offset_A
@@ -222,10 +240,16 @@ class AdapterLayer(nn.Module):
         elif self.keep_original and self.original_weight is None:
             self.original_weight = w.data.to("cpu")  # the untouched tensor (a copy only off the CPU)
         w0 = self.original_float()
-        device = w0.device
-        self.register_buffer("base_offset_B", offset_B.detach().to(device, torch.float32).clone())
-        self.register_buffer("base_offset_A", offset_A.detach().to(device, torch.float32).clone())
-        residual = w0 - self.base_offset_B @ self.base_offset_A
+        offset_B = offset_B.detach().to(w0.device, torch.float32).clone()
+        offset_A = offset_A.detach().to(w0.device, torch.float32).clone()
+        residual = offset_B @ offset_A
+        torch.sub(w0, residual, out=residual)  # W0 - B A into the product's memory: one layer-sized temporary
+        del w0
+        # commit: until here nothing of the layer changed, so a failure above leaves W0 as it was
+        if _MOVES is not None:
+            _MOVES.append((self, self.base_offset_B, self.base_offset_A))
+        self.register_buffer("base_offset_B", offset_B)
+        self.register_buffer("base_offset_A", offset_A)
         if self.quant is not None:
             requantize(self.base, residual)
             self.residual_quant_error = relative_error(self.base, residual)

@@ -152,13 +152,14 @@ def check_offsets(layers: dict[str, AdapterLayer], offsets: dict[str, int | None
 
 
 @torch.no_grad()
-def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], move_bases: bool = True) -> None:
     """Copy ``tensors`` (``save``'s names, already checked) into the adapter attached to ``model``, rebuilding any
-    base offset (moved W0, merged rounds).  Used by `load`, trainer checkpoints and rank-0 broadcasts."""
+    base offset (moved W0, merged rounds) unless ``move_bases=False`` (`load` moves them after its checks).  Used
+    by `load`, trainer checkpoints and rank-0 broadcasts."""
     state = get_state(model)
     for name, layer in state.layers.items():
-        own = {k[len(name) + 1:]: v for k, v in tensors.items()
-               if k.startswith(name + ".") and not k.startswith(SAVED_PREFIX)}
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")
+               and not k.startswith(SAVED_PREFIX) and (move_bases or not k.startswith(f"{name}.base_offset_"))}
         layer.load_adapter_state(own)
     for name, (_, module) in state.saved_modules.items():
         for key, tensor in module.state_dict().items():

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..api import get_state
+from ..core import progress
 from ..core.files import write_files
 from ..core.inject import PEFT_PREFIX, target_names
 from ..core.layer import AdapterLayer
@@ -61,7 +62,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, modules_to_save:
                            "use `lorakit merge` for the exact model")
     if any(layer.merged for layer in state.layers.values()):
         raise LorakitError("the adapter is merged into the base weights; unmerge(model) before exporting")
-    factors = {name: export_factors(layer) for name, layer in state.layers.items()}
+    factors = {name: export_factors(layer)
+               for name, layer in progress.track(state.layers.items(), len(state.layers), "export")}
     ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
     r = max(ranks.values())
     tensors: dict[str, Tensor] = {}

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from ..api import DEFAULT_NAME, adding_adapter, attach, detach, get_state
 from ..config import AdapterConfig
 from ..core.files import write_files
 from ..core.inject import find_targets
-from ..core.layer import AdapterLayer, base_shape, originals_kept, skip_init
+from ..core.layer import AdapterLayer, base_shape, skip_init, undo_moves
 from ..core.quant import FINGERPRINT_RTOL, dequantize, quant_kind
 from ..core.registry import Method, get_method
 from ..core.state import (  # noqa: F401  (re-exported: save's tensor names, used by io and the trainers)
@@ -349,16 +349,23 @@ def _load(model: nn.Module, path: Path, name: str) -> nn.Module:
     except LorakitError as err:
         raise AdapterFileError(f"{path / CONFIG_NAME}: {err}") from err
     state = get_state(model)
-    with originals_kept(state.layers.values()):  # until checked, so a refused load puts W0 back bit for bit
-        try:
-            state.base_model_name = data.get("base_model", "")
-            check_tensor_names(adapter_tensors(model), header, path)
-            check_offsets(state.layers, offsets, header, path)
-            copy_adapter_tensors(model, read_adapter_tensors(path))
-            _check_loaded(state.layers, state.saved_modules, method.low_rank, path)
-        except BaseException:
-            detach(model, name)
-            raise
+    try:
+        state.base_model_name = data.get("base_model", "")
+        check_tensor_names(adapter_tensors(model), header, path)
+        check_offsets(state.layers, offsets, header, path)
+        tensors = read_adapter_tensors(path)
+        copy_adapter_tensors(model, tensors, move_bases=False)
+        moves = {target: (tensors[f"{target}.base_offset_B"], tensors[f"{target}.base_offset_A"])
+                 for target in state.layers if f"{target}.base_offset_B" in tensors}
+        _check_loaded(state.layers, state.saved_modules, method.low_rank, path, moves)
+        # checked while W0 is untouched (a refused load leaves it bit for bit); then W0 moves one layer at a time,
+        # keeping no copy of it, as attach does (`undo_moves`)
+        with undo_moves():
+            for target, (offset_B, offset_A) in moves.items():
+                state.layers[target].move_base(offset_B, offset_A)
+    except BaseException:
+        detach(model, name)
+        raise
     return model
 
 
@@ -414,8 +421,9 @@ def _declared_offsets(path: Path, method: Method, data: dict[str, Any],
 
 @torch.no_grad()
 def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tuple[nn.Module, nn.Module]],
-                  low_rank: bool, path: Path) -> None:
-    """Every loaded tensor, update ΔW and base offset is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
+                  low_rank: bool, path: Path, offsets: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> None:
+    """Every loaded tensor, update ΔW and base offset (a layer's own, or ``offsets[layer]``: factors that will
+    move W0) is finite and within MAX_UPDATE_RATIO·max(1, max|W0|)."""
     def limit_of(reference: Tensor) -> float:
         return MAX_UPDATE_RATIO * max(1.0, _largest(reference))
 
@@ -445,8 +453,13 @@ def _check_loaded(layers: dict[str, AdapterLayer], saved_modules: dict[str, tupl
             check(f"tensor '{name}.{key}'", tensor, limit)
         # as_lora() is the update itself for low-rank methods (the PEFT export relies on it)
         check_product(f"update of layer '{name}'", layer.as_lora() if low_rank else None, layer.delta_weight, limit)
-        if layer.base_offset_B is not None:
+        offset = (offsets or {}).get(name)
+        if offset is not None:
+            for key, tensor in zip(("base_offset_B", "base_offset_A"), offset):
+                check(f"tensor '{name}.{key}'", tensor, limit)
+        elif layer.base_offset_B is not None:
             offset = (layer.base_offset_B, layer.base_offset_A)
+        if offset is not None:
             check_product(f"base offset of layer '{name}'", offset, lambda o=offset: o[0] @ o[1], limit)
     for name, (original, trainable) in saved_modules.items():
         reference = dict(original.state_dict())

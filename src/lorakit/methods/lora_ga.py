@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..core import progress
 from ..core.gradients import dense_gradients, materialize, sketched_svd
 from ..core.layer import AdapterLayer
 from ..core.linalg import randomized_svd, seeded_generator, truncated_svd
@@ -120,7 +121,7 @@ def initialize(model: nn.Module, layers: dict[str, AdapterLayer], config: LoraGa
         return
     width = config.sketch_width or 8 * config.r
     factors = sketched_svd(model, layers, batches, loss_fn, 2 * config.r, width, config.niter, config.seed)
-    for name, (u, s, vh) in factors.items():
+    for name, (u, s, vh) in progress.track(factors.items(), len(factors), "lora-ga: layers"):
         init_layer(layers[name], u, s, vh, config)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from ..core import progress
 from ..core.loss import supports_fast_loss
 from ..errors import LorakitError
 from . import data
@@ -43,10 +44,11 @@ def _pad_id(model: nn.Module, pad_token_id: int | None) -> int:
     return getattr(getattr(model, "config", None), "pad_token_id", None) or 0
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def _chunks(items: Sequence[Any], size: int, desc: str) -> Iterator[Sequence[Any]]:
+    """``items`` in batches of ``size``, with a progress bar named ``desc`` when bars are on."""
     if size < 1:
         raise LorakitError(f"batch_size must be a positive integer, got {size}")
-    for start in range(0, len(items), size):
+    for start in progress.track(range(0, len(items), size), -(-len(items) // size), desc):
         yield items[start:start + size]
 
 
@@ -62,7 +64,7 @@ def accuracy(model: nn.Module, features: Sequence[Mapping[str, Any]], batch_size
     pad = _pad_id(model, pad_token_id)
     correct = 0
     with _inference(model) as device:
-        for chunk in _chunks(features, batch_size):
+        for chunk in _chunks(features, batch_size, "eval (accuracy)"):
             inputs = data.collate(chunk, pad).to(device).inputs
             labels = inputs.pop("labels")
             logits = model(**inputs).logits
@@ -93,7 +95,7 @@ def answer_nll(model: nn.Module, features: Sequence[Mapping[str, Any]], batch_si
     pad = _pad_id(model, pad_token_id)
     total, count = 0.0, 0
     with _inference(model) as device:
-        for chunk in _chunks(features, batch_size):
+        for chunk in _chunks(features, batch_size, "eval (nll)"):
             nll, n = _nll_sum(model, data.collate(chunk, pad).to(device).inputs)
             total, count = total + nll, count + n
     if count == 0:
@@ -110,7 +112,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     features = [{"input_ids": data.prompt_ids(tokenizer, p, chat_template)} for p in prompts]
     completions: list[str] = []
     with _inference(model) as device:
-        for chunk in _chunks(features, batch_size):
+        for chunk in _chunks(features, batch_size, "eval (generating)"):
             inputs = data.collate(chunk, tokenizer.pad_token_id, padding_side="left").to(device).inputs
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
