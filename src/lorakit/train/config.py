@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
+from .compiled import check_compile
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -24,7 +25,8 @@ class TrainConfig:
     test and demonstrate ``resume``.  ``gradient_checkpointing``: recompute each transformers decoder layer's
     activations in backward (non-reentrant ``torch.utils.checkpoint``) instead of keeping them; same gradients.
     ``fsdp``: under torchrun, shard the frozen base weights across ranks with FSDP2
-    (`lorakit.train.distributed.shard_frozen_base`).
+    (`lorakit.train.distributed.shard_frozen_base`).  ``compile``: run the training forward under `torch.compile`
+    (``True``: inductor; or a backend name, e.g. ``"aot_eager"``; `lorakit.train.compiled`).
     """
 
     steps: int = 100
@@ -49,6 +51,7 @@ class TrainConfig:
     progress: bool = True
     gradient_checkpointing: bool = False
     fsdp: bool = False
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -71,6 +74,7 @@ class TrainConfig:
             raise ConfigError("save_every and resume need an output_dir for the checkpoint")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"stop_after must be a positive step count or None, got {self.stop_after}")
+        check_compile(None, self.compile)
 
     @property
     def warmup(self) -> int:
