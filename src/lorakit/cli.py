@@ -80,6 +80,8 @@ def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
                    help="recompute activations in backward to save memory (same gradients) [default: off]")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the frozen base weights across ranks with FSDP2 [default: off]")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="run the training forward under torch.compile (inductor; needs a C compiler) [default: off]")
     p.add_argument("--config", help="YAML recipe; flags override it")
 
 

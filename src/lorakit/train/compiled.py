@@ -32,9 +32,10 @@ COMPILE_REFUSED: dict[str, str] = {
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
-def check_compile(method: str | None, compile: bool | str) -> str | None:
+def check_compile(method: str | None, compile: bool | str, device: torch.device | None = None) -> str | None:
     """The `torch.compile` backend that ``compile`` asks for (``True``: inductor; a name in `BACKENDS`), or ``None``;
-    raises `ConfigError` for an unknown backend or a method in `COMPILE_REFUSED`."""
+    raises `ConfigError` for an unknown backend, a method in `COMPILE_REFUSED`, or inductor on a CPU ``device``
+    without the C++ compiler it builds its kernels with."""
     if compile is False:
         return None
     backend = "inductor" if compile is True else compile
@@ -42,6 +43,13 @@ def check_compile(method: str | None, compile: bool | str) -> str | None:
         raise ConfigError(f"compile must be True, False or a torch.compile backend in {BACKENDS}, got {compile!r}")
     if method in COMPILE_REFUSED:
         raise ConfigError(f"compile=True cannot train {method}: {COMPILE_REFUSED[method]}; train it without compile")
+    if backend == "inductor" and device is not None and device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler  # inductor's own compiler search (CXX, g++, ...)
+        try:
+            get_cpp_compiler()
+        except Exception as err:  # torch raises several kinds for "no compiler"
+            raise ConfigError(f"compile=True on CPU needs a C++ compiler for inductor's kernels ({err}); install "
+                              "g++ (or set CXX), or train without compile") from None
     return backend
 
 

@@ -30,6 +30,7 @@ from ..errors import ConfigError, TrainingError
 from ..methods.lora_sb import first_step_lr
 from ..models import load_model
 from . import evaluate
+from .compiled import check_compile
 from .config import SCHEDULES, TrainConfig
 from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, load_task
 from .state import find_checkpoint, read_checkpoint_meta
@@ -117,6 +118,7 @@ class RunConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False
+    compile: bool = False  # the training forward under torch.compile (inductor; `lorakit.train.compiled`)
     device: str = "auto"
     output_dir: str = "lorakit-runs/run"
     save_every: int | None = None
@@ -310,6 +312,7 @@ def run_training(run: RunConfig) -> RunResult:
     run = run.resolved()
     if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
         check_method_options(run.method, run.method_options)
+    check_compile(run.method if run.method != FULL else None, run.compile)  # refused before the model loads
     out = check_output_dir(run.output_dir)
     if run.resume and (checkpoint := find_checkpoint(out)) is not None:
         read_checkpoint_meta(checkpoint)  # a corrupt checkpoint fails here, before the model is loaded
@@ -329,7 +332,7 @@ def run_training(run: RunConfig) -> RunResult:
                          max_grad_norm=run.max_grad_norm, seed=run.seed, eval_every=run.eval_every,
                          output_dir=str(out), save_every=run.save_every, bf16=run.bf16,
                          group_by_length=run.group_by_length, resume=run.resume, save_adapter=run.method != FULL,
-                         gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp)
+                         gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp, compile=run.compile)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)

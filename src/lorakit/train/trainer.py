@@ -116,7 +116,7 @@ class _Run:
             self.hooks = TrainingHooks(model, {}, None)  # type: ignore[arg-type]
         else:
             self.hooks = self.adapter.hooks
-        backend = check_compile(self.adapter.method.name if self.adapter else None, config.compile)
+        backend = check_compile(self.adapter.method.name if self.adapter else None, config.compile, self.device)
         if config.fsdp:  # each rank keeps 1/world of the frozen base weights
             ranks.check_fsdp(model)
             shard_frozen_base(model, self.device)
