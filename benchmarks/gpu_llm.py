@@ -198,14 +198,14 @@ def run_case(case: Case, model: LlamaForCausalLM, data: list[dict[str, torch.Ten
             with compiled.active() if compiled else contextlib.nullcontext():
                 task, reg = step_loss(model, data[i % len(data)], hooks)
             (task if reg is None else task + reg).backward()
-            hooks.after_loss(i, float(task))
+            hooks.after_loss(i, float(task.detach()))
             hooks.after_backward(i)
             optimizer.step()
             hooks.after_step(i)
             optimizer.zero_grad(set_to_none=True)
             if hooks.optimizer_reset_requested:
                 reset_optimizer(model, hooks, optimizer, 1e-5, 0.0)
-            return float(task)
+            return float(task.detach())
 
         def remove() -> None:
             lorakit.detach(model)
