@@ -117,16 +117,15 @@ def main() -> None:
     env = {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
            "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
            "length": args.length, "steps": args.steps, "command": "python " + " ".join(sys.argv)}
-    runs = []
-    for method in args.methods.split(","):
-        runs.append(bench(method, args.steps, args.batch_size, args.length))
-        print(json.dumps(runs[-1]), flush=True)
-        torch._dynamo.reset()
-    result = {"environment": env, "runs": runs}
+    result: dict[str, Any] = {"environment": env, "runs": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compile.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "compile.md").write_text(markdown(result))
+    for method in args.methods.split(","):
+        result["runs"].append(bench(method, args.steps, args.batch_size, args.length))
+        torch._dynamo.reset()
+        (out / "compile.json").write_text(json.dumps(result, indent=2) + "\n")  # after each method: a kill keeps it
+        (out / "compile.md").write_text(markdown(result))
+        print(json.dumps(result["runs"][-1]), flush=True)
     print(markdown(result))
 
 
