@@ -6,7 +6,7 @@ number of positions, eager), else the whole model.  Its ``forward`` is compiled 
 during the training forward (`CompiledForward.active`), so evaluation and generation between steps run eagerly and
 the model leaves `train` exactly as it came.  The step's backward runs the compiled graph's backward (AOT autograd).
 
-Every adapter layer compiles without a graph break except PRILoRA's (``tests/test_compile.py`` counts them).
+Every adapter layer compiles without a graph break but Flat-LoRA's (``tests/test_compile.py`` counts them).
 Refused: methods whose hooks change the traced structure every step (`COMPILE_REFUSED`), where each step would
 recompile until torch gives up and falls back to eager.
 """
