@@ -335,6 +335,8 @@ def run_training(run: RunConfig) -> RunResult:
                          gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp, compile=run.compile)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
+    if run.compile:  # `compare` trains several models in one process: each would count against torch's recompile limit
+        torch.compiler.reset()
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)
     adapter_dir = str(out / "adapter") if run.method != FULL else None
     outcome = RunResult(dataclasses.asdict(run), metric, before, after, trainable, result, samples[:5],
