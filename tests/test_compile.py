@@ -152,3 +152,22 @@ def test_cli_compile_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert run["config"]["compile"] is True and len(run["train"]["losses"]) == 1
     assert refused == 2
     assert capsys.readouterr().err.strip().startswith("lorakit: error: compile=True cannot train dylora")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_prilora_input_norms_under_compile_and_checkpointing() -> None:
+    """PRILoRA's pruning statistic ‖x‖ is recorded once per compiled forward, with the eager value, also when
+    gradient checkpointing recomputes the forward inside the compiled backward."""
+    kind = KINDS["llama"]
+    model = tiny.attach(kind.build(0), lorakit.get_method("prilora"), kind)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = list(lorakit.get_state(model).layers.values())
+    step = torch.compile(model, backend="aot_eager")
+    for seed in (1, 2):  # the second call runs the cached graph: the attribute write is replayed, not traced
+        batch = kind.batches(1, seed=seed)[0]
+        step(**batch).loss.backward()
+        compiled_norms = [layer.input_norms for layer in layers]
+        model(**batch).loss.backward()
+        for layer, norms in zip(layers, compiled_norms):
+            assert torch.equal(norms, layer.input_norms), layer.name
