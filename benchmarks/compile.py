@@ -99,6 +99,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['eager_median_s']:.2f} | "
                      f"{r['compiled_median_s']:.2f} | {r['speedup']:.2f}x | {r['first_compiled_step_s']:.0f} | "
                      f"{r['compile_s']:.0f} |")
+    if env.get("load_average"):
+        lines += ["", f"Machine load: {env['load_average']}.  Wall-clock times, so the compile time and both step "
+                  "times include waiting for a core; the alternation spreads the load over eager and compiled alike."]
+    if env.get("note"):
+        lines += ["", f"Note: {env['note']}."]
     lines += ["", "Each step: forward (the compiled decoder; the output head on the supervised positions, eager), "
               "backward, AdamW step.  The compile time is the first compiled step minus the median compiled step; "
               "batches of varying length add one compile with dynamic shapes.  No target on CPU: these are the "
@@ -116,7 +121,8 @@ def main() -> None:
     args = parser.parse_args()
     env = {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
            "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-           "length": args.length, "steps": args.steps, "command": "python " + " ".join(sys.argv)}
+           "length": args.length, "steps": args.steps, "command": "python " + " ".join(sys.argv),
+           "load_average": f"{os.getloadavg()[0]:.1f} (1-minute load average at the start)"}
     result: dict[str, Any] = {"environment": env, "runs": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
