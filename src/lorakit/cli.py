@@ -138,6 +138,8 @@ def add_run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
     p.add_argument("--packing", action="store_true", default=None,
                    help="pack examples into rows of --max-length tokens, no attention across examples; "
                         "--batch-size counts rows [default: off]")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="run the training forward under torch.compile (inductor; needs a C compiler) [default: off]")
     p.add_argument("--config", help="YAML recipe; flags override it")
     add_threads_flag(p)
 

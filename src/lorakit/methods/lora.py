@@ -179,11 +179,16 @@ class LoraLayer(AdapterLayer):
         if self.merged or self.disabled:
             return out
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        if out.dtype != h.dtype or not out.is_contiguous():
+            return out + F.linear(h * self.scale, self.lora_B).to(out.dtype)
+        flat = out.view(-1, self.out_features)
+        if torch.compiler.is_compiling():  # the in-place sum below, out of place: `_is_view` would break the graph
+            return torch.addmm(flat, h.reshape(-1, h.shape[-1]), self.lora_B.T.to(h.dtype), alpha=self.scale
+                               ).view(out.shape)
         # bitsandbytes' 4-bit matmul with a bias returns a view, which autograd forbids modifying in place
-        if out.dtype != h.dtype or not out.is_contiguous() or out._is_view():
+        if out._is_view():
             return out + F.linear(h * self.scale, self.lora_B).to(out.dtype)
         # out += s · h Bᵀ in one BLAS call, in place: the base output is not needed by its own backward
-        flat = out.view(-1, self.out_features)
         flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.T.to(h.dtype), alpha=self.scale)  # autocast: h bf16
         return out
 

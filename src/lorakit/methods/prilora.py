@@ -110,8 +110,10 @@ class PriLoraLayer(LoraLayer):
 
     def delta(self, x: Tensor) -> Tensor:
         # Not in backward: gradient checkpointing reruns the forward there, and each batch counts once.
-        # (torch's private graph-task id is -1 outside backward; torch's own FSDP tests it the same way.)
-        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        # (torch's private graph-task id is -1 outside backward; torch's own FSDP tests it the same way.  Under
+        # torch.compile this Python runs once, when traced: the graph's backward replays no attribute write.)
+        if self.training and torch.is_grad_enabled() and (torch.compiler.is_compiling()
+                                                          or torch._C._current_graph_task_id() == -1):
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             self.input_norms = torch.linalg.vector_norm(flat, dim=0)
         k = self.layer_rank

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
+from .compiled import check_compile
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -26,7 +27,8 @@ class TrainConfig:
     ``fsdp``: under torchrun, shard the frozen base weights across ranks with FSDP2
     (`lorakit.train.distributed.shard_frozen_base`).  ``packing``: causal-LM features packed into rows of
     ``max_length`` tokens (default: the longest example) with no attention across examples
-    (`lorakit.train.data.pack`); ``batch_size`` then counts rows.
+    (`lorakit.train.data.pack`); ``batch_size`` then counts rows.  ``compile``: run the training forward under
+    `torch.compile` (``True``: inductor; or a backend name, e.g. ``"aot_eager"``; `lorakit.train.compiled`).
     """
 
     steps: int = 100
@@ -53,6 +55,7 @@ class TrainConfig:
     fsdp: bool = False
     packing: bool = False
     max_length: int | None = None
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -78,6 +81,7 @@ class TrainConfig:
                               f"number of tokens (got {self.max_length!r}, packing={self.packing})")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"stop_after must be a positive step count or None, got {self.stop_after}")
+        check_compile(None, self.compile)
 
     @property
     def warmup(self) -> int:

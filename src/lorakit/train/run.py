@@ -33,6 +33,7 @@ from ..errors import ConfigError, OutputError, TrainingError
 from ..methods.lora_sb import first_step_lr
 from ..models import load_model
 from . import evaluate
+from .compiled import check_compile
 from .config import SCHEDULES, TrainConfig
 from .data import Example, TaskSpec, collate, encode_causal_lm, encode_classification, encode_conversations, load_task
 from .state import find_checkpoint, read_checkpoint_meta
@@ -121,6 +122,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     fsdp: bool = False
     packing: bool = False
+    compile: bool = False  # the training forward under torch.compile (inductor; `lorakit.train.compiled`)
     device: str = "auto"
     output_dir: str = "lorakit-runs/run"
     save_every: int | None = None
@@ -322,6 +324,7 @@ def run_training(run: RunConfig) -> RunResult:
     run = run.resolved()
     if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
         check_method_options(run.method, run.method_options)
+    check_compile(run.method if run.method != FULL else None, run.compile)  # refused before the model loads
     out = check_output_dir(run.output_dir)
     # one run per output directory (`compare` and the benchmarks' sweeps call this too); other torchrun ranks only read
     with locked_dir(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
@@ -348,9 +351,11 @@ def _run_locked(run: RunConfig, out: Path) -> RunResult:
                          output_dir=str(out), save_every=run.save_every, bf16=run.bf16,
                          group_by_length=run.group_by_length, resume=run.resume, save_adapter=run.method != FULL,
                          gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp, packing=run.packing,
-                         max_length=run.max_length if run.packing else None)
+                         max_length=run.max_length if run.packing else None, compile=run.compile)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
                    pad_token_id=tokenizer.pad_token_id)
+    if run.compile:  # `compare` trains several models in one process: each would count against torch's recompile limit
+        torch.compiler.reset()
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)
     adapter_dir = str(out / "adapter") if run.method != FULL else None
     outcome = RunResult(dataclasses.asdict(run), metric, before, after, trainable, result, samples[:5],

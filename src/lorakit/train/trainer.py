@@ -44,6 +44,7 @@ from ..core.hooks import TrainingHooks
 from ..errors import ConfigError, LorakitError, OutputError, TrainingError
 from ..io.persistence import save
 from . import data
+from .compiled import CompiledForward, check_compile
 from .config import TrainConfig, lr_factor
 from .data import Batch
 from .distributed import Ranks, shard_frozen_base
@@ -139,6 +140,7 @@ class _Run:
             self.hooks = TrainingHooks(model, {}, None)  # type: ignore[arg-type]
         else:
             self.hooks = self.adapter.hooks
+        backend = check_compile(self.adapter.method.name if self.adapter else None, config.compile, self.device)
         if config.fsdp:  # each rank keeps 1/world of the frozen base weights
             ranks.check_fsdp(model)
             shard_frozen_base(model, self.device)
@@ -154,6 +156,7 @@ class _Run:
         ranks.check_same_start(model)  # summed gradients only mean something if every rank starts equal
         self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.restore_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
+        self.compiled = CompiledForward(model, backend) if backend else None
         self.log = RunLog(self.out, config, self.progress.step, self.is_main)
         self.was_training = model.training
         model.train()
@@ -190,8 +193,9 @@ class _Run:
             # Summed over ranks and micro-batches, the weighted losses are the mean loss of the step.
             weight = share.weight / config.grad_accum
             batch = self.collate([self.features[i] for i in share.indices]).to(self.device)
-            task, reg = step_loss(self.model, batch.inputs, hooks, self.loss_fn,
-                                  torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16))
+            with self.compiled.active() if self.compiled else contextlib.nullcontext():
+                task, reg = step_loss(self.model, batch.inputs, hooks, self.loss_fn,
+                                      torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16))
             loss = task if reg is None else task + reg
             (loss * weight).backward()
             totals[0] += task.detach().double() * weight
