@@ -340,7 +340,10 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
              "init_samples": "examples behind Fed-SB's init (per client with --init-source clients)",
              "init_source": "who computes Fed-SB's init: server (official, no upload), client (one designated "
                             "client uploads B, R, A) or clients (every client uploads dense gradient sums)",
-             "init_data": "the server's init sample: a split of the task or a .jsonl/.csv file (first N)",
+             "init_data": "the server's init sample: a split of the task or a .jsonl/.csv file (first N; from "
+                          "train they are held out of the clients' shards)",
+             "init_overlap": "leave the server's train-split init rows in the clients' shards too, as the official "
+                             "code (then outside the DP guarantee)",
              "init_lr": "LoRA-SB's eta for Fed-SB's init", "weighting": "uniform (official Fed-SB mean) or examples",
              "max_client_examples": "most examples a client may report (default: the largest partition)",
              "host": "deployment: interface the SuperLink binds (not loopback: TLS and SuperNode auth forced on)",
@@ -358,7 +361,7 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
                "weighting": WEIGHTINGS, "quantize": QUANT_KINDS}
     shown = {"quantize": "none", "lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off", "dp_delta": "1/n",
              "data_dir": "the hub",
-             "train_limit": "all", "init_lr": "lr / (rounds x local steps)",
+             "train_limit": "all", "init_lr": "lr / (sampled clients x local steps x rounds)",
              "max_client_examples": "largest partition"}
     for name, f in FedConfig.__dataclass_fields__.items():
         flag = "--" + name.replace("_", "-")
