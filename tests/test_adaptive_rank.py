@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,22 @@ def _set_planes(layer: nn.Module, q_rows: torch.Tensor, p_cols: torch.Tensor) ->
     layer.lora_B1.copy_(eye)  # r×k, orthonormal columns
     layer.lora_A2.copy_(eye.T)  # k×r, orthonormal rows
     layer.lora_B2.copy_(p_cols)
+
+
+def test_lora2_defaults_are_the_official_sst2_script_row_of_the_documented_table() -> None:
+    """Lora2Config() = the SST-2 row of the per-task table in lorakit.methods.lora2's docstring (r, final budget,
+    α, γ; official ``run_debertav3_sst2.sh``), k = 8, and the planes drawn from N(0, 0.02²) as the official code."""
+    doc = sys.modules[lorakit.Lora2Config.__module__].__doc__ or ""
+    rows = {line.split()[0]: line.split()[1:] for line in doc.splitlines() if line.startswith("      ")}
+    r, target, alpha, gamma = rows["SST-2"][:4]
+    config = lorakit.Lora2Config()
+    assert (config.r, config.target_r, config.alpha, config.orth_reg_weight) == (int(r), int(target), float(alpha),
+                                                                                float(gamma))
+    assert (config.inner_r, config.plane_init) == (8, "normal")
+    assert rows["CoLA"][:3] == ["4", "3", "32"] and rows["MRPC"][:3] == ["8", "1", "32"]  # α, r differ by task
+    layer = lorakit.adapter_layers(attach("mlp", lorakit.Lora2Config(target_modules=("lin1",))))["lin1"]
+    factors = torch.cat([getattr(layer, k).flatten() for k in ("lora_A1", "lora_B1", "lora_A2", "lora_B2")])
+    assert float(factors.std()) == pytest.approx(0.02, rel=0.15) and float(factors.mean()) == pytest.approx(0, abs=5e-3)
 
 
 @torch.no_grad()
