@@ -208,7 +208,8 @@ def test_svd_budget_defaults_are_the_official_scale_and_a_schedule_scaled_with_t
     hooks.on_train_begin(400)
     assert (hooks.tinit, hooks.tfinal, hooks.delta_t) == (48, 184, 1)
     assert hooks.schedule(48) == (hooks.initial_budget, False) and hooks.schedule(400 - 183)[0] == hooks.target_budget
-    hooks.on_train_begin(50_520)  # the official SST-2 run: its own 6000 / 22000 / 100 up to rounding
+    hooks.on_train_begin(50_520)  # the official SST-2 run's length: its 6000 and 100 up to rounding; t_f is RTE's
+    # share (0.46), 23 239 where the SST-2 script has 22 000
     assert (hooks.tinit, hooks.tfinal, hooks.delta_t) == (6062, 23239, 101)
     given = lorakit.hooks(attach("mlp", SVD_CONFIGS[method](tinit=5, tfinal=7, delta_t=3)))
     given.on_train_begin(400)
