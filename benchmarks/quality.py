@@ -68,6 +68,8 @@ XGBLORA = {"r": 1, "alpha": 2, "kappa": 20, "layer_fraction": 1.0}
 VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "lora-r1": ("lora", {"r": 1, "alpha": 2}, 1e-3),
     "lora": ("lora", {"r": 8, "alpha": 16}, 1e-3),
+    # η: these runs predate issue 21 and took lr / warm-up (20 steps), 5e-4 at the seeded runs' 1e-2; lorakit train
+    # now takes the official classification η (8.3e-6, `lorakit.methods.lora_sb.default_eta`)
     "lora-sb": ("lora-sb", {"r": 16}, 5e-3),
     "lora-sb-eta1e-3": ("lora-sb", {"r": 16, "init_lr": 1e-3}, 5e-3),  # the first measurement: a large initial R
     "lora-ga": ("lora-ga", {"r": 8, "alpha": 16}, 1e-3),
