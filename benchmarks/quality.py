@@ -458,7 +458,7 @@ def write_claims(part: str = "sst2") -> str:
                      f"{params.get(n, 0):,} | {fmt(acc[n])} | {wall} |")
     lines += ["", "| claim | measured | verdict | what this budget cannot show |", "| --- | --- | --- | --- |"]
     lines += claim_rows(runs, acc, params)
-    lines += ["", *long_rows(part), "", devices(part)]
+    lines += ["", *long_rows(part), "", *recheck_rows(part), "", devices(part)]
     text = "\n".join(lines) + "\n"
     (RESULTS / "claims.md").write_text(text)
     (RESULTS / "quality-sweep.md").write_text(sweep_report(part))
@@ -571,6 +571,33 @@ def fed_row() -> str:
             f"sentences) {measured} | communication **held**; accuracy Fed-SB >= FedIT: {verdicts} | exactness of "
             "the aggregate is a unit-test property (`tests/test_fed_strategies.py`); 5 rounds x 5 local steps of 10 "
             "clients is a small federation |")
+
+
+RECHECK = ["xgblora-ls11", "lora2-defaults"]  # issue 21's new defaults, at the old configs' best swept rate 3e-3
+RECHECK_LR = 3e-3
+
+
+def recheck_rows(part: str) -> list[str]:
+    """Issue 21's new defaults (not swept; seeds as far as they ran) and LoRA-SB at ``lorakit train``'s own SST-2
+    defaults (its run.json files, copied to ``quality-runs/<part>-cli/lora-sb/``)."""
+    steps, split = MODES["seeds"]
+    rows = ["## At the defaults changed by issue 21 (not re-swept; seeds as far as they ran)", "",
+            f"LoRA^2 and XGBLoRA at their new defaults, {steps} steps as above at lr {RECHECK_LR:g} (their previous "
+            "best swept rate); LoRA-SB at `lorakit train --task sst2 --method lora-sb`'s defaults (r 32, lr 1e-2, "
+            "5 warm-up steps, 400 steps of 32, the official classification η 8.3e-6 and 2 init samples). The rows "
+            "above predate these defaults: their configs pin LoRA^2's orthogonal planes and XGBLoRA's every-block "
+            "rounds, and LoRA-SB's runs took η = lr / 20 warm-up steps (5e-4 at 1e-2). These runs: CPU, 1 thread, "
+            "on 2 cores shared with other jobs (load 10-16), so their wall times are not comparable.", "",
+            "| config | method, options | test accuracy (%) | wall s per run |", "| --- | --- | --- | --- |"]
+    for n in RECHECK:
+        method, options, _ = VARIANTS[n]
+        runs = [r for r in stored(part, n, steps, split) if r["lr"] == RECHECK_LR]
+        wall = fmt([r["wall_seconds"] for r in runs], 1, 0, count=False) if runs else "-"
+        rows.append(f"| {n} | {method} {json.dumps(options)} | {fmt([r['score_after'] for r in runs])} | {wall} |")
+    cli = [json.loads(f.read_text()) for f in sorted((RUNS / f"{part}-cli" / "lora-sb").glob("seed*.json"))]
+    wall = fmt([r["seconds"] for r in cli], 1, 0, count=False) if cli else "-"
+    rows.append(f"| lora-sb (CLI defaults) | lora-sb {{}} | {fmt([r['score_after'] for r in cli])} | {wall} |")
+    return rows
 
 
 def long_rows(part: str) -> list[str]:
