@@ -592,12 +592,19 @@ def recheck_rows(part: str) -> list[str]:
     for n in RECHECK:
         method, options, _ = VARIANTS[n]
         runs = [r for r in stored(part, n, steps, split) if r["lr"] == RECHECK_LR]
-        wall = fmt([r["wall_seconds"] for r in runs], 1, 0, count=False) if runs else "-"
-        rows.append(f"| {n} | {method} {json.dumps(options)} | {fmt([r['score_after'] for r in runs])} | {wall} |")
+        rows.append(f"| {n} | {method} {json.dumps(options)} | {_seeds([r['score_after'] for r in runs])} | "
+                    f"{_seeds([r['wall_seconds'] for r in runs], wall=True)} |")
     cli = [json.loads(f.read_text()) for f in sorted((RUNS / f"{part}-cli" / "lora-sb").glob("seed*.json"))]
-    wall = fmt([r["seconds"] for r in cli], 1, 0, count=False) if cli else "-"
-    rows.append(f"| lora-sb (CLI defaults) | lora-sb {{}} | {fmt([r['score_after'] for r in cli])} | {wall} |")
+    rows.append(f"| lora-sb (CLI defaults) | lora-sb {{}} | {_seeds([r['score_after'] for r in cli])} | "
+                f"{_seeds([r['seconds'] for r in cli], wall=True)} |")
     return rows
+
+
+def _seeds(xs: list[float], wall: bool = False) -> str:
+    """`fmt` of accuracies (points) or wall seconds, but one run is its value alone (n=1 has no spread)."""
+    if len(xs) == 1:
+        return f"{xs[0]:.0f}" if wall else f"{100 * xs[0]:.1f} (n=1, seed 0)"
+    return fmt(xs, 1, 0, count=False) if wall else fmt(xs)
 
 
 def long_rows(part: str) -> list[str]:
