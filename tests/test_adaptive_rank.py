@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,22 @@ def _set_planes(layer: nn.Module, q_rows: torch.Tensor, p_cols: torch.Tensor) ->
     layer.lora_B2.copy_(p_cols)
 
 
+def test_lora2_defaults_are_the_official_sst2_script_row_of_the_documented_table() -> None:
+    """Lora2Config() = the SST-2 row of the per-task table in lorakit.methods.lora2's docstring (r, final budget,
+    α, γ; official ``run_debertav3_sst2.sh``), k = 8, and the planes drawn from N(0, 0.02²) as the official code."""
+    doc = sys.modules[lorakit.Lora2Config.__module__].__doc__ or ""
+    rows = {line.split()[0]: line.split()[1:] for line in doc.splitlines() if line.startswith("      ")}
+    r, target, alpha, gamma = rows["SST-2"][:4]
+    config = lorakit.Lora2Config()
+    assert (config.r, config.target_r, config.alpha, config.orth_reg_weight) == (int(r), int(target), float(alpha),
+                                                                                float(gamma))
+    assert (config.inner_r, config.plane_init) == (8, "normal")
+    assert rows["CoLA"][:3] == ["4", "3", "32"] and rows["MRPC"][:3] == ["8", "1", "32"]  # α, r differ by task
+    layer = lorakit.adapter_layers(attach("mlp", lorakit.Lora2Config(target_modules=("lin1",))))["lin1"]
+    factors = torch.cat([getattr(layer, k).flatten() for k in ("lora_A1", "lora_B1", "lora_A2", "lora_B2")])
+    assert float(factors.std()) == pytest.approx(0.02, rel=0.15) and float(factors.mean()) == pytest.approx(0, abs=5e-3)
+
+
 @torch.no_grad()
 def test_lora2_regularizer_zero_for_orthonormal_disjoint_planes() -> None:
     model = attach("mlp", lorakit.Lora2Config(r=4, inner_r=2, target_modules=("lin1",)))  # lin1: 32 -> 32, square
@@ -191,7 +208,8 @@ def test_svd_budget_defaults_are_the_official_scale_and_a_schedule_scaled_with_t
     hooks.on_train_begin(400)
     assert (hooks.tinit, hooks.tfinal, hooks.delta_t) == (48, 184, 1)
     assert hooks.schedule(48) == (hooks.initial_budget, False) and hooks.schedule(400 - 183)[0] == hooks.target_budget
-    hooks.on_train_begin(50_520)  # the official SST-2 run: its own 6000 / 22000 / 100 up to rounding
+    hooks.on_train_begin(50_520)  # the official SST-2 run's length: its 6000 and 100 up to rounding; t_f is RTE's
+    # share (0.46), 23 239 where the SST-2 script has 22 000
     assert (hooks.tinit, hooks.tfinal, hooks.delta_t) == (6062, 23239, 101)
     given = lorakit.hooks(attach("mlp", SVD_CONFIGS[method](tinit=5, tfinal=7, delta_t=3)))
     given.on_train_begin(400)

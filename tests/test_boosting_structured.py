@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 import lorakit
 from lorakit.core.layer import keep_original
+from lorakit.methods.adaptive import block_index
 from lorakit.methods.glora import format_support, search
 from lorakit.methods.xgblora import BoosterLayer
 from lorakit.train.trainer import TrainConfig
@@ -46,7 +47,8 @@ def test_xgblora_rounds_merge_and_export(tmp_path: Path) -> None:
     T, kappa, r = 3, 2, 1
     with keep_original():  # merged rounds recompute the residual from the kept W0, bit for bit
         model = lorakit.attach(LLAMA.build(0), lorakit.XgbLoraConfig(r=r, alpha=2, kappa=kappa, shrinkage=0.7,
-                                                                     target_modules=TARGETS, seed=1))
+                                                                     target_modules=TARGETS, seed=1,
+                                                                     layer_fraction=1.0))  # every block each round
     hooks = lorakit.hooks(model)
     layers = {n: layer for n, layer in lorakit.adapter_layers(model).items() if isinstance(layer, BoosterLayer)}
     base = output(model, LLAMA.inputs())
@@ -89,10 +91,10 @@ def test_xgblora_shrinkage_and_random_layer_subsets() -> None:
                                                                  target_modules=TARGETS, init_weights=False))
     hooks = lorakit.hooks(model)
     layers = lorakit.adapter_layers(model)
-    n_active = round(0.5 * len(layers))
+    n_active = len(TARGETS)  # one of the two blocks: every targeted matrix of it
     subsets = []
     for _ in range(4):
-        assert len(hooks.active) == n_active
+        assert len(hooks.active) == n_active and len({block_index(n) for n in hooks.active}) == 1
         for name, layer in layers.items():
             assert layer.lora_A.requires_grad == layer.lora_B.requires_grad == (name in hooks.active)
         subsets.append(tuple(hooks.active))
@@ -102,6 +104,25 @@ def test_xgblora_shrinkage_and_random_layer_subsets() -> None:
         for name, layer in layers.items():
             assert torch.allclose(layer.base.weight, before[name] + 0.5 * live[name], atol=1e-6), name
     assert len(set(subsets)) > 1  # a new random subset each round (seeded)
+
+
+def test_xgblora_default_boosts_the_papers_11_of_32_blocks_per_round() -> None:
+    """The default layer_fraction is the paper's best L_s = 11 of LLaMA3-8B's 32 layers (Table 6): on a 32-block
+    model each round boosts every targeted matrix of 11 distinct blocks, a fresh seeded draw per round."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    assert lorakit.XgbLoraConfig().layer_fraction == 11 / 32
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=32,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = lorakit.attach(LlamaForCausalLM(config), lorakit.XgbLoraConfig(kappa=1, target_modules=("q_proj", "v_proj")))
+    hooks = lorakit.hooks(model)
+    drawn = []
+    for step in range(3):
+        blocks = {block_index(n) for n in hooks.active}
+        assert len(blocks) == 11 and len(hooks.active) == 22
+        drawn.append(frozenset(blocks))
+        hooks.after_step(step)
+    assert len(set(drawn)) == 3
 
 
 def test_xgblora_patience_ends_round_on_plateau_in_the_lorakit_trainer() -> None:
@@ -138,7 +159,8 @@ def test_xgblora_round_resets_only_the_boosters_optimizer_state() -> None:
     """At a round's end the boosters restart Adam (moments and step), the classifier head keeps its state."""
     kind = KINDS["bert"]
     model = lorakit.attach(kind.build(0), lorakit.XgbLoraConfig(r=1, kappa=2, target_modules=("query", "value"),
-                                                                modules_to_save=kind.modules_to_save))
+                                                                modules_to_save=kind.modules_to_save,
+                                                                layer_fraction=1.0))
     hooks = lorakit.hooks(model)
     hooks.on_train_begin(3)
     opt = hooks.build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2)

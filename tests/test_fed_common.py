@@ -62,11 +62,13 @@ def test_config_round_trips_through_a_flower_record() -> None:
     assert back == cfg
 
 
-def test_fed_sb_init_lr_follows_lora_sb_rule_over_the_clients_local_training() -> None:
-    """η = lr / (warmup_ratio × total_steps) with no warm-up (ratio 1) over rounds × local_steps steps."""
-    cfg = FedConfig(strategy="fed-sb", lr=1e-2, rounds=5, local_steps=10)
-    assert cfg.sb_init_lr == pytest.approx(1e-2 / 50)
-    assert FedConfig(strategy="fed-sb", rounds=5, local_steps=10).sb_init_lr == pytest.approx(1e-2 / 50)  # DEFAULT_LR
+def test_fed_sb_init_lr_is_the_official_dp_scripts_lr_over_every_clients_steps() -> None:
+    """η = lr / (len(pooled loader) × local_epochs) in the official script = lr over the local steps all sampled
+    clients take in the run: 10 clients × 10 steps × 5 rounds; half the clients sampled per round halve it."""
+    cfg = FedConfig(strategy="fed-sb", lr=1e-2, clients=10, rounds=5, local_steps=10)
+    assert cfg.sb_init_lr == pytest.approx(1e-2 / 500)
+    assert FedConfig(strategy="fed-sb", rounds=5, local_steps=10).sb_init_lr == pytest.approx(1e-2 / 500)  # DEFAULT_LR
+    assert cfg.replace(fraction=0.5).sb_init_lr == pytest.approx(1e-2 / 250)
     assert cfg.replace(init_lr=3e-6).sb_init_lr == 3e-6  # an explicit η wins
 
 

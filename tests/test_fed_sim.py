@@ -152,6 +152,8 @@ def test_dropped_late_malformed_and_over_reporting_clients_are_excluded(tiny_dir
     assert init_upload == sum(t.numel() * 4 for k, t in {**state.frozen, **state.tensors}.items()
                               if k.endswith(("lora_B", "lora_A", "lora_R")))  # one client's B, R, A, counted
     assert result["privacy"].startswith("no differential privacy")
+    assert result["init_source"].startswith("the designated client's upload at round 0")
+    assert json.loads((tmp_path / "run" / "fed_result.json").read_text())["init_source"] == result["init_source"]
     round1 = result["history"][1]
     reasons = sorted(round1["excluded"].values())
     assert len(reasons) == 11 and round1.get("clients") == 2, log  # the round completed with partitions 0 and 12

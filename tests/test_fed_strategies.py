@@ -344,15 +344,45 @@ def test_untrusted_losses_and_epsilons_are_excluded_not_recorded(caplog, dp) -> 
     assert len(logged) == len(crafted)
 
 
-def test_privacy_note_states_what_the_dp_guarantee_leaves_out() -> None:
+def test_privacy_note_names_the_inits_source_and_what_the_dp_guarantee_leaves_out() -> None:
     from lorakit.fed.config import FedConfig
     from lorakit.fed.server import privacy_note
-    assert "no differential privacy" in privacy_note(FedConfig())
-    assert "OUTSIDE" not in privacy_note(FedConfig(dp_epsilon=3.0))  # the server's init reads no client data
+    assert privacy_note(FedConfig()).startswith("no differential privacy")
+    assert "the server's first 128 examples of the train split, held out of every client's shard" in privacy_note(
+        FedConfig())
+    held = privacy_note(FedConfig(dp_epsilon=3.0))
+    assert "held out of every client's shard" in held and "OUTSIDE" not in held
+    assert "OUTSIDE" not in privacy_note(FedConfig(dp_epsilon=3.0, init_data="dev"))
+    assert "of the dev split, which no client holds" in privacy_note(FedConfig(init_data="dev"))
+    assert "not checked against the clients' data" in privacy_note(FedConfig(init_data="init.jsonl"))
+    overlap = privacy_note(FedConfig(dp_epsilon=3.0, init_overlap=True))
+    assert "which the clients' shards also hold" in overlap and "OUTSIDE this guarantee" in overlap
     for source in ("client", "clients"):
         assert "OUTSIDE this guarantee" in privacy_note(FedConfig(dp_epsilon=3.0, init_source=source))
-    assert "OUTSIDE" not in privacy_note(FedConfig(strategy="fedit", dp_epsilon=3.0, init_source="clients"))
+    assert "init" not in privacy_note(FedConfig(strategy="fedit", dp_epsilon=3.0, init_source="clients"))
     assert FedConfig().dp_max_grad_norm == 0.1  # the official Fed-SB DP script's clip norm
+
+
+@pytest.mark.parametrize("task, scheme", [("sst2", "iid"), ("sst2", "dirichlet"), ("arith", "iid")])
+def test_no_client_holds_a_row_of_the_servers_init_by_default(tiny_dir, tmp_path, task, scheme) -> None:
+    """Fed-SB's default init reads the train split's first init_samples rows; the clients' pool starts after them
+    (and still holds train_limit rows), so no shard holds an init row; ``init_overlap`` puts them back."""
+    from lorakit.train.data import load_task
+    cfg = tiny_config(tiny_dir, tmp_path, strategy="fed-sb", task=task, partition=scheme, init_samples=40,
+                      train_limit=300)
+    _, init_rows = load_task(task, "train", cfg.data_dir, seed=cfg.seed, limit=cfg.init_samples)
+    _, train = load_task(task, "train", cfg.data_dir, seed=cfg.seed)
+    pool = local.client_pool(cfg)
+    assert len(pool) == 300 and pool == list(train[40:340]) and list(init_rows) == list(train[:40])
+    shards = partition.partition(pool, cfg.clients, scheme, cfg.alpha, cfg.seed)
+    held = {repr(pool[i]) for shard in shards for i in shard}
+    assert len(held) == 300 and not held & {repr(e) for e in init_rows}  # the slices' rows are all distinct
+    assert local.shard_sizes(cfg) == [len(s) for s in shards]
+    assert local.client_pool(cfg.replace(init_overlap=True)) == list(train[:300])  # the official overlap
+    assert local.client_pool(cfg.replace(init_data="dev")) == list(train[:300])  # nothing of train to hold out
+    assert local.client_pool(cfg.replace(strategy="fedit")) == list(train[:300])  # no init at all
+    with pytest.raises(FedConfigError, match="none is left for the clients"):
+        local.client_pool(cfg.replace(task="sst2", train_limit=None, init_samples=800))
 
 
 def test_checkpoint_round_trip_and_refusals(tiny_dir, tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit
 from lorakit.core.layer import keep_original
 from lorakit.core.linalg import principal_cosines, randomized_svd, truncated_svd
+
+DATA = Path(__file__).resolve().parent / "data"  # the in-repo SST-2 slice
 
 
 def tiny_llama(hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
@@ -123,26 +126,40 @@ def test_lora_sb_init_is_truncated_svd_of_sign_step() -> None:
         assert not torch.allclose(model(x).logits, base)  # it applies the approximated first update
 
 
-def test_lora_sb_eta_is_the_runs_first_step_lr(tmp_path) -> None:
-    """η = lr / warm-up steps (the official lr / (warmup_ratio · total_steps)): the bare API needs it given,
-    ``lorakit train`` derives it from its lr and warm-up, the HF callback from the Trainer's; init_lr overrides."""
+def test_lora_sb_eta_is_the_official_value_of_the_task_type(tmp_path) -> None:
+    """``lorakit train`` takes η by task type, not task name: the official formula lr / (warmup_ratio ·
+    len(gradient loader) · epochs) at the official scripts' settings, 3.0e-7 for a causal-LM task (arithmetic
+    script) and 8.3e-6 for classification (train_glue.py), inside the ranges the official scripts produce
+    whatever lorakit's lr and warm-up; init samples 50 / 2 (official).  The bare API needs η given, the HF
+    callback derives it from the Trainer's first-step lr; init_lr overrides."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from lorakit.integrations.hf import LorakitCallback
-    from lorakit.methods.lora_sb import first_step_lr
-    from lorakit.train.data import TaskSpec
-    from lorakit.train.run import ARITH_LORA_SB_ETA, RunConfig, method_config
+    from lorakit.methods.lora_sb import default_eta, first_step_lr, official_eta
+    from lorakit.train.data import load_task
+    from lorakit.train.run import RunConfig, init_samples, method_config
 
     assert first_step_lr(1e-2, 5) == pytest.approx(2e-3) and first_step_lr(1e-3, 0) == 1e-3
+    assert official_eta(1e-4, 0.02, 16_667, 1) == pytest.approx(3.0e-7, rel=1e-3)
     with pytest.raises(lorakit.ConfigError, match=r"needs init_lr.*first_step_lr"):
         lorakit.attach(tiny_llama(), lorakit.LoraSbConfig(r=2), data=make_batches())
-    spec = TaskSpec(name="arith", type="causal-lm", metric="exact_match")
-    derived = RunConfig(task="gsm8k", lr=1e-2, warmup_steps=5).resolved()
-    assert method_config(derived, spec, None).init_lr == pytest.approx(2e-3)
-    # the main job (built-in arith) keeps the official arithmetic script's η scale: lr / warm-up collapsed it
-    assert method_config(RunConfig(lr=1e-2, warmup_steps=5).resolved(), spec, None).init_lr == ARITH_LORA_SB_ETA
-    given = RunConfig(lr=1e-2, method_options={"init_lr": 1e-6}).resolved()
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"prompt": "2+2=", "completion": "4"}\n{"prompt": "3+3=", "completion": "6"}\n')
+    spec, _ = load_task(str(path), "train")
+    assert spec.type == "causal-lm"
+    for lr, warmup in ((1e-2, 5), (1e-3, 0), (5e-4, 100)):  # lorakit's default, no warm-up, a long warm-up
+        for task in (str(path), "gsm8k", "arith"):
+            run = RunConfig(task=task, model="smollm2-135m", lr=lr, warmup_steps=warmup).resolved()
+            eta = method_config(run, spec, None).init_lr
+            assert eta == default_eta("causal-lm") and 2.9e-7 <= eta <= 3e-6  # arithmetic (3.0e-7) .. commonsense (2.9e-6)
+    sst2 = load_task("sst2", "train", DATA, limit=1)[0]
+    eta = method_config(RunConfig(task="sst2", lr=1e-2, warmup_steps=5).resolved(), sst2, None).init_lr
+    assert eta == pytest.approx(8.29e-6, rel=1e-3) and 8.3e-7 <= eta <= 1.4e-4  # run_glue.sh's lr grid
+    given = RunConfig(task=str(path), model="smollm2-135m", lr=1e-2, method_options={"init_lr": 1e-6}).resolved()
     assert method_config(given, spec, None).init_lr == 1e-6
+    assert init_samples(RunConfig(task=str(path)), spec) == 50 and init_samples(RunConfig(task="sst2"), sst2) == 2
+    assert init_samples(RunConfig(task="sst2", method="lora-ga"), sst2) == 16
+    assert init_samples(RunConfig(task="sst2", init_samples=7), sst2) == 7
 
     model = tiny_llama()
     batches = make_batches()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 from pathlib import Path
 
@@ -120,3 +121,21 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "peft-adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_sb_on_the_builtin_gsm8k_task_improves_on_the_base_model(tmp_path) -> None:
+    """``lorakit train --task gsm8k --method lora-sb`` (10 steps of 4 instead of 30 of 8, 160 tokens, 8 held-out
+    items, to stay cheap in time and memory): the η of a
+    causal-LM task (3.0e-7, the official arithmetic script's) and its 50 init samples give a model whose answer
+    NLL on held-out GSM8K items ends below the base model's; lr / warm-up = 2e-3, the η GSM8K got before, made
+    the initial update a whole sign step (the main job's exact match fell from 5 % to 1 %)."""
+    from lorakit.methods.lora_sb import default_eta
+    from lorakit.train.run import RunConfig, run_training
+
+    run = RunConfig(task="gsm8k", method="lora-sb", data_dir=str(DATA), steps=10, batch_size=4, max_length=160,
+                    eval_limit=8, metric="nll", device="cpu", save_every=0, output_dir=str(tmp_path / "run"))
+    result = run_training(run)
+    assert result.config["method_options"] == {} and result.config["init_samples"] is None
+    assert result.score_after < result.score_before, (result.score_before, result.score_after)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["config"]["init_lr"] == default_eta("causal-lm")

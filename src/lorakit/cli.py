@@ -58,7 +58,8 @@ RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("eval_split", {"help": "split to evaluate on"}),
     ("metric", {"choices": ["exact_match", "accuracy", "nll"], "help": "evaluation metric", "shown": "the task's"}),
     ("max_new_tokens", {"type": int, "help": "generation length for exact-match scoring"}),
-    ("init_samples", {"type": int, "help": "training examples fed to data-driven inits (LoRA-GA, LoRA-SB)"}),
+    ("init_samples", {"type": int, "help": "training examples fed to data-driven inits (LoRA-GA, LoRA-SB)",
+                      "shown": "LoRA-SB: 50 generation, 2 classification (official); else 16"}),
     ("dtype", {"choices": ["fp32", "bf16", "fp16"], "help": "the base model's weight dtype"}),
     ("quantize", {"choices": ["nf4", "fp4", "int8", "torchao-int8", "torchao-int4"],
                   "help": "load the base quantized (the quant extra; torchao-int4 needs CUDA)", "shown": "none"}),
@@ -420,7 +421,10 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
              "init_samples": "examples behind Fed-SB's init (per client with --init-source clients)",
              "init_source": "who computes Fed-SB's init: server (official, no upload), client (one designated "
                             "client uploads B, R, A) or clients (every client uploads dense gradient sums)",
-             "init_data": "the server's init sample: a split of the task or a .jsonl/.csv file (first N)",
+             "init_data": "the server's init sample: a split of the task or a .jsonl/.csv file (first N; from "
+                          "train they are held out of the clients' shards)",
+             "init_overlap": "leave the server's train-split init rows in the clients' shards too, as the official "
+                             "code (then outside the DP guarantee)",
              "init_lr": "LoRA-SB's eta for Fed-SB's init", "weighting": "uniform (official Fed-SB mean) or examples",
              "max_client_examples": "most examples a client may report",
              "host": "deployment: interface the SuperLink binds (not loopback: TLS and SuperNode auth forced on)",
@@ -439,7 +443,7 @@ def add_fed_flags(p: argparse.ArgumentParser) -> None:
     shown = {"quantize": "none", "lr": "per strategy", "lora_alpha": "r", "dp_epsilon": "off",
              "dp_delta": "1/examples per client",
              "data_dir": "the hub",
-             "train_limit": "all", "init_lr": "lr / (rounds x local steps)",
+             "train_limit": "all", "init_lr": "lr / (sampled clients x local steps x rounds)",
              "max_client_examples": "largest partition"}
     for name, f in FedConfig.__dataclass_fields__.items():
         flag = "--" + name.replace("_", "-")

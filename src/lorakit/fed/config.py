@@ -39,10 +39,15 @@ class FedConfig:
     ``client`` (one designated client computes it from its own first ``init_samples`` examples and uploads
     B, R, A once) or ``clients`` (every client uploads the dense gradient sum of its first ``init_samples``
     examples; costly, and outside the DP guarantee).  init_data: a split name of the task (``train``, ``dev``,
-    ``test``) or a ``.jsonl`` / ``.csv`` file; its first ``init_samples`` examples are used.  init_lr: LoRA-SB's
-    η; None applies LoRA-SB's rule ``η = lr / (warmup_ratio × total_steps)`` to the clients' local training:
-    constant lr with no warm-up (ratio 1) over ``rounds × local_steps`` steps, so ``η = lr / (rounds ×
-    local_steps)`` (`sb_init_lr`), the form of the official Fed-SB DP script (``lr / total steps``).
+    ``test``) or a ``.jsonl`` / ``.csv`` file; its first ``init_samples`` examples are used.  With the server's
+    init from ``train`` (the default), those examples are taken out of the pool before it is split across the
+    clients, so no client trains on an init row (`local.client_pool`); ``init_overlap`` leaves them in the pool,
+    as the official code does (its init reads the first 550 SNLI training rows, which its first client also
+    trains on): the init then uses rows a client holds, computed without noise, outside the DP guarantee
+    (``privacy`` in the result says so).  init_lr: LoRA-SB's η; None is the official Fed-SB DP script's
+    ``lr / (len(pooled train loader) × local_epochs)`` (``DP/SNLI/fed_trainer.py``: the steps every client
+    together takes in its one round), here ``lr / (clients sampled per round × local_steps × rounds)``
+    (`sb_init_lr`): the local steps all sampled clients take over the run.
 
     weighting: ``uniform`` (default; the official Fed-SB code averages R, the heads and every baseline's
     factors with an unweighted mean, and a client's reported sample count then cannot buy weight) or
@@ -85,6 +90,7 @@ class FedConfig:
     init_source: str = "server"
     init_data: str = "train"
     init_samples: int = 128
+    init_overlap: bool = False
     init_lr: float | None = None
     weighting: str = "uniform"
     max_client_examples: int | None = None
@@ -156,8 +162,11 @@ class FedConfig:
 
     @property
     def sb_init_lr(self) -> float:
-        """LoRA-SB's η for Fed-SB: ``init_lr``, else ``lr / (rounds × local_steps)`` (see the class docstring)."""
-        return self.init_lr if self.init_lr is not None else self.learning_rate / (self.rounds * self.local_steps)
+        """LoRA-SB's η for Fed-SB: ``init_lr``, else ``lr / (sampled clients × local_steps × rounds)`` (the class
+        docstring)."""
+        if self.init_lr is not None:
+            return self.init_lr
+        return self.learning_rate / (self.min_train_clients * self.local_steps * self.rounds)
 
     @property
     def use_supernode_auth(self) -> bool:

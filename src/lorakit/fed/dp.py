@@ -8,11 +8,13 @@ accountant's history is carried from round to round, so the ε reported after ea
 client has spent so far.  Per-sample gradients of lorakit's adapter layers come from grad samplers
 registered with Opacus (`register_grad_sampler`), in closed form from the layer's input and output
 gradient; Opacus' functorch fallback cannot run them, as it refuses layers holding buffers (the frozen
-factors).  The guarantee covers local training only.  Fed-SB's default
-init (``init_source = server``) reads no client data; the ``client`` and ``clients`` inits upload values
-computed from client examples without noise and are outside it, which the run's result states
-(``privacy``).  Defaults follow the official Fed-SB DP script where it states them (clip norm 0.1, ε 3 in
-its example); δ defaults to 1/n examples (the script uses 1/number of batches, a weaker δ).
+factors).  The guarantee covers local training only.  Fed-SB's init is computed without noise: the default
+(``init_source = server``, ``init_data = train``) reads the train split's first ``init_samples`` rows and takes
+them out of the pool the clients' shards are cut from (`local.client_pool`), so no client's data is in it; with
+``init_overlap`` (as the official code, whose init reads 550 SNLI training rows its first client also trains on)
+or the ``client`` / ``clients`` inits it uses rows a client holds and is outside the guarantee, which the run's
+result states (``privacy``, ``init_source``).  Defaults follow the official Fed-SB DP script where it states them
+(clip norm 0.1, ε 3 in its example); δ defaults to 1/n examples (the script uses 1/number of batches, a weaker δ).
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ from ..core.loss import model_loss
 from ..io.persistence import adapter_tensors
 from ..models import load_model
 from ..train import evaluate as lk_evaluate
-from ..train.data import TaskSpec, collate, load_task
+from ..train.data import Example, TaskSpec, collate, load_task
 from ..train.run import RunConfig, encode, method_config
 from ..train.trainer import TrainConfig, train
 from . import dp
 from .config import FedConfig
-from .errors import FedError
+from .errors import FedConfigError, FedError
 from .partition import partition
 from .strategies import STRATEGIES, StrategySpec, fedsb_shared_init
 
@@ -128,19 +128,38 @@ def client_features(cfg: FedConfig, partition_id: int, num_partitions: int) -> l
     """Client ``partition_id``'s encoded training examples (every client computes the same split)."""
     if not 0 <= partition_id < num_partitions:
         raise FedError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    key = (*_model_key(cfg), cfg.train_limit, cfg.partition, cfg.alpha, partition_id, num_partitions)
+    key = (*_model_key(cfg), cfg.train_limit, held_out(cfg), cfg.partition, cfg.alpha, partition_id, num_partitions)
     if key not in _SHARDS:
         ws = workspace(cfg)
-        _, examples = load_task(cfg.task, "train", cfg.data_dir, seed=cfg.seed, limit=cfg.train_limit)
+        examples = client_pool(cfg)
         shards = partition(examples, num_partitions, cfg.partition, cfg.alpha, cfg.seed)
         _SHARDS[key] = encode(ws.task, [examples[i] for i in shards[partition_id]], ws.tokenizer, run_config(cfg))
     return _SHARDS[key]
 
 
+def held_out(cfg: FedConfig) -> int:
+    """How many training examples the server's init sample takes out of the clients' pool: ``init_samples`` for
+    Fed-SB's server init from the ``train`` split (unless ``init_overlap``), else 0."""
+    server_init = STRATEGIES[cfg.strategy].server_init and cfg.init_source == "server"
+    return cfg.init_samples if server_init and cfg.init_data == "train" and not cfg.init_overlap else 0
+
+
+def client_pool(cfg: FedConfig) -> list[Example]:
+    """The training examples split across the clients: the first ``train_limit`` (all) after the ``held_out``
+    init rows (`init_features` reads the train split's first ``init_samples``), so no client holds an init row."""
+    held = held_out(cfg)
+    limit = None if cfg.train_limit is None else cfg.train_limit + held
+    _, examples = load_task(cfg.task, "train", cfg.data_dir, seed=cfg.seed, limit=limit)
+    if len(examples) <= held:
+        raise FedConfigError(f"the train split has {len(examples)} examples and Fed-SB's init holds out the first "
+                             f"{held} (init_samples): none is left for the clients; lower init_samples, or take "
+                             "the init from another split (init_data dev) or a file")
+    return list(examples[held:])
+
+
 def shard_sizes(cfg: FedConfig) -> list[int]:
     """How many training examples each of the ``cfg.clients`` partitions holds (the server's bound on counts)."""
-    _, examples = load_task(cfg.task, "train", cfg.data_dir, seed=cfg.seed, limit=cfg.train_limit)
-    return [len(shard) for shard in partition(examples, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)]
+    return [len(shard) for shard in partition(client_pool(cfg), cfg.clients, cfg.partition, cfg.alpha, cfg.seed)]
 
 
 def init_features(cfg: FedConfig) -> list[dict[str, Any]]:

@@ -218,7 +218,7 @@ def shared_init(grid: Grid, config: FedConfig, ws: local.Workspace, state: Serve
     excluded: dict[str, str] = {}
     if config.init_source == "server":
         init = local.shared_init(ws, local.init_features(config))
-        source = f"the server's first {config.init_samples} examples of {config.init_data}"
+        source = init_note(config)[0]
     else:
         usable, excluded, asked = _client_init(grid, config, ws, state)
         if not usable:
@@ -235,17 +235,37 @@ def shared_init(grid: Grid, config: FedConfig, ws: local.Workspace, state: Serve
     return excluded
 
 
+def init_note(config: FedConfig) -> tuple[str, bool]:
+    """Where Fed-SB's init came from, and whether it used rows a client also holds (``None`` source: no init)."""
+    n = config.init_samples
+    if config.init_source == "client":
+        return f"the designated client's upload at round 0, from its own first {n} examples", True
+    if config.init_source == "clients":
+        return f"every client's gradient-sum upload at round 0, each from its own first {n} examples", True
+    if config.init_data == "train":
+        if local.held_out(config):
+            return f"the server's first {n} examples of the train split, held out of every client's shard", False
+        return f"the server's first {n} examples of the train split, which the clients' shards also hold", True
+    if config.init_data.endswith((".jsonl", ".csv")):
+        return f"the server's first {n} examples of {config.init_data} (not checked against the clients' data)", False
+    return f"the server's first {n} examples of the {config.init_data} split, which no client holds", False
+
+
 def privacy_note(config: FedConfig) -> str:
-    """What the run's DP guarantee covers, stated in the result (and logged as a warning when it leaves a gap)."""
+    """What the run's DP guarantee covers and where Fed-SB's init came from, stated in the result (and logged as
+    a warning when the init used rows a client holds)."""
     if config.dp_epsilon is None:
-        return "no differential privacy (dp_epsilon unset)"
-    note = (f"each client's local training is DP-SGD at (ε = {config.dp_epsilon:g}, δ = "
-            f"{config.dp_delta if config.dp_delta is not None else '1/n'}) over all rounds")
-    if STRATEGIES[config.strategy].server_init and config.init_source != "server":
-        who = "the designated client's" if config.init_source == "client" else "every client's"
-        return (note + f"; Fed-SB's init ({who} upload at round 0, computed from its first {config.init_samples} "
-                "examples without noise) is OUTSIDE this guarantee: use init_source 'server' to keep client data "
-                "out of the init")
+        note = "no differential privacy (dp_epsilon unset)"
+    else:
+        note = (f"each client's local training is DP-SGD at (ε = {config.dp_epsilon:g}, δ = "
+                f"{config.dp_delta if config.dp_delta is not None else '1/n'}) over all rounds")
+    if not STRATEGIES[config.strategy].server_init:
+        return note
+    source, shared = init_note(config)
+    note += f"; Fed-SB's init: {source}"
+    if shared and config.dp_epsilon is not None:
+        note += (" (computed without noise: OUTSIDE this guarantee; the default, the server's init from the train "
+                 "split, holds its rows out of the clients' shards)")
     return note
 
 
@@ -271,7 +291,7 @@ def run_server(grid: Grid, config: FedConfig) -> dict[str, Any]:
     max_count = config.max_client_examples or max(local.shard_sizes(config))
     strategy = LowRankStrategy(config, state, ws.scale, max_count)
     privacy = privacy_note(config)
-    if config.dp_epsilon is not None and ws.strategy.server_init and config.init_source != "server":
+    if config.dp_epsilon is not None and ws.strategy.server_init and init_note(config)[1]:
         logger.warning("%s", privacy)
     init_excluded: dict[str, str] = {}
     if ws.strategy.server_init and not state.frozen:
@@ -299,7 +319,8 @@ def run_server(grid: Grid, config: FedConfig) -> dict[str, Any]:
                               "bytes_per_client": state.ledger.per_client(round_)})
         checkpoint.save(out, state, config)
         logger.info("round %d: %s", round_, {k: v for k, v in state.history[-1].items() if k != "bytes_per_client"})
-    result = {"config": config.to_record(), "privacy": privacy, "history": state.history,
+    init_source = init_note(config)[0] if ws.strategy.server_init else None
+    result = {"config": config.to_record(), "privacy": privacy, "init_source": init_source, "history": state.history,
               "comm": state.ledger.per_round(),
               "totals": state.ledger.totals(), "seconds": time.perf_counter() - start}
     out.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,25 @@ same masks (``tests/test_parity_adalora.py``).  Documented choices: the scale is
 γ = 0.1 by default (the paper's GLUE value; PEFT's default is 0.5); ``target_r=None`` means ⌊2r/3⌋ (the paper's
 b(0) = 1.5·b(T); with r = 12 this is PEFT's init_r = 12, target_r = 8).
 
-Defaults from the official code (QingruZhang/AdaLoRA, ``NLU/scripts/run_debertav3_*.sh``; LoRA²'s scripts reuse
-them): α = 16 (SST-2, MNLI...; CoLA and RTE use 32), not PEFT's 8 and not scale 1.  The schedule scales with the run
-length T (``tinit``/``tfinal``/``delta_t`` = None): t_i = ⌊0.12 T⌋, t_f = ⌊0.46 T⌋, ΔT = max(1, ⌊0.002 T⌋), the
-official scripts' ratios (SST-2: 6000 / 22000 / 100 of 50 520 steps; CoLA: 800 / 3500 / 10 of 6700; RTE: 600 /
-1800 / 1 of 3900).  Integers given in the config are used as they are.  The EMAs live in the hooks as tensors and
+Defaults from the official code (QingruZhang/AdaLoRA@d10f5eb, ``NLU/scripts/run_debertav3_*.sh``; LoRA²'s scripts
+reuse its schedules): α = 16 as SST-2, MNLI and QQP (CoLA, MRPC, QNLI, RTE and STS-B use 32), not PEFT's 8 and not
+scale 1.  The scripts per task (``--lora_r`` / ``--target_rank`` / ``--lora_alpha`` / ``--reg_orth_coef`` /
+``--init_warmup`` / ``--final_warmup`` / ``--mask_interval``; T = steps at batch 32; shares of T in brackets)::
+
+    task   r  target  α   γ    t_i / t_f / ΔT                              T
+    CoLA   3  1       32  0.1  800 (0.119) / 3500 (0.522) / 10 (0.0015)    6 700
+    MNLI   3  1       16  0.1  8000 (0.093) / 50000 (0.582) / 100 (0.0012) 85 904
+    MRPC   2  1       32  0.1  600 (0.174) / 1800 (0.522) / 1 (0.0003)     3 450
+    QNLI   2  1       32  0.1  2000 (0.122) / 8000 (0.489) / 100 (0.0061)  16 370
+    QQP    2  1       16  0.1  8000 (0.141) / 25000 (0.440) / 100 (0.0018) 56 855
+    RTE    2  1       32  0.3  600 (0.154) / 1800 (0.462) / 1 (0.0003)     3 900
+    SST-2  2  1       16  0.1  6000 (0.119) / 22000 (0.435) / 100 (0.0020) 50 520
+    STS-B  2  1       32  0.3  800 (0.178) / 2000 (0.444) / 10 (0.0022)    4 500
+
+The schedule scales with the run length T (``tinit``/``tfinal``/``delta_t`` = None): t_i = ⌊0.12 T⌋ and
+ΔT = max(1, ⌊0.002 T⌋) are SST-2's shares; t_f = ⌊0.46 T⌋ is RTE's (SST-2's is 0.435; the scripts span
+0.435-0.582).  r = 12 with ⌊2r/3⌋ = 8 kept is the paper's b(0) = 1.5 b(T), not the scripts' 2-3 -> 1.
+Integers given in the config are used as they are.  The EMAs live in the hooks as tensors and
 the mask state as JSON; the trainer's checkpoint carries both, so a resumed run continues bit for bit.
 A layer's rank is its number of nonzero λ; `as_lora` returns exactly those triplets.
 

@@ -7,21 +7,24 @@ Per adapted matrix (official code ``loralib/loralib/LoRA2.py`` in Godz-z/LoRA-2;
     P = B2 A2   (d_out×r),  A2 = lora_A2 [lora_aa] (k×r),    B2 = lora_B2 [lora_bb] (d_out×k)
     ΔW = (α/r) · P diag(E) Q,   E = lora_E (r singular values, pruned)
 
-k (``inner_r``) is hard-coded to 8 in the official code.  E = 0 at init (the output is unchanged).  The forward runs
-``B2 (A2 ((α/r) E ⊙ (B1 (A1 x))))``: only k- and r-wide intermediates.
+k (``inner_r``) is hard-coded to 8 in the official code (``LoRA2.py`` line 45).  E = 0 at init (the output is
+unchanged).  The forward runs ``B2 (A2 ((α/r) E ⊙ (B1 (A1 x))))``: only k- and r-wide intermediates.
 
-Init of the four factors (choice): ``plane_init="orthogonal"`` (default) draws each as a random semi-orthogonal
-matrix (orthonormal rows or columns, whichever its shape allows), the point the orthogonality regularizer holds
-them at; ``"normal"`` is the official code's N(0, 0.02²).  That value comes from AdaLoRA, where it gives the
-768-dimensional singular vectors a norm near 1, but on LoRA²'s k×r and r×k factors it gives norms near 0.06, so
-the update starts about 10⁻⁴ times AdaLoRA's and E gets almost no gradient until the regularizer has grown the
-factors (hundreds of Adam steps).
+Init of the four factors: ``plane_init="normal"`` (default) is the official N(0, 0.02²) (``LoRA2.py`` lines
+91-94, ``nn.init.normal_(..., std=0.02)``); ``"orthogonal"`` (choice) draws each as a random semi-orthogonal matrix
+(orthonormal rows or columns, whichever its shape allows), the point the orthogonality regularizer holds them at.
+0.02 comes from AdaLoRA, where it gives the 768-dimensional singular vectors a norm near 1; on LoRA²'s k×r and r×k
+factors it gives norms near 0.06, so the update starts small and E's gradient grows as the regularizer grows the
+factors (`benchmarks/results/claims.md` measures the default).
 
 * Orthogonality (official ``compute_orth_regu``, γ = 0.1): each plane's factors orthonormal,
   ``‖A1A1ᵀ − I‖ + ‖B1ᵀB1 − I‖ + ‖A2A2ᵀ − I‖ + ‖B2ᵀB2 − I‖`` (Frobenius, all k×k), plus the two planes mutually
   orthogonal: ``‖Q P‖_F`` = the inner products between the rows of Q (the input-side plane) and the columns of P (the
-  output-side plane).  The released cross term is broken (it re-adds the previous ``para_cov − I`` on detached
-  copies); this is the intended term.  Q's rows live in R^{d_in} and P's columns in R^{d_out}, so the term exists
+  output-side plane).  The released cross term is broken: ``compute_orth_regu`` (``LoRA2.py`` lines 590-622) forms
+  ``product`` from detached copies of the four factors (lines 594-601, 614-617) and never uses it; line 619 adds
+  ``‖para_cov − I‖`` once more for every parameter visited after the four copies exist, ``para_cov`` being the
+  latest factor's Gram matrix built from the live parameter (lines 603, 609): repeated orthogonality terms, no
+  cross term.  This is the intended term.  Q's rows live in R^{d_in} and P's columns in R^{d_out}, so the term exists
   only for square matrices (d_in = d_out); for the others there is no shared space and it is left out (choice,
   [unconfirmed] in the paper).  ``Q P = B1 (A1 B2) A2`` costs one k×k product.  Terms are averaged, as the code.
 * Importance: AdaLoRA's sensitivity × uncertainty EMAs (β1 = β2 = 0.85), but computed only for the small factors
@@ -30,8 +33,22 @@ factors (hundreds of Adam steps).
   (`SvdBudgetHooks.scored_elements`; the paper's "≈98.5 % fewer sensitivity computations").
 * Budget: AdaLoRA's cubic schedule and global kth-value masking of E (`lorakit.methods.adalora`), unchanged, with
   its defaults: the schedule scaled with the run length.
-* Scale: α = 16 at r = 8 (scale 2), as every official script (``scripts/run_debertav3_*.sh``: ``--lora_r 8
-  --lora_alpha 16``).  rank(ΔW) <= min(r, k): with k < r the budget only binds once it falls below k.
+* Defaults from the official SST-2 script (``scripts/run_debertav3_sst2.sh``, Godz-z/LoRA-2@8b8cfbb): r = 8
+  singular values, final budget ``target_r = 2``, α = 16 (scale 2), k = 8, γ = 0.1; the schedule's t_i / t_f / ΔT
+  are AdaLoRA's fractions of the run (that script's 6000 / 22000 / 100 of 50 520 steps).  The scripts differ by
+  task (``--lora_r`` / ``--target_rank`` / ``--lora_alpha`` / ``--reg_orth_coef``; steps at batch 32)::
+
+      task   r  target  α   γ    t_i / t_f / ΔT        steps
+      CoLA   4  3       32  0.1  800 / 3500 / 10       6 700
+      MNLI   8  3       16  0.1  8000 / 50000 / 100    85 904
+      MRPC   8  1       32  0.1  600 / 1800 / 1        3 450
+      QNLI   8  2       32  0.1  2000 / 8000 / 100     16 370
+      QQP    8  3       16  0.1  8000 / 25000 / 100    227 420
+      RTE    4  3       32  0.3  600 / 1800 / 1        3 900
+      SST-2  8  2       16  0.1  6000 / 22000 / 100    50 520
+      STS-B  4  1       32  0.3  800 / 2000 / 10       4 500
+
+  rank(ΔW) <= min(r, k): with k < r the budget only binds once it falls below k.
 """
 
 from __future__ import annotations
@@ -63,15 +80,16 @@ def semi_orthogonal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
 
 @dataclass(frozen=True)
 class Lora2Config(AdaLoraConfig):
-    """LoRA².  AdaLoRA's fields (``r`` = singular values per matrix, α = 16, the budget schedule, γ) plus
-    ``inner_r`` = k, the rank of each plane's LoRA (official: 8), and ``plane_init``: ``"orthogonal"`` or
-    ``"normal"`` (official)."""
+    """LoRA².  AdaLoRA's fields (``r`` = singular values per matrix, α, ``target_r``, the budget schedule, γ) with
+    the official SST-2 script's values (8 -> 2, α = 16), plus ``inner_r`` = k, the rank of each plane's LoRA
+    (official: 8), and ``plane_init``: ``"normal"`` (official N(0, 0.02²)) or ``"orthogonal"``."""
 
     method: ClassVar[str] = "lora2"
     r: int = 8
     alpha: float | None = 16
+    target_r: int | None = 2
     inner_r: int = 8
-    plane_init: str = "orthogonal"
+    plane_init: str = "normal"
 
     def validate(self) -> None:
         super().validate()

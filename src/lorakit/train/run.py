@@ -30,7 +30,7 @@ from ..core.driver import data_init, init_batches
 from ..core.files import locked_dir, write_text
 from ..core.registry import get_method
 from ..errors import ConfigError, OutputError, TrainingError
-from ..methods.lora_sb import first_step_lr
+from ..methods.lora_sb import INIT_SAMPLES, default_eta
 from ..models import load_model
 from . import evaluate
 from .compiled import check_compile
@@ -58,12 +58,12 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora-sb": {"r": 32},
     "lora-xs": {"r": 32},
 }
-ARITH_LORA_SB_ETA = 1e-6  # LoRA-SB's η on the built-in arithmetic task (see `method_config`)
 # Per-method learning rates (else 1e-3), from the SST-2 dev sweep of benchmarks/quality.py (results/quality-sweep.md:
 # MiniLM-L6, 200 steps, rates 0.3x / 1x / 3x): a method moves to its best swept rate when the old default was more than
 # 1 point below it.  LoRA-SB's 1e-2 is the main job's (arith) setting and stays.
 DEFAULT_LR = {FULL: 1.5e-4, "lora-sb": 1e-2, "lora-xs": 1e-2, "xgblora": 3e-3, "adalora": 3e-3, "lora2": 3e-3,
               "dora": 3e-3, "flat-lora": 3e-3, "lora-plus": 3e-4, "lora-rite": 3e-4}
+DEFAULT_INIT_SAMPLES = 16  # examples behind a data-driven init (LoRA-GA), unless the method has official counts
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators all take seeds up to here
 
 # The values a `RunConfig` field may take beyond its type (checked by `check_field`): one line per field.
@@ -113,7 +113,7 @@ class RunConfig:
     eval_split: str = "test"
     metric: str | None = None
     max_new_tokens: int = 32
-    init_samples: int = 16
+    init_samples: int | None = None
     chat_template: bool | None = None
     group_by_length: bool = True
     dtype: str = "fp32"
@@ -245,11 +245,8 @@ def method_config(run: RunConfig, spec: TaskSpec, model: nn.Module) -> Any:
     if spec.type == "classification":
         options.update(target_modules=ENCODER_TARGETS, modules_to_save=("classifier",))
     options.update(run.method_options)
-    if run.method == "lora-sb" and options.get("init_lr") is None:  # η = the run's first-step lr (official rule)
-        # except the built-in arithmetic task, where the official arithmetic script's η is ~3e-7 (it counts the
-        # gradient loader's batches): lr / warm-up = 2e-3 takes a whole sign step and the main job collapsed
-        # (exact match 5% -> 1%, measured); 1e-6 is that script's scale (5% -> 28%)
-        options["init_lr"] = ARITH_LORA_SB_ETA if run.task == "arith" else first_step_lr(run.lr, run.warmup_steps)
+    if run.method == "lora-sb" and options.get("init_lr") is None:  # the official η of the task's type
+        options["init_lr"] = default_eta(spec.type)
     try:
         return method.config_class(**options)
     except TypeError as err:
@@ -315,8 +312,15 @@ def attach_method(model: nn.Module, run: RunConfig, spec: TaskSpec, features: li
     api.attach(model, config, initialize=not needs_data)
     if needs_data:
         device = next(model.parameters()).device
-        data_init(model, init_batches(features, run.init_samples, run.batch_size,
+        data_init(model, init_batches(features, init_samples(run, spec), run.batch_size,
                                       lambda chunk: collate(chunk, pad_id).to(device).inputs))
+
+
+def init_samples(run: RunConfig, spec: TaskSpec) -> int:
+    """``--init-samples``, else LoRA-SB's official count for the task's type (`INIT_SAMPLES`), else 16."""
+    if run.init_samples is not None:
+        return run.init_samples
+    return INIT_SAMPLES[spec.type] if run.method == "lora-sb" else DEFAULT_INIT_SAMPLES
 
 
 def run_training(run: RunConfig) -> RunResult:
