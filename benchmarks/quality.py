@@ -44,8 +44,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from spread import diff_interval, fmt, mean_std, verdict
-
+from lorakit.stats import diff_interval, fmt, mean_std, verdict
 from lorakit.train.compare import compare, steps_to_reach
 from lorakit.train.run import RunConfig, run_training
 

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from spread import fmt
 
 import lorakit
 from lorakit.methods.rankadaptor import RankAdaptorConfig, block_costs, search_ranks
 from lorakit.models import load_model
 from lorakit.prune import calibration_batches, prune_llama, save_pruned
+from lorakit.stats import fmt
 from lorakit.train.data import encode_causal_lm, load_task
 from lorakit.train.evaluate import answer_nll
 from lorakit.train.trainer import TrainConfig, train

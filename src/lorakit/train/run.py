@@ -305,8 +305,9 @@ def attach_method(model: nn.Module, run: RunConfig, spec: TaskSpec, features: li
                                       lambda chunk: collate(chunk, pad_id).to(device).inputs))
 
 
-def run_training(run: RunConfig) -> RunResult:
-    """Do the whole run and write ``run.json`` (and the adapter) into ``run.output_dir``."""
+def run_training(run: RunConfig, on_eval: Callable[[dict[str, float]], None] | None = None) -> RunResult:
+    """Do the whole run and write ``run.json`` (and the adapter) into ``run.output_dir``; ``on_eval`` receives each
+    intermediate evaluation (``{"step": s, "score": x}``, every ``eval_every`` steps), as `train` says."""
     run = run.resolved()
     if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
         check_method_options(run.method, run.method_options)
@@ -331,7 +332,7 @@ def run_training(run: RunConfig) -> RunResult:
                          group_by_length=run.group_by_length, resume=run.resume, save_adapter=run.method != FULL,
                          gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
-                   pad_token_id=tokenizer.pad_token_id)
+                   pad_token_id=tokenizer.pad_token_id, on_eval=on_eval)
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)
     adapter_dir = str(out / "adapter") if run.method != FULL else None
     outcome = RunResult(dataclasses.asdict(run), metric, before, after, trainable, result, samples[:5],
