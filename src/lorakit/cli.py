@@ -362,7 +362,8 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
                    help="GPUs each trial holds (fractions share one)")
     p.add_argument("--output-dir", dest="output_dir", default="lorakit-sweep",
                    help="trial run directories, leaderboard.json/.md and plots")
-    p.add_argument("--resume", action="store_true", help="finish the sweep in --output-dir (finished trials never run again)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the sweep in --output-dir (finished trials never run again)")
 
 
 def cmd_fed(args: argparse.Namespace) -> None:

@@ -28,7 +28,8 @@ BUDGET_SLACK = 2.0  # a budget is unmeetable when every rank's count is more tha
 class SweepConfig:
     """A sweep: ``base`` (what `lorakit train` would run: model, task, steps, ...) for every method x rate x seed.
 
-    ``lrs=None``: `AUTO_FACTORS` x the method's default rate.  ``seeds``: how many seeds, from ``base.seed`` on.
+    ``lrs=None``: `AUTO_FACTORS` x the method's default rate (a dict: each method's own rates).  ``seeds``: how
+    many seeds, from ``base.seed`` on.
     ``budget``: each method's rank is chosen so its trainable parameters come closest to it.  ``address``: an
     existing Ray cluster (``auto``, ``host:port`` or ``ray://host:port``); ``None`` starts one on loopback.
     ``reduction_factor``: ASHA's (keep the best 1/rf at each rung).
@@ -36,7 +37,7 @@ class SweepConfig:
 
     base: RunConfig
     methods: list[str]
-    lrs: list[float] | None = None
+    lrs: list[float] | dict[str, list[float]] | None = None
     seeds: int = 3
     scheduler: str = "asha"
     budget: int | None = None
@@ -98,7 +99,9 @@ def rates(cfg: SweepConfig, method: str) -> list[float]:
     """The rates swept for ``method``, ordered by distance from its default rate (ASHA's first trial at a rung
     always continues, so the likeliest winner goes first)."""
     default = DEFAULT_LR.get(method, 1e-3)
-    grid = cfg.lrs if cfg.lrs is not None else [float(f"{f * default:.3g}") for f in AUTO_FACTORS]
+    grid = cfg.lrs.get(method, []) if isinstance(cfg.lrs, dict) else cfg.lrs
+    if grid is None:
+        grid = [float(f"{f * default:.3g}") for f in AUTO_FACTORS]
     return sorted(grid, key=lambda r: (abs(math.log(r / default)), r))
 
 
@@ -134,8 +137,8 @@ def check(cfg: SweepConfig) -> dict[str, int]:
     unknown = [m for m in cfg.methods if m not in known]
     if unknown:
         raise ConfigError(f"unknown method {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if not cfg.methods or (cfg.lrs is not None and not cfg.lrs):
-        raise ConfigError("the grid is empty: give at least one method and one learning rate")
+    if not cfg.methods or any(not rates(cfg, m) for m in cfg.methods):
+        raise ConfigError("the grid is empty: give at least one method and one learning rate for each")
     if cfg.seeds < 1:
         raise ConfigError(f"--seeds must be a positive integer, got {cfg.seeds}")
     if cfg.scheduler not in SCHEDULERS:

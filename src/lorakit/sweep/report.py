@@ -25,7 +25,7 @@ def higher_is_better(metric: str) -> bool:
 
 def best_rate(records: list[dict[str, Any]], metric: str, first_seed: int | None) -> float | None:
     """The rate with the best mean over its finished trials (``first_seed``: only that seed's trials count, as
-    under ASHA, where the other seeds go to the chosen rate only)."""
+    under ASHA, where the other seeds go to the chosen rate only); ``records`` in the order the rates were tried."""
     by_rate: dict[float, list[float]] = {}
     for r in records:
         if r["status"] == "done" and (first_seed is None or r["seed"] == first_seed):
@@ -33,7 +33,7 @@ def best_rate(records: list[dict[str, Any]], metric: str, first_seed: int | None
     if not by_rate:
         return None
     sign = 1 if higher_is_better(metric) else -1
-    return max(sorted(by_rate), key=lambda lr: sign * mean_std(by_rate[lr])[0])
+    return max(by_rate, key=lambda lr: sign * mean_std(by_rate[lr])[0])  # ties: the first tried (nearest the default)
 
 
 def verdict(scores: list[float], reference: list[float], metric: str) -> str:
