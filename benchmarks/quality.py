@@ -456,6 +456,13 @@ def write_asha(part: str, names: list[str]) -> None:
                      f"{'**held**' if r['held'] else '**not held**'} |")
     lines += ["", f"Not finished when this was written: {', '.join(missing) or 'none'}. Not run: "
                   f"{', '.join(not_run) or 'none'}."]
+    for name in missing:  # what an unfinished config's trials had done
+        method = VARIANTS[name][0]
+        trials = [r for d in sorted((WORK / part / "asha" / name / "trials" / method).glob("*"))
+                  if (r := read_record(d)) is not None]
+        done = "; ".join(f"{r['lr']:g}: {r['status']}, last evaluation at step "
+                         f"{r['evals'][-1]['step'] if r.get('evals') else 0}" for r in trials)
+        lines.append(f"- {name} (unfinished): {done or 'no trial had reported'}")
     (RESULTS / "sweep-asha.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "sweep-asha.json").write_text(json.dumps({"command": "python benchmarks/quality.py asha --configs "
                                                          + ",".join(names), "rows": rows, "unfinished": missing,

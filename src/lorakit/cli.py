@@ -358,8 +358,8 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="an existing Ray cluster: auto, host:port or ray://host:port [default: an "
                                      "embedded Ray on loopback]")
     p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0, help="CPUs each trial holds")
-    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=0.0,
-                   help="GPUs each trial holds (fractions share one)")
+    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=None,
+                   help="GPUs each trial holds (fractions share one) [default: 1 if CUDA is available, else 0]")
     p.add_argument("--output-dir", dest="output_dir", default="lorakit-sweep",
                    help="trial run directories, leaderboard.json/.md and plots")
     p.add_argument("--resume", action="store_true",

@@ -12,6 +12,7 @@ seeds, as "Learning Rate Matters" (arXiv 2602.04998) finds for tuned LoRA varian
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -45,7 +46,11 @@ def prepare(cfg: SweepConfig) -> tuple[SweepConfig, dict[str, int]]:
     base = _absolute(cfg.base)
     if cfg.scheduler == "asha" and base.eval_every == 0:  # ASHA needs intermediate scores: ten per trial
         base = dataclasses.replace(base, eval_every=max(1, base.resolved().steps // 10))
-    cfg = dataclasses.replace(cfg, base=base, output_dir=str(Path(cfg.output_dir).resolve()))
+    gpus = cfg.gpus_per_trial
+    if gpus is None:  # a GPU each when there is one and the run may use it (Ray hides GPUs from a trial without)
+        import torch
+        gpus = 1.0 if base.device != "cpu" and torch.cuda.is_available() else 0.0
+    cfg = dataclasses.replace(cfg, base=base, output_dir=str(Path(cfg.output_dir).resolve()), gpus_per_trial=gpus)
     ranks = plan.check(cfg)
     check_output_dir(cfg.output_dir)
     return cfg, ranks
@@ -63,24 +68,19 @@ def sweep(cfg: SweepConfig, command: str = "") -> list[dict[str, Any]]:
     metric = cfg.base.metric or _task_metric(cfg.base)
     mode = "max" if report.higher_is_better(metric) else "min"
     first = plan.stage1(cfg, ranks)
-    todo = [t for t in first if not engine.finished(t.dir)]
-    session = engine.ray_session(cfg) if todo else None
-    try:
-        if session is not None:
-            session.__enter__()
+    seed0 = plan.seeds(cfg)[0] if cfg.scheduler == "asha" else None
+    with contextlib.ExitStack() as ray:  # Ray starts only if some trial is left to run
+        todo = [t for t in first if not engine.finished(t.dir)]
+        if todo:
+            ray.enter_context(engine.ray_session(cfg))
         engine.run_stage(cfg, cfg.base, todo, "stage1", mode, done_before=[t for t in first if t not in todo])
-        seed0 = plan.seeds(cfg)[0] if cfg.scheduler == "asha" else None
         best = {m: lr for m in cfg.methods
                 if (lr := report.best_rate(_records([t for t in first if t.method == m]), metric, seed0)) is not None}
         second = plan.stage2(cfg, best, ranks)
         rest = [t for t in second if not engine.finished(t.dir)]
-        if rest and session is None:
-            session = engine.ray_session(cfg)
-            session.__enter__()
+        if rest and not todo:
+            ray.enter_context(engine.ray_session(cfg))
         engine.run_stage(cfg, cfg.base, rest, "stage2", mode)
-    finally:
-        if session is not None:
-            session.__exit__(None, None, None)
     records = _records(first + second)
     rows = report.leaderboard(records, cfg.methods, metric, cfg.reference, seed0)
     report.write_json(out / "trials.json", records)

@@ -97,19 +97,36 @@ def ray_session(cfg: SweepConfig) -> Iterator[None]:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
+    from ..ray_loopback import ray_on_loopback
     if cfg.address is None:
-        from ..ray_loopback import ray_on_loopback
         with ray_on_loopback():
             ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
     else:
+        # a cluster on loopback (`ray start --head --node-ip-address 127.0.0.1`) listens there only: this driver
+        # must take 127.0.0.1 as its node address too, or Ray swaps the loopback address for the machine's
+        joining = ray_on_loopback() if is_loopback(cfg.address) else contextlib.nullcontext()
         try:
-            ray.init(address=cfg.address, **kwargs)
+            with joining:
+                ray.init(address=cfg.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise LorakitError(f"--address {cfg.address}: could not join the Ray cluster ({err})") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a Ray address (``auto``: the cluster `ray start` left on this machine) is on 127.0.0.0/8 or ::1."""
+    import ipaddress
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+        address = canonicalize_bootstrap_address("auto") or ""
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def method_asha(mode: str, max_t: int, grace: int, reduction_factor: int) -> Any:

@@ -44,7 +44,7 @@ class SweepConfig:
     reference: str = "lora"
     address: str | None = None
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: float | None = None  # None: 1 when CUDA is available and base.device allows it, else 0
     output_dir: str = "lorakit-sweep"
     resume: bool = False
     reduction_factor: int = 3
@@ -143,7 +143,7 @@ def check(cfg: SweepConfig) -> dict[str, int]:
         raise ConfigError(f"--seeds must be a positive integer, got {cfg.seeds}")
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
-    if not cfg.cpus_per_trial > 0 or not cfg.gpus_per_trial >= 0:
+    if not cfg.cpus_per_trial > 0 or not (cfg.gpus_per_trial or 0) >= 0:
         raise ConfigError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {cfg.cpus_per_trial} and "
                           f"{cfg.gpus_per_trial}")
     if cfg.reduction_factor < 2:
@@ -152,8 +152,9 @@ def check(cfg: SweepConfig) -> dict[str, int]:
         if m != FULL:
             check_method_options(m, {**cfg.base.method_options, **cfg.method_options.get(m, {})})
     base = cfg.base.resolved()
-    if cfg.scheduler == "asha" and base.steps < 2:
-        raise ConfigError("--scheduler asha needs at least 2 steps (an intermediate evaluation); use grid")
+    if cfg.scheduler == "asha" and not 1 <= base.eval_every < base.steps:
+        raise ConfigError(f"--scheduler asha needs intermediate evaluations: --eval-every ({base.eval_every}) between "
+                          f"1 and --steps - 1 ({base.steps - 1}); or use --scheduler grid")
     from ..train.data import load_task
     spec, _ = load_task(base.task, "train", base.data_dir, seed=base.seed)
     check_metric(base.metric, spec)
