@@ -22,7 +22,7 @@ import pytest
 
 from lorakit.cli import build_parser, main, run_config
 from lorakit.stats import mean_std
-from lorakit.sweep import plan, train_command
+from lorakit.sweep import plan, report, train_command
 from lorakit.train.data import load_task
 from lorakit.train.run import RunConfig, run_training
 from tests import test_cli
@@ -223,3 +223,29 @@ def test_bad_input_is_one_line_exit_2_before_any_trial(tiny_lm: Path, tmp_path: 
     errors = [line for line in err.splitlines() if "error" in line]
     assert code == 2 and len(errors) == 1 and message in errors[0] and errors[0].startswith("lorakit: error:"), err
     assert not (out / "trials").exists()
+
+
+def test_leaderboard_best_rate_spread_and_verdicts_from_records() -> None:
+    """Best rate by mean (ties: the rate tried first), mean ± sample std of its seeds, and the ±2 SE verdict turned
+    round for a lower-is-better metric."""
+    def rec(method: str, lr: float, seed: int, score: float, status: str = "done") -> dict:
+        return {"id": f"{method}/{lr}/{seed}", "method": method, "lr": lr, "seed": seed, "options": {"r": 2},
+                "status": status, "score": score, "trainable": 10, "wall_s": 1.0, "peak_mem": 5.0,
+                "tokens_per_s": 100.0}
+    records = [rec("lora", 1e-3, 0, 0.50), rec("lora", 1e-3, 1, 0.52), rec("lora", 1e-3, 2, 0.51),
+               rec("lora", 3e-3, 0, 0.40), rec("lora", 3e-3, 1, 0.41), rec("lora", 3e-3, 2, 0.42),
+               rec("dora", 2e-3, 0, 0.30), rec("dora", 2e-3, 1, 0.31), rec("dora", 2e-3, 2, 0.32),
+               rec("dora", 1e-3, 0, 0.30), rec("dora", 1e-3, 1, 0.31), rec("dora", 1e-3, 2, 0.32),
+               rec("pissa", 1e-3, 0, 0.0, "failed")]
+    rows = {r["method"]: r for r in report.leaderboard(records, ["lora", "dora", "pissa"], "nll", "lora", None)}
+    assert rows["lora"]["lr"] == 3e-3 and rows["lora"]["n"] == 3  # lower NLL wins
+    assert (rows["lora"]["mean"], rows["lora"]["std"]) == mean_std([0.40, 0.41, 0.42])
+    assert rows["dora"]["lr"] == 2e-3  # a tie goes to the rate tried first
+    assert rows["dora"]["verdict"] == "better" and rows["lora"]["verdict"] == "reference"
+    assert rows["pissa"]["n"] == 0 and rows["pissa"]["failed"] == 1 and rows["pissa"]["mean"] is None
+    as_accuracy = {r["method"]: r for r in report.leaderboard(records, ["lora", "dora"], "accuracy", "lora", None)}
+    assert as_accuracy["lora"]["lr"] == 1e-3 and as_accuracy["dora"]["verdict"] == "worse"
+    close = [rec("lora", 1e-3, s, x) for s, x in enumerate((0.5, 0.6, 0.4))] + \
+        [rec("dora", 1e-3, s, x) for s, x in enumerate((0.55, 0.45, 0.5))]
+    rows = report.leaderboard(close, ["lora", "dora"], "accuracy", "lora", None)
+    assert rows[1]["verdict"] == "not distinguishable"
