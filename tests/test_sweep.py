@@ -33,8 +33,13 @@ COMMON = ["--task", "arith", "--steps", "4", "--eval-limit", "4", "--metric", "n
           "--warmup-steps", "0"]
 
 
+# Ray kills workers when the whole machine's memory is 95% used, whoever uses it; tests on a shared machine turn that
+# off so that only the sweep's own failures show (a killed worker is recorded as a failed trial, as designed).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_memory_monitor_refresh_ms": "0"}
+
+
 def start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = ENV
     return subprocess.Popen([sys.executable, "-m", "lorakit.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
@@ -124,7 +129,7 @@ def ray_head() -> Iterator[str]:
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
                              "--temp-dir", temp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, start_new_session=True)
+                            env={**ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while not reachable(port):
@@ -167,7 +172,7 @@ def test_auto_on_a_ray_cluster_asha_budget_and_a_diverging_trial(tiny_lm: Path, 
             "--methods", "lora,lora-sb", "--lrs", "1e-2,1e-5,1e30", "--seeds", "2", "--budget", str(budget),
             "--address", ray_head, "--output-dir", str(out)]
     result = subprocess.run([sys.executable, "-m", "lorakit.cli", *args], capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            timeout=900, env=ENV)
     assert result.returncode == 0, result.stderr
     found = records(out)
     spec, _ = load_task("arith", "train", None, limit=1)

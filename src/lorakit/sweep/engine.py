@@ -210,30 +210,46 @@ def run_stage(cfg: SweepConfig, base: RunConfig, trials: list[Trial], name: str,
             record = read_record(t.dir) or {}
             scheduler.preload(t.method, t.id, record.get("evals", []))
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    watch = watcher()
     storage = Path(cfg.output_dir).resolve() / "tune"
     tuner = tune.Tuner(
         tune.with_resources(run_trial, resources),
         param_space={"trial": tune.grid_search(specs)},
         tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True),
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
-    results = tuner.fit()
-    for result in results:
-        spec = result.config["trial"]
-        record = read_record(spec["run"]["output_dir"])
-        if record is not None and record.get("status") in FINISHED:
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0), callbacks=[watch]))
+    tuner.fit()
+    for t in todo:  # what Tune knows of trials whose own record is not final
+        record = read_record(t.dir) or {}
+        if record.get("status") in FINISHED:
             continue
-        head = {k: spec[k] for k in ("id", "method", "lr", "seed", "options")}
-        evals = (record or {}).get("evals", [])
-        if result.error is not None:  # the worker died (killed for memory, ...): Tune has the reason
-            reason = " ".join(str(result.error).split())[:500]
-            write_record(spec["run"]["output_dir"], {**head, "status": "failed", "reason": reason, "evals": evals,
-                                                     "steps": evals[-1]["step"] if evals else 0})
+        head = {"id": t.id, "method": t.method, "lr": t.lr, "seed": t.seed, "options": t.options}
+        evals = record.get("evals", [])
+        if t.id in watch.errors or not evals:  # the worker died (killed for memory, ...) or never reported
+            reason = watch.errors.get(t.id, "the trial ended without a result")
+            write_record(t.dir, {**head, "status": "failed", "reason": reason, "evals": evals,
+                                 "steps": evals[-1]["step"] if evals else 0})
         else:  # ASHA stopped it after its last report
-            write_record(spec["run"]["output_dir"], {**head, "status": "stopped", "evals": evals,
-                                                     "steps": evals[-1]["step"] if evals else 0})
+            write_record(t.dir, {**head, "status": "stopped", "evals": evals, "steps": evals[-1]["step"]})
     for t in todo:
         record = read_record(t.dir) or {}
         logger.info("trial %s: %s%s", t.id, record.get("status", "?"),
                     f" ({record['reason']})" if record.get("reason") else
                     f", {record['metric']} {record['score']:.4f}" if record.get("status") == "done" else "")
+
+
+def watcher() -> Any:
+    """A Ray Tune callback that keeps each errored trial's reason (the last line of Tune's ``error.txt``)."""
+    from ray import tune
+
+    class Watch(tune.Callback):
+        def __init__(self) -> None:
+            self.errors: dict[str, str] = {}
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            lines = []
+            with contextlib.suppress(OSError, TypeError):
+                lines = [x for x in Path(trial.error_file).read_text().splitlines() if x.strip()]
+            self.errors[trial.config["trial"]["id"]] = " ".join(lines[-1].split())[:500] if lines else "Ray error"
+
+    return Watch()
