@@ -310,8 +310,9 @@ def quality_sweep(part: str, mode: str, names: list[str], rates: dict[str, list[
     steps, split = MODES[mode]
     if list(seeds) != list(range(seeds[0], seeds[0] + len(seeds))):
         raise SystemExit(f"--seeds must be consecutive (a sweep runs seeds s, s+1, ...), got {seeds}")
-    base = dataclasses.replace(base_config(part), steps=steps, eval_split=split, save_every=steps, seed=seeds[0],
-                               eval_every=steps // 10 if scheduler == "asha" else 0)
+    every = steps // 10 if scheduler == "asha" else 0  # ASHA: an evaluation (and a checkpoint) at every rung
+    base = dataclasses.replace(base_config(part), steps=steps, eval_split=split, save_every=every or steps,
+                               seed=seeds[0], eval_every=every)
     methods = [VARIANTS[n][0] for n in names]
     share = (os.cpu_count() or 1) / workers
     return SweepConfig(base=base, methods=methods, lrs={VARIANTS[n][0]: rates[n] for n in names}, seeds=len(seeds),

@@ -212,13 +212,26 @@ def run_stage(cfg: SweepConfig, base: RunConfig, trials: list[Trial], name: str,
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     watch = watcher()
     storage = Path(cfg.output_dir).resolve() / "tune"
-    tuner = tune.Tuner(
-        tune.with_resources(run_trial, resources),
-        param_space={"trial": tune.grid_search(specs)},
-        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0), callbacks=[watch]))
-    tuner.fit()
+    while specs:
+        if scheduler is not None:
+            scheduler.chosen.clear()  # a Tuner that stopped leaves its started trials behind
+        tuner = tune.Tuner(
+            tune.with_resources(run_trial, resources),
+            param_space={"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True),
+            run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[watch]))
+        try:
+            tuner.fit()
+            break
+        except Exception as err:
+            reason = f"Ray Tune stopped while the trial ran: {' '.join(str(err).split())[:400]}"
+            logger.warning("%s; the trials that had not started go on", reason)
+            for spec in specs:  # the trials in flight are failed with the reason; the others run in a new Tuner
+                if Path(spec["run"]["output_dir"]).exists() and not finished(spec["run"]["output_dir"]):
+                    watch.errors[spec["id"]] = reason
+            specs = [s for s in specs if not Path(s["run"]["output_dir"]).exists()]
     for t in todo:  # what Tune knows of trials whose own record is not final
         record = read_record(t.dir) or {}
         if record.get("status") in FINISHED:
