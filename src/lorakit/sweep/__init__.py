@@ -182,7 +182,7 @@ def train_command(run: RunConfig) -> str:
         if name not in {f.name for f in dataclasses.fields(RunConfig)} or name == "resume":
             continue
         value = getattr(run, name)
-        if value == getattr(default, name):
+        if value == getattr(default, name) and name not in ("model", "task", "method"):  # always said
             continue
         flag = action.option_strings[0]
         if isinstance(value, bool):
