@@ -347,21 +347,23 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     add_run_flags(p, skip=("method", "lr", "output_dir"))
     p.add_argument("--methods", required=True, help="comma-separated method names, or 'all'")
     p.add_argument("--lrs", default="auto",
-                   help="comma-separated rates, or auto: 0.3x / 1x / 3x each method's default")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method at its best rate (from --seed on)")
+                   help="comma-separated rates, or auto: 0.3x / 1x / 3x each method's default rate "
+                        "[default: auto]")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method at its best rate (from --seed on) [default: 3]")
     p.add_argument("--scheduler", choices=["asha", "grid"], default="asha",
                    help="asha: successive halving on the intermediate evaluations (seeds only for the surviving "
-                        "rate); grid: every method x rate x seed")
+                        "rate); grid: every method x rate x seed [default: asha]")
     p.add_argument("--budget", type=int, help="choose each method's rank so its trainable parameters come closest to "
                                               "this [default: the methods' ranks]")
-    p.add_argument("--reference", default="lora", help="the method the verdicts compare against")
+    p.add_argument("--reference", default="lora", help="the method the verdicts compare against [default: lora]")
     p.add_argument("--address", help="an existing Ray cluster: auto, host:port or ray://host:port [default: an "
                                      "embedded Ray on loopback]")
-    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0, help="CPUs each trial holds")
+    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0,
+                   help="CPUs each trial holds [default: 1]")
     p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=None,
                    help="GPUs each trial holds (fractions share one) [default: 1 if CUDA is available, else 0]")
     p.add_argument("--output-dir", dest="output_dir", default="lorakit-sweep",
-                   help="trial run directories, leaderboard.json/.md and plots")
+                   help="trial run directories, leaderboard.json/.md and plots [default: lorakit-sweep]")
     p.add_argument("--resume", action="store_true",
                    help="finish the sweep in --output-dir (finished trials never run again)")
 
@@ -491,13 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-loss", type=float, help="for 'steps to reach' [default: LoRA's final loss]")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("sweep", help="methods x learning rates x seeds on Ray Tune: leaderboard.json/.md and plots",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("sweep", help="methods x learning rates x seeds on Ray Tune: leaderboard.json/.md and plots")
     add_sweep_flags(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("auto", help="sweep, retrain the winner, export its PEFT adapter, print the command",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("auto", help="sweep, retrain the winner, export its PEFT adapter, print the command")
     add_sweep_flags(p)
     p.add_argument("--final-steps", dest="final_steps", type=int, help="steps of the winner's final run "
                                                                        "[default: the sweep's]")
