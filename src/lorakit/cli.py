@@ -349,7 +349,8 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrs", default="auto",
                    help="comma-separated rates, or auto: 0.3x / 1x / 3x each method's default rate "
                         "[default: auto]")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method at its best rate (from --seed on) [default: 3]")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds per method at its best rate (from --seed on) [default: 3]")
     p.add_argument("--scheduler", choices=["asha", "grid"], default="asha",
                    help="asha: successive halving on the intermediate evaluations (seeds only for the surviving "
                         "rate); grid: every method x rate x seed [default: asha]")
