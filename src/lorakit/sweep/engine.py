@@ -1,9 +1,12 @@
 """The trials on Ray Tune: one `run_training` per trial with declared resources, intermediate evaluations reported
-to Tune, and ASHA (Ray Tune's `AsyncHyperBandScheduler`, one bracket per method) stopping the losers.
+to Tune, and ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", arXiv 1810.05934; Ray Tune's
+`AsyncHyperBandScheduler`, one bracket per method) stopping the losers.
 
 Each trial leaves ``trial.json`` in its run directory (`read_record`): ``running`` while it reports, then
 ``done`` (scores, cost, forgetting), ``failed`` (with the reason) or ``stopped`` (by ASHA, written by the driver).
-The records are the sweep's state: a resumed sweep never runs a trial whose record is finished, and an interrupted
+A record holds ``id``, ``method``, ``lr``, ``seed``, ``options``, ``status``, ``evals`` (``{"step", "score"}``) and
+``steps``; ``done`` adds ``metric``, ``score``, ``score_before``, ``trainable``, ``wall_s``, ``peak_mem``,
+``tokens_per_s`` and the two forgetting NLLs; ``failed`` adds ``reason``.  The records are the sweep's state: a resumed sweep never runs a trial whose record is finished, and an interrupted
 trial continues from `run_training`'s own checkpoint (trials run with ``resume=True``).  Ray Tune's experiment
 restore is not used because it unpickles the experiment's state; lorakit reads JSON only.
 """
