@@ -6,7 +6,9 @@ Each trial leaves ``trial.json`` in its run directory (`read_record`): ``running
 ``done`` (scores, cost, forgetting), ``failed`` (with the reason) or ``stopped`` (by ASHA, written by the driver).
 A record holds ``id``, ``method``, ``lr``, ``seed``, ``options``, ``status``, ``evals`` (``{"step", "score"}``) and
 ``steps``; ``done`` adds ``metric``, ``score``, ``score_before``, ``trainable``, ``wall_s``, ``peak_mem``,
-``tokens_per_s`` and the two forgetting NLLs; ``failed`` adds ``reason``.  The records are the sweep's state: a resumed sweep never runs a trial whose record is finished, and an interrupted
+``tokens_per_s`` and the two forgetting NLLs; ``failed`` adds ``reason``.
+
+The records are the sweep's state: a resumed sweep never runs a trial whose record is finished, and an interrupted
 trial continues from `run_training`'s own checkpoint (trials run with ``resume=True``).  Ray Tune's experiment
 restore is not used because it unpickles the experiment's state; lorakit reads JSON only.
 """
