@@ -141,7 +141,7 @@ def draw(rows: list[dict[str, Any]], records: list[dict[str, Any]], curves: Call
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=metric, title=f"{metric} against trainable parameters")
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
+    _save(fig, out / "pareto.png")
     files.append("pareto.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -157,7 +157,7 @@ def draw(rows: list[dict[str, Any]], records: list[dict[str, Any]], curves: Call
     ax.set(xlabel="learning rate", ylabel=metric, title=f"{metric} against learning rate (finished trials)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=110)
+    _save(fig, out / "lr.png")
     files.append("lr.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -169,10 +169,15 @@ def draw(rows: list[dict[str, Any]], records: list[dict[str, Any]], curves: Call
     ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="Training curves (best rate, first seed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    _save(fig, out / "curves.png")
     files.append("curves.png")
     plt.close("all")
     return files
+
+
+def _save(fig: Any, path: Path) -> None:
+    """A figure as PNG, written atomically (never through a symlink planted at ``path``)."""
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def write_text(path: Path, text: str) -> None:
