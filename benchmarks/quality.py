@@ -412,7 +412,8 @@ def run_asha(part: str, names: list[str]) -> None:
         write_asha(part, names)
 
 
-def write_asha(part: str, names: list[str]) -> None:
+def write_asha(part: str, names: list[str], note: str = "") -> None:
+    """results/sweep-asha.{md,json} from the ASHA sweeps in ``WORK`` (``note``: said under the table)."""
     steps, split = MODES["sweep"]
     rows, lines = [], []
     for name in names:
@@ -461,13 +462,16 @@ def write_asha(part: str, names: list[str]) -> None:
         method = VARIANTS[name][0]
         trials = [r for d in sorted((WORK / part / "asha" / name / "trials" / method).glob("*"))
                   if (r := read_record(d)) is not None]
-        done = "; ".join(f"{r['lr']:g}: {r['status']}, last evaluation at step "
-                         f"{r['evals'][-1]['step'] if r.get('evals') else 0}" for r in trials)
-        lines.append(f"- {name} (unfinished): {done or 'no trial had reported'}")
+        done = "; ".join(f"{r['lr']:g}: {r['status']}, dev accuracy " + (", ".join(
+            f"{100 * e['score']:.1f}% at step {e['step']}" for e in r["evals"]) or "not yet evaluated")
+            for r in trials)
+        lines.append(f"- {name} (unfinished): {done or 'no trial had started'}")
+    if note:
+        lines += ["", note]
     (RESULTS / "sweep-asha.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "sweep-asha.json").write_text(json.dumps({"command": "python benchmarks/quality.py asha --configs "
                                                          + ",".join(names), "rows": rows, "unfinished": missing,
-                                                         "not_run": not_run}, indent=1) + "\n")
+                                                         "not_run": not_run, "note": note}, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------- claims
