@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spread import fmt, verdict
-
 from lorakit.fed import runner
 from lorakit.fed.comm import core_upload_bytes, lora_upload_bytes
 from lorakit.fed.config import FedConfig
+from lorakit.stats import fmt, verdict
 from lorakit.train.run import RunConfig, run_training
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,9 @@
 
     python benchmarks/quality.py table               # every VARIANT once on sst2/trec/gsm8k (lorakit compare)
     python benchmarks/quality.py queue               # the reproduction queue below, then `claims`; resumable
-    python benchmarks/quality.py pool --workers 12   # the same runs, several processes at once (one GPU)
+    python benchmarks/quality.py pool --workers 12   # the same runs, 12 trials at once (one GPU shared)
     python benchmarks/quality.py sweep --configs lora,lora-sb   # or seeds / long, one mode at a time
+    python benchmarks/quality.py asha --configs lora,dora       # ASHA vs the stored grid: results/sweep-asha.md
     python benchmarks/quality.py claims              # results/claims.md and quality-sweep.md from what exists
 
 ``table`` (one seed, test split) writes ``results/quality-<part>/`` (compare's report.md, results.json, plots)
@@ -23,11 +24,13 @@ The reproduction (issue 13), on SST-2 with the sst2 set-up above:
 * ``long``: 2,000 steps, seed 0, best swept rate, for the slow starters (and LoRA r=8 as their reference).
 * ``queue``: (a) sweep of the claims configs, (b) their seeds, (c) long, (d) sweep of every other method.
 
-Every run is one JSON file, ``results/quality-runs/<part>/<config>/steps<n>-lr<lr>-seed<s>-<split>.json``,
-written when the run ends (atomically): a run whose file exists is skipped, so the queue can be killed and
-restarted at any time.  Run folders (checkpoints, adapters) go to a temporary directory.  ``pool`` runs the same
-queue on several processes at once (one accelerator shared by all), how the seeded, long and other-method runs were
-made on a lent H200 (`results/gpu/README.md`); each run records its device.
+The runs are `lorakit.sweep` grids on Ray Tune (configs with distinct methods share one sweep; ``pool``'s
+``--workers`` trials at once share the CPUs or one accelerator, how the seeded, long and other-method runs were made
+on a lent H200, `results/gpu/README.md`, then with a process pool).  Every run is one JSON file,
+``results/quality-runs/<part>/<config>/steps<n>-lr<lr>-seed<s>-<split>.json``, written when its sweep ends
+(atomically): a run whose file exists is not run again, and a killed sweep resumes from its trial records in
+``--work-dir`` (checkpoints, adapters), so the queue can be killed and restarted at any time; each run records its
+device.
 """
 
 from __future__ import annotations
@@ -36,18 +39,19 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from spread import diff_interval, fmt, mean_std, verdict
-
+from lorakit.stats import diff_interval, fmt, mean_std, verdict
+from lorakit.sweep import SweepConfig, sweep
+from lorakit.sweep.engine import read_record
 from lorakit.train.compare import compare, steps_to_reach
-from lorakit.train.run import RunConfig, run_training
+from lorakit.train.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -281,7 +285,7 @@ SWEEP_CENTRE = {"full": 5e-5, "lora-sb": 1e-2, "lora-xs": 1e-2}
 # 2.5e-4) is a rate off by 4x or more; 0.3x / 3x spans a decade, as wide as 3 points can go.
 SWEEP_FACTORS = (0.3, 1.0, 3.0)
 DYLORA_EVAL_RANKS = (1, 2, 4)  # rank 8 = r_max is the run's own score
-FAILURES: list[str] = []  # the runs that failed since the last success
+WORK = Path(tempfile.gettempdir()) / "lorakit-quality"  # the sweeps' trial folders (`--work-dir`)
 
 
 def sweep_rates(name: str) -> list[float]:
@@ -294,38 +298,60 @@ def run_path(part: str, name: str, lr: float, seed: int, steps: int, split: str)
     return RUNS / part / name / f"steps{steps}-lr{lr:g}-seed{seed}-{split}.json"
 
 
-def run_one(part: str, name: str, lr: float, seed: int, steps: int, split: str) -> dict[str, Any] | None:
-    """Train ``name`` once (or read its stored result); ``None`` if it failed (the queue goes on)."""
-    path = run_path(part, name, lr, seed, steps, split)
-    if path.exists():
-        return json.loads(path.read_text())
-    method, options, _ = VARIANTS[name]
-    print(f"== {path.relative_to(RESULTS)}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="lorakit-quality-") as tmp:
-        cfg = dataclasses.replace(base_config(part), method=method, method_options=options, lr=lr, seed=seed,
-                                  steps=steps, eval_split=split, save_every=steps, output_dir=str(Path(tmp) / "run"))
-        start = time.time()
-        try:
-            row = run_training(cfg).summary()
-            if method == "dylora" and split == "test":
-                row["score_at_rank"] = {b: eval_at_rank(Path(tmp) / "run" / "adapter", b) for b in DYLORA_EVAL_RANKS}
-        except Exception as err:  # one failed config must not stop an hours-long queue; three in a row do
-            print(f"!! {name} lr={lr:g} seed={seed} steps={steps} failed: {type(err).__name__}: {err}", flush=True)
-            FAILURES.append(name)
-            if len(FAILURES) >= 3:
-                raise SystemExit("three runs failed in a row: stopping the queue") from err
-            return None
-    FAILURES.clear()
-    row.pop("adapter_dir", None)
-    row["config"].pop("output_dir", None)
-    row = {"part": part, "name": name, "lr": lr, "seed": seed, "steps": steps, "split": split,
-           "wall_seconds": time.time() - start, "device": device_name(), **row}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(row, indent=1) + "\n")
-    tmp_path.replace(path)  # atomic: a killed run leaves no half-written result
-    print(f"   {row['metric']} {row['score_after']:.4f} in {row['wall_seconds']:.0f} s", flush=True)
-    return row
+def groups(names: list[str]) -> list[list[str]]:
+    """``names`` in sweeps of distinct methods (a sweep trains each method with one set of options), in order."""
+    out: list[list[str]] = []
+    for name in names:
+        slot = next((g for g in out if VARIANTS[name][0] not in {VARIANTS[n][0] for n in g}), None)
+        if slot is None:
+            out.append([name])
+        else:
+            slot.append(name)
+    return out
+
+
+def quality_sweep(part: str, mode: str, names: list[str], rates: dict[str, list[float]], seeds: tuple[int, ...],
+                  workers: int, out: Path, scheduler: str = "grid") -> SweepConfig:
+    """The `lorakit.sweep` of ``names`` (distinct methods, each with its options and rates) in ``mode``'s set-up."""
+    steps, split = MODES[mode]
+    if list(seeds) != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise SystemExit(f"--seeds must be consecutive (a sweep runs seeds s, s+1, ...), got {seeds}")
+    every = steps // 10 if scheduler == "asha" else 0  # ASHA: an evaluation (and a checkpoint) at every rung
+    base = dataclasses.replace(base_config(part), steps=steps, eval_split=split, save_every=every or steps,
+                               seed=seeds[0], eval_every=every)
+    methods = [VARIANTS[n][0] for n in names]
+    share = (os.cpu_count() or 1) / workers
+    return SweepConfig(base=base, methods=methods, lrs={VARIANTS[n][0]: rates[n] for n in names}, seeds=len(seeds),
+                       scheduler=scheduler, reference="lora" if "lora" in methods else methods[0],
+                       method_options={VARIANTS[n][0]: VARIANTS[n][1] for n in names}, output_dir=str(out),
+                       resume=True, cpus_per_trial=share, gpus_per_trial=1 / workers if device_name() != "cpu" else 0)
+
+
+def store(part: str, mode: str, name: str, cfg: SweepConfig) -> None:
+    """Each finished trial of ``name`` in ``cfg``'s sweep as its run file (`run_path`); failures are printed."""
+    steps, split = MODES[mode]
+    method = VARIANTS[name][0]
+    for directory in sorted((Path(cfg.output_dir) / "trials" / method).glob("*")):
+        record = read_record(directory)
+        if record is None or record["status"] != "done":
+            if record is not None and record["status"] == "failed":
+                print(f"!! {name} {record['id']} failed: {record.get('reason')}", flush=True)
+            continue
+        path = run_path(part, name, record["lr"], record["seed"], steps, split)
+        if path.exists():
+            continue
+        row = json.loads((directory / "run.json").read_text())
+        if method == "dylora" and split == "test":
+            row["score_at_rank"] = {b: eval_at_rank(directory / "adapter", b) for b in DYLORA_EVAL_RANKS}
+        row.pop("adapter_dir", None)
+        row["config"].pop("output_dir", None)
+        row = {"part": part, "name": name, "lr": record["lr"], "seed": record["seed"], "steps": steps, "split": split,
+               "wall_seconds": record["wall_s"], "device": device_name(), **row}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = path.with_suffix(".tmp")
+        tmp_path.write_text(json.dumps(row, indent=1) + "\n")
+        tmp_path.replace(path)  # atomic: a killed run leaves no half-written result
+        print(f"   {path.relative_to(RESULTS)}: {row['metric']} {row['score_after']:.4f}", flush=True)
 
 
 def device_name() -> str:
@@ -355,67 +381,103 @@ QUEUE = (("sweep", CLAIMS), ("seeds", CLAIMS), ("long", LONG), ("sweep", OTHERS)
 POOL = (("long", LONG), ("seeds", CLAIMS), ("sweep", CLAIMS + OTHERS))
 
 
-def queue_jobs(part: str, plan: tuple[tuple[str, list[str]], ...],
-               seeds: tuple[int, ...]) -> list[tuple[str, float, int, int, str]]:
-    """The runs of ``plan`` (mode, configs) not yet stored; a config whose sweep is unfinished has no best rate,
-    so its seeded and long runs wait for a later plan."""
-    jobs = []
-    for mode, names in plan:
-        steps, split = MODES[mode]
-        for name in names:
-            rates = sweep_rates(name) if mode == "sweep" else [best_rate(part, name)]
-            for lr in rates:
-                if lr is None:
-                    print(f"-- {name}: its sweep is incomplete, so its {mode} runs wait", flush=True)
-                    continue
-                for seed in seeds if mode == "seeds" else (0,):
-                    if not run_path(part, name, lr, seed, steps, split).exists():
-                        jobs.append((name, lr, seed, steps, split))
-    return jobs
-
-
-def run_mode(mode: str, part: str, names: list[str], seeds: tuple[int, ...]) -> None:
-    """``mode``'s runs of ``names`` one after the other, the reports refreshed after each."""
-    for job in queue_jobs(part, ((mode, names),), seeds):
-        run_one(part, *job)
+def run_mode(mode: str, part: str, names: list[str], seeds: tuple[int, ...], workers: int = 1) -> None:
+    """``mode``'s runs of ``names`` not yet stored, as `lorakit.sweep` grids (``workers`` trials at once, Ray
+    sharing the CPUs or the one accelerator between them), each stored as its run file; the reports refreshed
+    after each sweep.  A config whose dev sweep is unfinished has no best rate, so its seeded and long runs wait.
+    The sweeps' folders (checkpoints, adapters) live in ``WORK``: a killed sweep resumes there."""
+    steps, split = MODES[mode]
+    chosen = seeds if mode == "seeds" else (0,)
+    for index, group in enumerate(groups(names)):
+        rates: dict[str, list[float]] = {}
+        for name in group:
+            lrs = sweep_rates(name) if mode == "sweep" else [best_rate(part, name)]
+            if None in lrs:
+                print(f"-- {name}: its sweep is incomplete, so its {mode} runs wait", flush=True)
+            elif not all(run_path(part, name, lr, s, steps, split).exists() for lr in lrs for s in chosen):
+                rates[name] = lrs
+        if not rates:
+            continue
+        out = WORK / part / f"{mode}-{'-'.join(map(str, chosen))}" / f"group{index}"
+        cfg = quality_sweep(part, mode, list(rates), rates, chosen, workers, out)
+        print(f"== {mode}: {', '.join(rates)} in {out}", flush=True)
+        sweep(cfg)
+        for name in rates:
+            store(part, mode, name, cfg)
         write_claims(part)
 
 
-def _pool_init(data: Path, model: str) -> None:
-    global DATA, MINILM
-    DATA, MINILM = data, model
+def run_asha(part: str, names: list[str]) -> None:
+    """ASHA on the dev sweep of each config (`SWEEP_FACTORS` rates, 200 steps, seed 0, an evaluation every 20
+    steps) against the stored full grid: results/sweep-asha.{json,md}."""
+    for name in names:
+        out = WORK / part / "asha" / name
+        cfg = quality_sweep(part, "sweep", [name], {name: sweep_rates(name)}, (0,), 1, out, scheduler="asha")
+        print(f"== asha: {name} in {out}", flush=True)
+        sweep(cfg)
+        write_asha(part, names)
 
 
-def _pool_run(part: str, job: tuple[str, float, int, int, str]) -> bool:
-    name, lr, seed, steps, split = job
-    try:
-        return run_one(part, name, lr, seed, steps, split) is not None
-    except SystemExit:  # run_one's three-in-a-row stop: the pool counts failures itself
-        return False
-
-
-def run_pool(part: str, seeds: tuple[int, ...], workers: int, stop_after: float) -> None:
-    """The queue on ``workers`` processes at once (one accelerator shared by all: MiniLM's small kernels
-    leave it mostly idle for one process).  No run starts after ``stop_after`` seconds; three failures
-    in a row stop the pool."""
-    import concurrent.futures as cf
-    import multiprocessing
-
-    start, failed_in_a_row = time.time(), 0
-    jobs = queue_jobs(part, POOL, seeds)
-    print(f"pool: {len(jobs)} runs on {workers} workers", flush=True)
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init,
-                                initargs=(DATA, MINILM)) as pool:
-        for future in cf.as_completed([pool.submit(_pool_run, part, job) for job in jobs]):
-            ok = future.result()
-            failed_in_a_row = 0 if ok else failed_in_a_row + 1
-            if failed_in_a_row >= 3 or time.time() - start > stop_after:
-                print("pool: stopping (" + ("three failures in a row" if failed_in_a_row >= 3 else "time") + ")",
-                      flush=True)
-                pool.shutdown(wait=True, cancel_futures=True)
-                break
-    print(f"pool: {len(queue_jobs(part, POOL, seeds))} runs left (a config whose sweep just finished: run it again)",
-          flush=True)
+def write_asha(part: str, names: list[str], note: str = "") -> None:
+    """results/sweep-asha.{md,json} from the ASHA sweeps in ``WORK`` (``note``: said under the table)."""
+    steps, split = MODES["sweep"]
+    rows, lines = [], []
+    for name in names:
+        method = VARIANTS[name][0]
+        trials = [r for d in sorted((WORK / part / "asha" / name / "trials" / method).glob("*"))
+                  if (r := read_record(d)) is not None]
+        grid = {r["lr"]: r["score_after"] for r in stored(part, name, steps, split) if r["seed"] == 0}
+        grid_best = best_rate(part, name)
+        if len(trials) < len(sweep_rates(name)) or any(r["status"] not in ("done", "stopped", "failed")
+                                                       for r in trials) or grid_best is None:
+            continue
+        done = {r["lr"]: r["score"] for r in trials if r["status"] == "done"}
+        chosen = max(done, key=lambda lr: done[lr]) if done else None
+        asha_steps = sum(r["steps"] for r in trials)
+        gap = 100 * (grid[grid_best] - grid[chosen]) if chosen is not None else None
+        rows.append({"config": name, "method": method, "rates": sweep_rates(name), "grid_scores": grid,
+                     "grid_best": grid_best, "asha_chosen": chosen, "asha_scores": done,
+                     "asha_trials": {f"{r['lr']:g}": {"status": r["status"], "steps": r["steps"]} for r in trials},
+                     "gap_points": gap, "asha_steps": asha_steps, "grid_steps": steps * len(grid),
+                     "share": asha_steps / (steps * len(grid)),
+                     "held": gap is not None and gap <= 0.5 and asha_steps <= 0.4 * steps * len(grid),
+                     "grid_devices": sorted({r.get("device", "cpu") for r in stored(part, name, steps, split)})})
+    missing = [n for n in names if n not in {r["config"] for r in rows}]
+    not_run = [n for n in [*CLAIMS, *OTHERS] if n not in names]
+    lines = ["# ASHA against the full learning-rate grid (SST-2 dev, MiniLM-L6, 200 steps, seed 0)", "",
+             "    python benchmarks/quality.py asha --configs " + ",".join(names), "",
+             "Each config's 3 rates (`SWEEP_FACTORS` x the sweep's centre) under `lorakit sweep --scheduler asha` "
+             "(Ray Tune's ASHA, reduction factor 3, one bracket per method, an evaluation on the 872 dev sentences "
+             "every 20 steps, the rates tried nearest the CLI default first) against the stored grid "
+             "(`quality-sweep.md`, every rate for 200 steps). Target per config: ASHA's chosen rate is the grid's "
+             "best or within 0.5 point of it, at <= 40% of the grid's optimizer steps (600). The ASHA runs trained "
+             "on this machine's CPU; a grid run made on the H200 is not bit-identical to a CPU run of the same "
+             "config, so 'chosen' is scored with the grid's stored accuracy at the chosen rate.", "",
+             "| config | rates | grid dev acc (%) | grid best | ASHA chosen | gap (points) | "
+             "ASHA trials (status, steps) | ASHA steps / grid | held |", "|" + " --- |" * 9]
+    for r in rows:
+        trials = "; ".join(f"{lr}: {t['status']} {t['steps']}" for lr, t in r["asha_trials"].items())
+        grid = " / ".join(f"{100 * r['grid_scores'][x]:.1f}" if x in r["grid_scores"] else "-" for x in r["rates"])
+        lines.append(f"| {r['config']} | {' / '.join(f'{x:g}' for x in r['rates'])} | {grid} | "
+                     f"{r['grid_best']:g} | {r['asha_chosen']:g} | {r['gap_points']:.1f} | {trials} | "
+                     f"{r['asha_steps']} / {r['grid_steps']} = {100 * r['share']:.0f}% | "
+                     f"{'**held**' if r['held'] else '**not held**'} |")
+    lines += ["", f"Not finished when this was written: {', '.join(missing) or 'none'}. Not run: "
+                  f"{', '.join(not_run) or 'none'}."]
+    for name in missing:  # what an unfinished config's trials had done
+        method = VARIANTS[name][0]
+        trials = [r for d in sorted((WORK / part / "asha" / name / "trials" / method).glob("*"))
+                  if (r := read_record(d)) is not None]
+        done = "; ".join(f"{r['lr']:g}: {r['status']}, dev accuracy " + (", ".join(
+            f"{100 * e['score']:.1f}% at step {e['step']}" for e in r["evals"]) or "not yet evaluated")
+            for r in trials)
+        lines.append(f"- {name} (unfinished): {done or 'no trial had started'}")
+    if note:
+        lines += ["", note]
+    (RESULTS / "sweep-asha.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "sweep-asha.json").write_text(json.dumps({"command": "python benchmarks/quality.py asha --configs "
+                                                         + ",".join(names), "rows": rows, "unfinished": missing,
+                                                         "not_run": not_run, "note": note}, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------- claims
@@ -666,9 +728,10 @@ def sweep_report(part: str) -> str:
 
 
 def main() -> None:
-    global DATA, MINILM
+    global DATA, MINILM, WORK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="table", choices=["table", "queue", "pool", *MODES, "claims"])
+    parser.add_argument("mode", nargs="?", default="table",
+                        choices=["table", "queue", "pool", *MODES, "asha", "claims"])
     parser.add_argument("--only", choices=["sst2", "trec", "gsm8k"], action="append", help="table: the parts")
     parser.add_argument("--methods", default=",".join(VARIANTS), help="table: comma-separated names of VARIANTS")
     parser.add_argument("--configs", help="sweep/seeds/long: comma-separated VARIANTS [default: the mode's list]")
@@ -677,20 +740,24 @@ def main() -> None:
                         "[default: ../shared/data]")
     parser.add_argument("--model", default=MINILM, help="reproduction: MiniLM-L6 from a local folder [default: "
                         "the package's copy]")
-    parser.add_argument("--workers", type=int, default=4, help="pool: processes at once")
-    parser.add_argument("--stop-after", type=float, default=float("inf"), help="pool: start no run after this "
-                        "many seconds")
+    parser.add_argument("--workers", type=int, default=4, help="pool: trials at once")
+    parser.add_argument("--work-dir", type=Path, default=WORK, help="the sweeps' trial folders (checkpoints, "
+                        "adapters) [default: a folder in the system's temporary directory]")
     args = parser.parse_args()
-    DATA, MINILM = args.data_dir, args.model
+    DATA, MINILM, WORK = args.data_dir, args.model, args.work_dir
     if args.mode == "table":
         table(args.methods.split(","), args.only or ["sst2", "trec", "gsm8k"])
         return
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if args.mode == "pool":
-        run_pool("sst2", seeds, args.workers, args.stop_after)
+        for mode, names in POOL:
+            run_mode(mode, "sst2", names, seeds, args.workers)
     elif args.mode == "queue":
         for mode, names in QUEUE:
             run_mode(mode, "sst2", names, seeds)
+    elif args.mode == "asha":
+        run_asha("sst2", args.configs.split(",") if args.configs else CLAIMS + OTHERS)
+        return
     elif args.mode in MODES:
         default = {"sweep": CLAIMS + OTHERS, "seeds": CLAIMS, "long": LONG}[args.mode]
         run_mode(args.mode, "sst2", args.configs.split(",") if args.configs else default, seeds)

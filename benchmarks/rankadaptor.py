@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from scipy.stats import spearmanr
-from spread import fmt
 
 import lorakit
 from lorakit.methods.rankadaptor import (
@@ -51,6 +50,7 @@ from lorakit.methods.rankadaptor import (
 )
 from lorakit.models import load_model
 from lorakit.prune import general_calibration, load_pruned, prune_llama, save_pruned
+from lorakit.stats import fmt
 from lorakit.train.data import encode_causal_lm, load_task
 from lorakit.train.evaluate import answer_nll
 from lorakit.train.trainer import TrainConfig, train

@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: train, eval, export, merge, prune, methods, compare.
+"""The ``lorakit`` command: train, eval, export, merge, prune, methods, compare, sweep, auto, fed.
 
 Every option can also come from a YAML recipe (``--config recipe.yaml``, keys as the long option
 names with ``_``); flags given on the command line override the recipe.
@@ -389,6 +389,67 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"report written to {report}")
 
 
+def sweep_config(args: argparse.Namespace) -> Any:
+    """The `lorakit.sweep.SweepConfig` of ``lorakit sweep``/``auto``: every `lorakit train` flag makes the base run."""
+    from .sweep import SweepConfig
+    from .sweep.plan import parse_lrs, parse_methods
+    return SweepConfig(base=run_config(args), methods=parse_methods(args.methods), lrs=parse_lrs(args.lrs),
+                       seeds=args.seeds, scheduler=args.scheduler, budget=args.budget, reference=args.reference,
+                       address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                       output_dir=args.output_dir, resume=args.resume)
+
+
+def _command_line() -> str:
+    import shlex
+    return shlex.join(["lorakit", *sys.argv[1:]])
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import sweep
+    rows = sweep(sweep_config(args), command=_command_line())
+    for row in rows:
+        shown = "no finished trial" if not row["n"] else f"{row['mean']:.4f} ± {row['std']:.4f} (n={row['n']})"
+        print(f"{row['method']:<12} lr {row['lr'] if row['lr'] is not None else '-':<8} {shown}   "
+              f"{row['verdict'] or ''}")
+    print(f"leaderboard written to {Path(args.output_dir) / 'leaderboard.md'}")
+
+
+def cmd_auto(args: argparse.Namespace) -> None:
+    from .sweep import auto
+    outcome = auto(sweep_config(args), final_steps=args.final_steps, command=_command_line())
+    print(f"winner: {outcome['winner']} at lr {outcome['lr']:g} ({outcome['metric']} {outcome['score']:.4f} after the "
+          f"final run); adapter {outcome['adapter']}")
+    print(f"PEFT adapter: {outcome['peft']}" if outcome["peft"] else f"no PEFT export: {outcome['peft_note']}")
+    print("reproduce with:")
+    print(f"  {outcome['command']}")
+
+
+def add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    add_run_flags(p, skip=("method", "lr", "output_dir"))
+    p.add_argument("--methods", required=True, help="comma-separated method names, or 'all'")
+    p.add_argument("--lrs", default="auto",
+                   help="comma-separated rates, or auto: 0.3x / 1x / 3x each method's default rate "
+                        "[default: auto]")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds per method at its best rate (from --seed on) [default: 3]")
+    p.add_argument("--scheduler", choices=["asha", "grid"], default="asha",
+                   help="asha: successive halving on the intermediate evaluations (seeds only for the surviving "
+                        "rate); grid: every method x rate x seed [default: asha]")
+    p.add_argument("--budget", type=int, help="choose each method's rank so its trainable parameters come closest to "
+                                              "this [default: the methods' ranks]")
+    p.add_argument("--reference", default="lora", help="the method the verdicts compare against [default: lora]")
+    p.add_argument("--address", help="an existing Ray cluster: auto, host:port or ray://host:port [default: an "
+                                     "embedded Ray on loopback]")
+    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0,
+                   help="CPUs each trial holds [default: 1]")
+    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=None,
+                   help="GPUs each trial holds (fractions share one) [default: 1 if CUDA is available, else 0]")
+    p.add_argument("--output-dir", dest="output_dir", default="lorakit-sweep",
+                   help="trial run directories, leaderboard.json/.md and plots [default: lorakit-sweep]")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the sweep in --output-dir (finished trials never run again)")
+
+
 def cmd_fed(args: argparse.Namespace) -> None:
     try:
         from .fed import runner
@@ -529,6 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lorakit-compare", help="report folder [default: lorakit-compare]")
     p.add_argument("--target-loss", type=float, help="for 'steps to reach' [default: LoRA's final loss]")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="methods x learning rates x seeds on Ray Tune: leaderboard.json/.md and plots",
+                       formatter_class=_Help)
+    add_sweep_flags(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("auto", help="sweep, retrain the winner, export its PEFT adapter, print the command",
+                       formatter_class=_Help)
+    add_sweep_flags(p)
+    p.add_argument("--final-steps", dest="final_steps", type=int, help="steps of the winner's final run "
+                                                                       "[default: the sweep's]")
+    p.set_defaults(func=cmd_auto)
 
     p = sub.add_parser("fed", help="federated fine-tuning on Flower (Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA)",
                        formatter_class=_Help)

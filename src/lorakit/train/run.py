@@ -322,9 +322,9 @@ def init_samples(run: RunConfig, spec: TaskSpec) -> int:
         return run.init_samples
     return INIT_SAMPLES[spec.type] if run.method == "lora-sb" else DEFAULT_INIT_SAMPLES
 
-
-def run_training(run: RunConfig) -> RunResult:
-    """Do the whole run and write ``run.json`` (and the adapter) into ``run.output_dir``."""
+def run_training(run: RunConfig, on_eval: Callable[[dict[str, float]], None] | None = None) -> RunResult:
+    """Do the whole run and write ``run.json`` (and the adapter) into ``run.output_dir``; ``on_eval`` receives each
+    intermediate evaluation (``{"step": s, "score": x}``, every ``eval_every`` steps), as `train` says."""
     run = run.resolved()
     if run.method != FULL:  # `compare` hands full fine-tuning the adapters' shared options
         check_method_options(run.method, run.method_options)
@@ -332,10 +332,10 @@ def run_training(run: RunConfig) -> RunResult:
     out = check_output_dir(run.output_dir)
     # one run per output directory (`compare` and the benchmarks' sweeps call this too); other torchrun ranks only read
     with locked_dir(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        return _run_locked(run, out)
+        return _run_locked(run, out, on_eval)
 
 
-def _run_locked(run: RunConfig, out: Path) -> RunResult:
+def _run_locked(run: RunConfig, out: Path, on_eval: Callable[[dict[str, float]], None] | None) -> RunResult:
     if run.resume and (checkpoint := find_checkpoint(out)) is not None:
         read_checkpoint_meta(checkpoint)  # a corrupt checkpoint fails here, before the model is loaded
     start = time.perf_counter()
@@ -357,7 +357,7 @@ def _run_locked(run: RunConfig, out: Path) -> RunResult:
                          gradient_checkpointing=run.gradient_checkpointing, fsdp=run.fsdp, packing=run.packing,
                          max_length=run.max_length if run.packing else None, compile=run.compile)
     result = train(model, features, config, eval_fn=eval_fn if run.eval_every else None,
-                   pad_token_id=tokenizer.pad_token_id)
+                   pad_token_id=tokenizer.pad_token_id, on_eval=on_eval)
     if run.compile:  # `compare` trains several models in one process: each would count against torch's recompile limit
         torch.compiler.reset()
     after, samples = score(model, tokenizer, metric, eval_examples, eval_features, run)

@@ -63,7 +63,7 @@ EvalFn = Callable[[nn.Module], float | Mapping[str, float]]
 def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config: TrainConfig,
           eval_fn: EvalFn | None = None, *, pad_token_id: int | None = None,
           collate: Callable[[list[Mapping[str, Any]]], Batch] | None = None,
-          loss_fn: LossFn | None = None) -> TrainResult:
+          loss_fn: LossFn | None = None, on_eval: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     """Train ``model`` on ``train_features`` (encoded examples, as `lorakit.train.data` makes them).
 
     Batches come from the seeded batcher (length-grouped unless ``config.group_by_length`` is False)
@@ -72,8 +72,10 @@ def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config:
     collated by `data.collate_packed`, with the attention mask the model needs (`data.packing_mask`).
     ``loss_fn(model, inputs)`` defaults to `lorakit.core.loss.model_loss`,
     i.e. ``model(**inputs).loss``.  ``eval_fn(model)`` (in eval mode, no grad needed) returns a score or
-    a dict of scores, every ``config.eval_every`` steps.  Runs on the model's device; under torchrun
-    (``WORLD_SIZE`` > 1) each rank trains its share of every batch; only rank 0 writes files.
+    a dict of scores, every ``config.eval_every`` steps; ``on_eval(record)`` then receives each
+    ``{"step": s, "score": x}`` record (rank 0), e.g. to report it to a tuner that may stop the run.
+    Runs on the model's device; under torchrun (``WORLD_SIZE`` > 1) each rank trains its share of every batch;
+    only rank 0 writes files.
     Raises `TrainingError` at the first non-finite loss or gradient, leaving the last checkpoint intact.
     """
     device = next(model.parameters()).device
@@ -94,7 +96,7 @@ def train(model: nn.Module, train_features: Sequence[Mapping[str, Any]], config:
     ranks = Ranks(device)  # under torchrun: join the process group (and leave it below if we made it)
     try:
         with _output_lock(config.output_dir, ranks):
-            run = _Run(model, train_features, config, eval_fn, collate, loss_fn, ranks)
+            run = _Run(model, train_features, config, eval_fn, collate, loss_fn, ranks, on_eval)
             run.setup()
             try:
                 run.loop()
@@ -121,8 +123,8 @@ class _Run:
 
     def __init__(self, model: nn.Module, features: Sequence[Mapping[str, Any]], config: TrainConfig,
                  eval_fn: EvalFn | None, collate: Callable[[list[Mapping[str, Any]]], Batch], loss_fn: LossFn | None,
-                 ranks: Ranks):
-        self.model, self.features, self.config = model, features, config
+                 ranks: Ranks, on_eval: Callable[[dict[str, float]], None] | None = None):
+        self.model, self.features, self.config, self.on_eval = model, features, config, on_eval
         self.eval_fn, self.collate, self.loss_fn, self.ranks = eval_fn, collate, loss_fn, ranks
         self.device, self.is_main = ranks.device, ranks.rank == 0
         self.out = Path(config.output_dir) if config.output_dir else None
@@ -247,6 +249,8 @@ class _Run:
         self.progress.evals.append(record)
         self.log.write({"type": "eval", **record})
         logger.info("eval at step %d: %s", self.progress.step, scores)
+        if self.on_eval is not None:
+            self.on_eval(record)
 
     def cleanup(self) -> None:
         """Put the model back as `setup` found it and close the reports (after an error too)."""

@@ -1,4 +1,5 @@
-"""Mean ± std over seeds and the verdict on a claim from that spread, shared by the benchmarks."""
+"""Mean ± std over seeds and the verdict on a claim from that spread: the rule of `benchmarks/results/claims.md`,
+used by `lorakit sweep` and the benchmarks."""
 
 from __future__ import annotations
 
