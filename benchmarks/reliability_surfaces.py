@@ -191,20 +191,28 @@ def output_cases(tmp: Path, model: Path, adapter: Path) -> dict[str, Callable[[]
              "2", "--max-new-tokens", "2", "--method", "lora", "-o", "r=2"]
 
     def two_runs() -> tuple[str, str]:
+        """A second run started while the first holds the directory (its pid in the lock file): the second must
+        refuse at once; the first, long enough to outlive the second's start, is then stopped."""
         out = tmp / "shared-out"
-        first = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *train, "--save-every", "0", "--output-dir",
-                                  str(out)], env=rc.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while not out.exists() and first.poll() is None:
-            time.sleep(0.01)
+        first = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *train[:6], "4000", *train[7:],
+                                  "--save-every", "0", "--output-dir", str(out)],
+                                 env=rc.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lock = out / ".lorakit.lock"
+        deadline = time.monotonic() + TIME_LIMIT_S
+        while first.poll() is None and time.monotonic() < deadline and not (
+                lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.05)
+        if first.poll() is not None:
+            return "wrong", f"the first run ended (exit {first.returncode}) before it held the directory"
         second = rc.run_cli([*train, "--save-every", "0", "--output-dir", str(out)])
-        first_err = first.communicate()[1]
-        codes = (first.returncode, second.returncode)
-        if codes == (0, 0):
-            return "silent", "both runs exited 0 on one --output-dir"
-        if 0 in codes and 2 in codes:
-            loser = second.stderr if second.returncode == 2 else first_err
-            return ("clean" if rc.verdict(2, loser) == "clean" else "wrong"), loser.strip().splitlines()[-1][:200]
-        return "wrong", f"exit codes {codes}"
+        first.terminate()
+        first.communicate()
+        if second.returncode == 0:
+            return "silent", "the second run exited 0 on a directory the first held"
+        if second.returncode == 2:
+            last = second.stderr.strip().splitlines()[-1][:200]
+            return ("clean" if rc.verdict(2, second.stderr) == "clean" else "wrong"), last
+        return "wrong", f"the second run exited {second.returncode}"
 
     def planted(command: list[str], out: Path, name: str) -> Callable[[], tuple[str, str]]:
         target = tmp / f"victim-{name}"

@@ -14,8 +14,8 @@ import lorakit
 
 ROOT = Path(lorakit.__file__).parent
 # first dotted component under lorakit -> layer; the package's __init__ is the public API (api/io layer)
-LAYERS = {"errors": 0, "config": 0, "calibration_text": 0, "core": 1, "methods": 2, "api": 3, "io": 3, "weighted": 3, "": 3,
-          "models": 4, "prune": 4, "train": 4, "fed": 4, "integrations": 4, "cli": 5}
+LAYERS = {"errors": 0, "config": 0, "calibration_text": 0, "stats": 0, "ray_loopback": 0, "core": 1, "methods": 2, "api": 3, "io": 3, "weighted": 3, "": 3,
+          "models": 4, "prune": 4, "train": 4, "fed": 4, "integrations": 4, "sweep": 4, "cli": 5}
 ALLOWED = {("lorakit.core.registry", "lorakit.methods")}  # importing the methods registers them
 
 

@@ -128,6 +128,16 @@ def test_bad_requests_are_lorakit_errors(tmp_path):
         load_model(str(tmp_path / "empty"), "causal-lm")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("[1, 2]", "must hold a JSON object .* found list"), ("[" * 100_000, "is not valid JSON .*RecursionError"),
+    ("{nope", "is not valid JSON"), ('"a string"', "must hold .* found str")])
+def test_a_local_config_json_that_is_not_an_object_is_refused(tmp_path, text, message):
+    """A model directory's config.json (pruned or not) is parsed and checked before transformers reads it."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(LorakitError, match=f"config.json {message}"):
+        load_model(str(tmp_path), "causal-lm")
+
+
 def test_hub_failure_is_wrapped(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")

@@ -367,12 +367,17 @@ def test_cli_export_and_merge_replace_planted_symlinks(tiny_lm: Path, trained: P
         assert json.loads((out / name).read_text())
 
 
-def test_cli_train_refuses_a_fifo_in_place_of_its_log(tiny_lm: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "blocker"), [("log.jsonl", "fifo"), ("run.json", "fifo"), ("run.json", "directory")])
+def test_cli_train_refuses_a_blocked_result_file_before_training(tiny_lm: Path, tmp_path: Path, name: str,
+                                                                 blocker: str) -> None:
+    """A FIFO or directory where ``log.jsonl`` or ``run.json`` goes: exit 2 before any step (no adapter saved)."""
     out = tmp_path / "run"
     out.mkdir()
-    os.mkfifo(out / "log.jsonl")
+    os.mkfifo(out / name) if blocker == "fifo" else (out / name).mkdir()
     code, err = cli(*train_args(tiny_lm, out, "--method", "lora", "--save-every", "0"))
-    assert code == 2 and f"{out / 'log.jsonl'}: it is a FIFO" in err, err
+    kind = "a FIFO" if blocker == "fifo" else "a directory"
+    assert code == 2 and f"{out / name}: it is {kind}" in err, err
+    assert not (out / "adapter").exists()
 
 
 @pytest.mark.parametrize("blocker", ["fifo", "directory"])

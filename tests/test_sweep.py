@@ -208,6 +208,18 @@ def test_auto_on_a_ray_cluster_asha_budget_and_a_diverging_trial(tiny_lm: Path, 
 def test_train_command_round_trips() -> None:
     run = RunConfig(model="m", task="sst2", method="dora", method_options={"r": 4, "alpha": 8.0}, lr=3e-4, steps=7,
                     group_by_length=False, chat_template=False, bf16=True, seed=3, output_dir="x/y")
+    assert run_config(build_parser().parse_args(shlex.split(train_command(run))[1:])) == run
+    # every field away from its default (the bools flipped), so every flag's name is checked against the parser
+    changed = {"data_dir": "d", "batch_size": 3, "grad_accum": 2, "weight_decay": 0.1, "warmup_steps": 1,
+               "schedule": "cosine", "max_grad_norm": 0.5, "max_length": 9, "eval_every": 2, "eval_limit": 5,
+               "eval_split": "validation", "metric": "accuracy", "max_new_tokens": 4, "init_samples": 3,
+               "chat_template": True, "dtype": "bf16", "quantize": "nf4", "gradient_checkpointing": True,
+               "fsdp": True, "packing": True, "compile": True, "device": "cpu", "save_every": 2}
+    missing = {f.name for f in dataclasses.fields(RunConfig)} - set(changed) - {
+        "model", "task", "method", "method_options", "lr", "steps", "group_by_length", "bf16", "seed",
+        "output_dir", "resume"}
+    assert not missing, f"add {missing} to this test"
+    run = dataclasses.replace(run, **changed)
     parsed = run_config(build_parser().parse_args(shlex.split(train_command(run))[1:]))
     assert parsed == run
 
@@ -254,3 +266,32 @@ def test_leaderboard_best_rate_spread_and_verdicts_from_records() -> None:
         [rec("dora", 1e-3, s, x) for s, x in enumerate((0.55, 0.45, 0.5))]
     rows = report.leaderboard(close, ["lora", "dora"], "accuracy", "lora", None)
     assert rows[1]["verdict"] == "not distinguishable"
+
+
+def test_a_second_sweep_on_an_output_dir_in_use_is_refused(tiny_lm: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """One run per output directory: while another holder (a thread here, as a second process would) has the
+    directory's lock, `lorakit sweep` refuses before any trial, naming the directory and the holder's pid."""
+    import threading
+
+    from lorakit.core.files import locked_dir
+    out = tmp_path / "sweep"
+    out.mkdir()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locked_dir(out):
+            held.set()
+            release.wait(60)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        code = main(["sweep", "--model", str(tiny_lm), "--task", "arith", "--steps", "4", "--methods", "lora",
+                     "--output-dir", str(out)])
+    finally:
+        release.set()
+        holder.join()
+    err = capsys.readouterr().err
+    assert code == 2 and f"the output directory {out} is in use by another lorakit run (pid {os.getpid()})" in err
+    assert not (out / "trials").exists() and not (out / "sweep.json").exists()

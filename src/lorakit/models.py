@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .core import quant
+from .core.files import read_regular
 from .core.inject import HEAD_NAMES
 from .errors import ConfigError, LorakitError
 from .prune import PRUNED_KEY, load_pruned
@@ -147,6 +149,26 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
 
 
+MAX_MODEL_CONFIG_BYTES = 4 << 20  # a transformers config.json is a few KiB
+
+
+def _check_model_config(path: Path) -> None:
+    """A local model directory's ``config.json``, when present, is a regular file holding one JSON object: what
+    transformers (and `load_pruned`) assume before they read it.  A list, a scalar, a nesting too deep for the
+    parser or a FIFO is refused here with the file's name, not raised from inside transformers."""
+    config = path / "config.json"
+    if not config.exists() and not config.is_symlink():
+        return  # transformers says what is missing
+    raw = read_regular(config, limit=MAX_MODEL_CONFIG_BYTES)
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise LorakitError(f"{config} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the model "
+                           "directory is corrupt") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{config} must hold a JSON object (a model config), found {type(data).__name__}")
+
+
 def _is_pruned_dir(path: Path) -> bool:
     """A directory written by `lorakit.prune.save_pruned` (its ``config.json`` records the blocks' widths)."""
     config = path / "config.json"
@@ -231,6 +253,7 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
         where, kw["gguf_file"] = str(path.parent), path.name
     elif path.is_dir():
         where = str(path)
+        _check_model_config(path)
         pruned = _is_pruned_dir(path)
         if pruned and task_type != "causal-lm":
             raise ConfigError(f"{path} holds a model pruned by `lorakit prune` (a causal LM); load it with "

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
 from .. import api
+from ..core.files import write_text
 from ..io.persistence import adapter_tensors
 from . import checkpoint, local, validate
 from .checkpoint import ServerState
@@ -324,7 +325,7 @@ def run_server(grid: Grid, config: FedConfig) -> dict[str, Any]:
               "comm": state.ledger.per_round(),
               "totals": state.ledger.totals(), "seconds": time.perf_counter() - start}
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    write_text(out / RESULT_FILE, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -20,6 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..core.files import locked_dir
 from ..errors import ConfigError, LorakitError
 from ..train.run import FULL, RunConfig, check_output_dir, run_training
 from . import engine, plan, report
@@ -60,6 +61,11 @@ def sweep(cfg: SweepConfig, command: str = "") -> list[dict[str, Any]]:
     """Run (or, with ``cfg.resume``, finish) the sweep; returns the leaderboard rows and writes
     ``leaderboard.json``/``.md``, ``trials.json`` and the plots into ``cfg.output_dir``."""
     cfg, ranks = prepare(cfg)
+    with locked_dir(cfg.output_dir):  # one sweep per output directory; each trial locks its own run directory
+        return _sweep(cfg, ranks, command)
+
+
+def _sweep(cfg: SweepConfig, ranks: dict[str, int], command: str) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     state = out / "sweep.json"
     if state.exists() and not cfg.resume and any((out / "trials").glob("*/*/" + engine.RECORD)):
@@ -134,9 +140,13 @@ def auto(cfg: SweepConfig, final_steps: int | None = None, command: str = "") ->
     """`sweep`, then the winner retrained at its best rate for ``final_steps`` (default: the sweep's steps) into
     ``<output_dir>/final``, its PEFT adapter exported to ``<output_dir>/peft``; returns what it did, with the
     `lorakit train` command that reproduces the final run."""
-    rows = sweep(cfg, command)
-    best = winner(rows)
     cfg, ranks = prepare(cfg)
+    with locked_dir(cfg.output_dir):  # held across the sweep (which takes it again) and the final run
+        return _auto(cfg, ranks, final_steps, command)
+
+
+def _auto(cfg: SweepConfig, ranks: dict[str, int], final_steps: int | None, command: str) -> dict[str, Any]:
+    best = winner(_sweep(cfg, ranks, command))
     options = plan.trial(cfg, best["method"], best["lr"], cfg.base.seed, ranks).options
     final = dataclasses.replace(cfg.base, method=best["method"], lr=best["lr"], method_options=options,
                                 steps=final_steps or cfg.base.steps, eval_every=0,
@@ -167,31 +177,30 @@ def _export(run: RunConfig, adapter: str, out: Path) -> tuple[str | None, str | 
         return None, str(err)
 
 
-def train_command(run: RunConfig) -> str:
-    """The `lorakit train` command line that runs ``run`` (flags for every value that differs from the default,
-    read off the train parser, so flags added there are covered)."""
-    import argparse
+# `lorakit train`'s switches whose names are not the field's (every other field is ``--field-name VALUE``)
+_SWITCHES = {"group_by_length": (None, "--no-length-grouping"),
+             "chat_template": ("--chat-template", "--no-chat-template")}
 
-    from ..cli import add_run_flags
-    train = argparse.ArgumentParser()
-    add_run_flags(train)
+
+def train_command(run: RunConfig) -> str:
+    """The `lorakit train` command line that runs ``run``: a flag for every value that differs from the default
+    (model, task and method always).  Flags follow the CLI's naming (``--field-name``); the round trip through the
+    parser is tested, so a flag renamed there fails that test rather than printing a wrong command."""
     default = RunConfig()
     words = ["lorakit", "train"]
-    for action in train._actions:
-        name = action.dest
-        if name not in {f.name for f in dataclasses.fields(RunConfig)} or name == "resume":
+    for field in dataclasses.fields(RunConfig):
+        name, value = field.name, getattr(run, field.name)
+        if name in ("resume", "method_options") or (value == getattr(default, name)
+                                                    and name not in ("model", "task", "method")):
             continue
-        value = getattr(run, name)
-        if value == getattr(default, name) and name not in ("model", "task", "method"):  # always said
-            continue
-        flag = action.option_strings[0]
         if isinstance(value, bool):
-            if action.nargs == 0 and action.const is value:  # store_true / store_false
-                words.append(flag)
-            elif len(action.option_strings) > 1:  # --x / --no-x
-                words.append(flag if value else action.option_strings[1])
-            continue
-        words += [flag, str(value)]
+            on, off = _SWITCHES.get(name, ("--" + name.replace("_", "-"), None))
+            flag = on if value else off
+            if flag is None:
+                raise ConfigError(f"{name}={value} has no `lorakit train` flag")
+            words.append(flag)
+        elif value is not None:
+            words += ["--" + name.replace("_", "-"), str(value)]
     for key, value in run.method_options.items():
         words += ["-o", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     return shlex.join(words)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io.persistence import _atomic_write
+from ..core.files import atomic_write, write_text
 from ..stats import diff_interval, mean_std
 
 logger = logging.getLogger(__name__)
@@ -177,12 +177,7 @@ def draw(rows: list[dict[str, Any]], records: list[dict[str, Any]], curves: Call
 
 def _save(fig: Any, path: Path) -> None:
     """A figure as PNG, written atomically (never through a symlink planted at ``path``)."""
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically (a temporary file renamed over it: never through a planted symlink)."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def write_json(path: Path, value: Any) -> None:

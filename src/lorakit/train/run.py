@@ -27,7 +27,7 @@ from torch import nn
 from .. import api
 from ..config import check_value
 from ..core.driver import data_init, init_batches
-from ..core.files import locked_dir, write_text
+from ..core.files import check_writable_target, locked_dir, write_text
 from ..core.registry import get_method
 from ..errors import ConfigError, OutputError, TrainingError
 from ..methods.lora_sb import INIT_SAMPLES, default_eta
@@ -336,6 +336,8 @@ def run_training(run: RunConfig, on_eval: Callable[[dict[str, float]], None] | N
 
 
 def _run_locked(run: RunConfig, out: Path, on_eval: Callable[[dict[str, float]], None] | None) -> RunResult:
+    for name in ("run.json", "log.jsonl"):  # a FIFO, device or directory where a result goes: refused before training
+        check_writable_target(out / name)
     if run.resume and (checkpoint := find_checkpoint(out)) is not None:
         read_checkpoint_meta(checkpoint)  # a corrupt checkpoint fails here, before the model is loaded
     start = time.perf_counter()
