@@ -18,7 +18,11 @@ Documented choices: the pre-trained model is this model with the adapter switche
 original W0, no second copy in memory), run in eval mode without gradients; the KL uses log-softmax for both
 distributions (the official ``softmax(...).log()`` can hit log 0); the official code flattens NLG logits to
 ``batch × (seq·vocab)`` and then indexes singular values per example, which fails, so the SVD term is taken per
-sequence as its indexing intends.  The batch and the logits of every training forward reach the hooks through
+sequence as its indexing intends.  The SVD term is differentiable: the official code takes the SVD under
+``torch.no_grad()``, so there the term adds no gradient and only shifts the loss value, while the paper's loss adds
+λ3 L_SVD as a regulariser.  ``task`` defaults to ``"nlg"`` (the official ``task_type`` default is ``nlu``): the
+default targets causal-LM fine-tuning, whose logits are per-token distributions; classification runs set
+``task="nlu"``.  The batch and the logits of every training forward reach the hooks through
 ``after_forward`` (``needs_logits``); each forward gets one regulariser value.
 """
 

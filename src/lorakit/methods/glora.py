@@ -22,7 +22,9 @@ evolutionary search (population 50, top 10, 25 mutations with p = 0.2, 25 crosso
 parameter budget) on a validation split, scoring candidates by ``score_fn(model)`` (default: minus the mean loss),
 and fixes the winner in every layer and in the config (so `save` keeps it).  With ``supernet=False`` (default)
 every layer trains its configured support, ``default_support`` (all paths at their largest) unless ``supports``
-names one for it: a fixed GLoRA adapter, as PEFT's ``glora`` tuner.
+names one for it: a fixed GLoRA adapter, as PEFT's ``glora`` tuner.  ``r`` keeps lorakit's common default 8 (the
+official ``--rank`` is 4 in ``evolution.py`` and ``supernet.py``), so the lora supports compare with the other
+methods at the same rank.
 """
 
 from __future__ import annotations

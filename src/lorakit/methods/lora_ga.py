@@ -11,10 +11,12 @@ Procedure (official code, ``peft/src/peft/tuners/lora/layer.py::lora_ga_init`` i
 
 lorakit never materialises G by default: `sketched_svd` recovers the top-2r singular vectors from
 products with thin matrices (see `lorakit.core.gradients`); ``exact=True`` forms G per layer group
-(bounded by ``grad_memory_mb``) and takes its exact SVD.  The sketch costs 2 + 2·niter passes over the init
-batches against the exact path's one: on models whose targeted weights fit the memory bound in one group it is
-the slower choice (SmolLM2-135M, one batch of 8: 4.05 vs 2.18 training steps at the same peak memory,
-``benchmarks/results/speed.md``); it pays off where dense gradients of all targeted layers do not fit.
+(bounded by ``grad_memory_mb``) and takes its exact SVD.  The official code forms the dense G and takes
+``torch.svd_lowrank(G, q=4r, niter=4)``; lorakit's sketch saves the memory of dense gradients, and
+``exact=True`` gives the exact top-2r subspaces that the randomized SVD estimates.  The sketch costs 2 + 2·niter
+passes over the init batches against the exact path's one: on models whose targeted weights fit the memory bound
+in one group it is the slower choice (SmolLM2-135M, one batch of 8: 4.05 vs 2.18 training steps at the same peak
+memory, ``benchmarks/results/speed.md``); it pays off where dense gradients of all targeted layers do not fit.
 
 ``peft_compat=True`` reproduces Hugging Face PEFT 0.21's variant instead of the official code: PEFT
 multiplies B by ``S[r:2r]`` and applies the stable factor to B only.  Default False (faithful).

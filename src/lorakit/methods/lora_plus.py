@@ -6,6 +6,10 @@ follow the official code (nikhil-ghosh-berkeley/loraplus, also PEFT's ``create_l
 * group A (``η``, weight decay): every trainable matrix except B (the A factors, matrices of ``modules_to_save``);
 * group B (``λ·η``, weight decay): the B factors;
 * group B without decay (``λ·η``, no weight decay): every trainable 1-D tensor (biases, norms of saved modules).
+
+The official code's fourth group, the trainable tensors of LoRA embedding layers at ``loraplus_lr_embedding``
+(default 1e-6), has no counterpart: lorakit adapts only ``nn.Linear`` / ``Conv1D`` layers, never an embedding, so
+that group would always be empty.
 """
 
 from __future__ import annotations

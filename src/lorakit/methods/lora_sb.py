@@ -44,7 +44,8 @@ RaghavSinghal10/lora-sb):
 
 sign(G) needs G element-wise, so the gradients are formed densely for a group of layers at a time,
 bounded by ``grad_memory_mb``, re-running the init samples once per group.  The SVD is exact by
-default (the official code uses ``svd_lowrank(q=r, niter=10)``; set ``svd_niter=10`` for that).
+default, the best rank-r approximation that the official ``svd_lowrank(q=r, niter=10)`` (``utils/svd_utils.py``)
+estimates; set ``svd_niter=10`` for the official one.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ Training (official ``src/sparse_optimizer.py`` + ``src/trainer.py``, the variant
   the planned steps).
 
 A gate entry that reaches exactly 0 switches its rank off; `as_lora` (hence the export) keeps only the ranks with
-g ≠ 0, folding g into B.  ``alpha=None`` means α = r (the official default α = 16).
+g ≠ 0, folding g into B.  ``alpha=None`` means α = r (the official default α = 16).  ``l1_weight`` and
+``threshold`` default to ``run_glue.py``'s argument defaults (1e-3, 1e-3), not the released script's values
+(``scripts/run_glue_sora_no_schedule.sh``: ``sparse_lambda`` 10, ``sparse_lambda_2`` 3e-4), which belong to its one
+run (STS-B, DeBERTaV3-base, 20 epochs, batch 8, lr 8e-4).
 """
 
 from __future__ import annotations
