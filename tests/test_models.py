@@ -138,6 +138,20 @@ def test_a_local_config_json_that_is_not_an_object_is_refused(tmp_path, text, me
         load_model(str(tmp_path), "causal-lm")
 
 
+@pytest.mark.parametrize(("spec", "task_type", "num_labels"), [("tiny", "causal-lm", None),
+                                                               ("minilm-l6", "classification", 3)])
+def test_skeleton_has_the_loaded_models_parameters_on_the_meta_device(tmp_path, spec, task_type, num_labels):
+    """`load_skeleton` builds what `load_model` builds (names and shapes), reading no weights."""
+    from lorakit.models import load_skeleton
+    from tests.tiny_models import save_tiny_lm
+    if spec == "tiny":
+        spec = str(save_tiny_lm(tmp_path / "tiny", 32, 64, 2, 4))
+    skeleton = load_skeleton(spec, task_type, num_labels)
+    model, _ = load_model(spec, task_type, num_labels)
+    assert {k: v.shape for k, v in skeleton.named_parameters()} == {k: v.shape for k, v in model.named_parameters()}
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
 def test_hub_failure_is_wrapped(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")

@@ -230,6 +230,7 @@ def test_train_command_round_trips() -> None:
     (["--methods", "lora", "--metric", "accuracy"], "does not fit task arith"),
     (["--methods", "lora", "--budget", "1"], "cannot be met by lora"),
     (["--methods", "lora", "--address", "127.0.0.1:1"], "cannot reach a Ray cluster"),
+    (["--methods", "lora", "-o", "r=64"], "lora: r=64 does not fit this model; its targets admit ranks 1 to 16"),
 ])
 def test_bad_input_is_one_line_exit_2_before_any_trial(tiny_lm: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                        extra: list[str], message: str) -> None:
@@ -295,3 +296,14 @@ def test_a_second_sweep_on_an_output_dir_in_use_is_refused(tiny_lm: Path, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and f"the output directory {out} is in use by another lorakit run (pid {os.getpid()})" in err
     assert not (out / "trials").exists() and not (out / "sweep.json").exists()
+
+
+def test_a_default_rank_the_model_cannot_hold_is_lowered_to_the_largest_that_fits(tiny_lm: Path) -> None:
+    """LoRA-SB's default r=32 on the 32-wide toy model (k/v projections 16 wide): the sweep trains it at r=16 and
+    says so; LoRA's default r=8 fits and is left alone (no entry: the trial takes the method's default)."""
+    base = RunConfig(model=str(tiny_lm), task="arith", steps=4, eval_limit=4)
+    cfg = plan.SweepConfig(base=base, methods=["lora", "lora-sb"], scheduler="grid", output_dir="unused")
+    ranks = plan.check(cfg)
+    assert ranks == {"lora-sb": 16}
+    assert plan.trial(cfg, "lora-sb", 1e-3, 0, ranks).options["r"] == 16
+    assert "r" not in plan.trial(cfg, "lora", 1e-3, 0, ranks).options

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -210,6 +211,33 @@ def _quantization_config(kind: str, dtype: torch.dtype) -> Any:
     return TorchAoConfig(Int8WeightOnlyConfig() if kind == "torchao-int8" else Int4WeightOnlyConfig(group_size=128))
 
 
+def _locate(spec: str, task_type: TaskType) -> tuple[Path, str, dict[str, Any], bool]:
+    """``(path, where, from_pretrained keywords, pruned)`` for ``spec``: an alias, a ``.gguf`` file, a local
+    directory (its ``config.json`` checked) or a hub id."""
+    source = str(ALIASES[spec]()) if spec in ALIASES else spec
+    path = Path(source).expanduser()
+    kw: dict[str, Any] = {}
+    pruned = False
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LorakitError(f"GGUF file {path} does not exist; check the path or use an alias "
+                               f"({', '.join(ALIASES)})")
+        where, kw["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        where = str(path)
+        _check_model_config(path)
+        pruned = _is_pruned_dir(path)
+        if pruned and task_type != "causal-lm":
+            raise ConfigError(f"{path} holds a model pruned by `lorakit prune` (a causal LM); load it with "
+                              f"task_type='causal-lm', not {task_type!r}")
+    elif _looks_like_path(source):
+        raise LorakitError(f"model directory {path} does not exist; pass an existing directory, a .gguf "
+                           f"file, a hub id, or an alias ({', '.join(ALIASES)})")
+    else:
+        where = source
+    return path, where, kw, pruned
+
+
 def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
                dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
                device: Literal["cpu", "cuda", "auto"] = "cpu",
@@ -242,27 +270,7 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
         raise LorakitError("quantize='torchao-int4' needs a CUDA GPU (torchao's int4 kernels do not run on a "
                            "CPU); use torchao-int8, int8 or nf4 here")
 
-    source = str(ALIASES[spec]()) if spec in ALIASES else spec
-    path = Path(source).expanduser()
-    kw: dict[str, Any] = {}
-    pruned = False
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise LorakitError(f"GGUF file {path} does not exist; check the path or use an alias "
-                               f"({', '.join(ALIASES)})")
-        where, kw["gguf_file"] = str(path.parent), path.name
-    elif path.is_dir():
-        where = str(path)
-        _check_model_config(path)
-        pruned = _is_pruned_dir(path)
-        if pruned and task_type != "causal-lm":
-            raise ConfigError(f"{path} holds a model pruned by `lorakit prune` (a causal LM); load it with "
-                              f"task_type='causal-lm', not {task_type!r}")
-    elif _looks_like_path(source):
-        raise LorakitError(f"model directory {path} does not exist; pass an existing directory, a .gguf "
-                           f"file, a hub id, or an alias ({', '.join(ALIASES)})")
-    else:
-        where = source
+    path, where, kw, pruned = _locate(spec, task_type)
 
     logger.info("loading %s (%s, %s) from %s", spec, task_type, dtype, where)
     try:
@@ -298,3 +306,26 @@ def load_model(spec: str, task_type: TaskType, num_labels: int | None = None,
     if not by_transformers:
         quant.quantize_model(model.to(device=torch_device, dtype=DTYPES[dtype]), quantize, skip=tuple(HEAD_NAMES))
     return model.eval(), tokenizer
+
+
+def load_skeleton(spec: str, task_type: TaskType, num_labels: int | None = None) -> nn.Module:
+    """The model `load_model` would build, with meta tensors: its modules, shapes and parameter counts, but no
+    weights read and no memory used (how a sweep chooses ranks for an 8B model without loading it).  A directory
+    written by ``lorakit prune`` is loaded in full (its widths are checked against its weights)."""
+    if task_type not in ("causal-lm", "classification"):
+        raise ConfigError(f"task_type must be 'causal-lm' or 'classification', got {task_type!r}")
+    path, where, kw, pruned = _locate(spec, task_type)
+    if pruned:
+        return load_pruned(path)
+    try:
+        config = AutoConfig.from_pretrained(where, **kw)
+        with torch.device("meta"):
+            if task_type == "causal-lm":
+                return AutoModelForCausalLM.from_config(config)
+            if _is_sentence_encoder(where):
+                return MeanPoolClassifier(AutoModel.from_config(config), num_labels or 2)
+            config.num_labels = num_labels or config.num_labels
+            return AutoModelForSequenceClassification.from_config(config)
+    except (OSError, ValueError) as err:
+        raise LorakitError(f"could not read the model config of {spec!r} ({where}): {err}") from err
+

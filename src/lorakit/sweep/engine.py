@@ -135,17 +135,14 @@ def is_loopback(address: str) -> bool:
 
 
 def method_asha(mode: str, max_t: int, grace: int, reduction_factor: int) -> Any:
-    """Ray Tune's ASHA with one bracket per method (each method's rates compete only with each other) and each
-    method's rates tried one at a time in `plan.rates` order, so that a rung's cutoff is always set by the trials
-    before it; different methods run side by side."""
-    from ray.tune.experiment import Trial as TuneTrial
+    """Ray Tune's ASHA with one bracket per method: each method's rates compete only with each other (`method_queue`
+    runs them one at a time, so a rung's cutoff is always set by the rates before it)."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
     class MethodASHA(FIFOScheduler):
         def __init__(self) -> None:
             super().__init__()
             self.by_method: dict[str, AsyncHyperBandScheduler] = {}
-            self.chosen: dict[str, str] = {}  # trial id -> method, until it ends
 
         def asha(self, trial: Any) -> AsyncHyperBandScheduler:
             method = trial.config["trial"]["method"]
@@ -162,26 +159,10 @@ def method_asha(mode: str, max_t: int, grace: int, reduction_factor: int) -> Any
             return self.asha(trial).on_trial_result(tune_controller, trial, result)
 
         def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-            self.chosen.pop(trial.trial_id, None)
             self.asha(trial).on_trial_complete(tune_controller, trial, result)
 
-        def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
-            self.chosen.pop(trial.trial_id, None)
-
         def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-            self.chosen.pop(trial.trial_id, None)
             self.asha(trial).on_trial_remove(tune_controller, trial)
-
-        def choose_trial_to_run(self, tune_controller: Any) -> Any:
-            busy = set(self.chosen.values())
-            for trial in tune_controller.get_trials():
-                if trial.status != TuneTrial.PENDING:
-                    continue
-                method = trial.config["trial"]["method"]
-                if trial.trial_id in self.chosen or method not in busy:
-                    self.chosen[trial.trial_id] = method
-                    return trial
-            return None
 
         def preload(self, method: str, trial_id: str, evals: list[dict[str, float]]) -> None:
             """Put a finished trial's (of a resumed sweep) intermediate scores into its method's rungs."""
@@ -192,6 +173,36 @@ def method_asha(mode: str, max_t: int, grace: int, reduction_factor: int) -> Any
             self.asha(ghost).on_trial_remove(None, ghost)
 
     return MethodASHA()
+
+
+def method_queue(specs: list[dict[str, Any]]) -> Any:
+    """A Ray Tune searcher handing out ``specs`` in order, at most one running trial per method (methods side by
+    side).  Tune starts every trial it has been given as soon as resources allow, so the order is enforced here,
+    by not suggesting a method's next rate until its previous trial has ended (done, stopped by ASHA or failed)."""
+    from ray.tune.search import Searcher
+
+    class MethodQueue(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queues: dict[str, list[dict[str, Any]]] = {}
+            for spec in specs:
+                self.queues.setdefault(spec["method"], []).append(spec)
+            self.running: dict[str, str] = {}  # Tune's trial id -> method
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            if not any(self.queues.values()):
+                return Searcher.FINISHED
+            busy = set(self.running.values())
+            for method, queue in self.queues.items():
+                if queue and method not in busy:
+                    self.running[trial_id] = method
+                    return {"trial": queue.pop(0)}
+            return None  # every method with rates left has one running: Tune asks again later
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            self.running.pop(trial_id, None)
+
+    return MethodQueue()
 
 
 def run_stage(cfg: SweepConfig, base: RunConfig, trials: list[Trial], name: str, mode: str,
@@ -218,12 +229,13 @@ def run_stage(cfg: SweepConfig, base: RunConfig, trials: list[Trial], name: str,
     watch = watcher()
     storage = Path(cfg.output_dir).resolve() / "tune"
     while specs:
-        if scheduler is not None:
-            scheduler.chosen.clear()  # a Tuner that stopped leaves its started trials behind
+        # under ASHA, each method's rates one at a time (ASHA promotes the first trial to reach a rung: two rates of
+        # one method side by side would race for it); else every trial as resources allow
+        search = {"search_alg": method_queue(specs), "num_samples": len(specs)} if scheduler is not None else {}
         tuner = tune.Tuner(
             tune.with_resources(run_trial, resources),
-            param_space={"trial": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True),
+            param_space={} if scheduler is not None else {"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True, **search),
             run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0),
                                       callbacks=[watch]))

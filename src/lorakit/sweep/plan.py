@@ -9,6 +9,7 @@ remaining seeds to each method's surviving, best rate.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import socket
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from typing import Any
 
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, LorakitError
-from ..train.run import DEFAULT_LR, FULL, RunConfig, check_method_options, check_metric
+from ..train.run import DEFAULT_LR, FULL, RunConfig, check_method_options, check_metric, method_config
+
+logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("asha", "grid")
 AUTO_FACTORS = (0.3, 1.0, 3.0)  # `--lrs auto`: 0.3x / 1x / 3x each method's default rate
@@ -158,7 +161,9 @@ def check(cfg: SweepConfig) -> dict[str, int]:
     from ..train.data import load_task
     spec, _ = load_task(base.task, "train", base.data_dir, seed=base.seed)
     check_metric(base.metric, spec)
-    ranks = budget_ranks(cfg, base, spec) if cfg.budget is not None else {}
+    from ..models import load_skeleton
+    model = load_skeleton(base.model, spec.type, spec.num_labels)  # shapes only: nothing is read or allocated
+    ranks = budget_ranks(cfg, base, spec, model) if cfg.budget is not None else fitted_ranks(cfg, base, spec, model)
     if cfg.address is not None:
         check_address(cfg.address)
     return ranks
@@ -185,21 +190,18 @@ def check_address(address: str) -> None:
         raise ConfigError(f"--address {address}: cannot reach a Ray cluster there ({err.strerror or err})") from None
 
 
-def budget_ranks(cfg: SweepConfig, base: RunConfig, spec: Any) -> dict[str, int]:
+def budget_ranks(cfg: SweepConfig, base: RunConfig, spec: Any, model: Any) -> dict[str, int]:
     """For each method, the rank whose trainable-parameter count (the registry's ``params_per_matrix`` over the
     run's targets, plus the trained head) comes closest to ``cfg.budget``; ties go to the smaller rank."""
     assert cfg.budget is not None
     if cfg.budget < 1:
         raise ConfigError(f"--budget must be a positive parameter count, got {cfg.budget}")
-    import torch
-
-    from ..models import load_model
-    torch.manual_seed(base.seed)
-    model, _ = load_model(base.model, spec.type, num_labels=spec.num_labels, dtype=base.dtype, device="cpu",
-                          quantize=None)
     ranks = {}
     for method in cfg.methods:
-        counts = rank_counts(model, base, spec, method, cfg.method_options.get(method, {}))
+        options = cfg.method_options.get(method, {})
+        if "r" in {**base.method_options, **options}:
+            raise ConfigError(f"--budget chooses {method}'s rank; do not also pass -o r=...")
+        counts = rank_counts(model, base, spec, method, options)
         if not counts:
             raise ConfigError(f"--budget {cfg.budget:,}: {method} has no rank to choose")
         r, count = min(counts.items(), key=lambda rc: (abs(rc[1] - cfg.budget), rc[0]))
@@ -210,15 +212,36 @@ def budget_ranks(cfg: SweepConfig, base: RunConfig, spec: Any) -> dict[str, int]
     return ranks
 
 
+def fitted_ranks(cfg: SweepConfig, base: RunConfig, spec: Any, model: Any) -> dict[str, int]:
+    """Without ``--budget`` each method trains at its own rank.  A method's *default* rank larger than the model
+    admits (LoRA-SB's r=32 on a 32-wide toy model) is lowered to the largest rank that fits, with a warning, and
+    the leaderboard's ``rank`` column shows it; a rank the user chose (``-o r=``) that does not fit is refused
+    here, before any trial, since every trial would fail the same way."""
+    ranks = {}
+    for method in cfg.methods:
+        if method == FULL:
+            continue
+        options = {**base.method_options, **cfg.method_options.get(method, {})}
+        run = dataclasses.replace(base, method=method, method_options=options)
+        default = getattr(method_config(run, spec, model), "r", None)
+        counts = rank_counts(model, base, spec, method, cfg.method_options.get(method, {}))
+        if not isinstance(default, int) or not counts or default in counts:
+            continue
+        if "r" in options:
+            raise ConfigError(f"{method}: r={default} does not fit this model; its targets admit ranks "
+                              f"{min(counts)} to {max(counts)}")
+        ranks[method] = max(counts)
+        logger.warning("%s's default rank %d does not fit %s; the sweep trains it at r=%d, the largest that fits",
+                       method, default, base.model, ranks[method])
+    return ranks
+
+
 def rank_counts(model: Any, base: RunConfig, spec: Any, method: str, options: dict[str, Any]) -> dict[int, int]:
     """Trainable parameters of ``method`` at every rank from 1 to the smallest target's side."""
     if method == FULL:
         return {}
     from ..core.inject import find_targets
     from ..core.layer import base_shape
-    from ..train.run import method_config
-    if "r" in {**base.method_options, **options}:
-        raise ConfigError(f"--budget chooses {method}'s rank; do not also pass -o r=...")
     run = dataclasses.replace(base, method=method, method_options={**base.method_options, **options})
     config = method_config(run, spec, model)
     registered = get_method(method)
