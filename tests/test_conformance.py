@@ -195,7 +195,10 @@ def test_06_merge_twice_warns_and_changes_nothing(method_name: str, kind_name: s
 def test_07_safe_merge_refuses_nonfinite(method_name: str, kind_name: str, bad: float) -> None:
     model, _, _ = attached(method_name, kind_name)
     layers = list(lorakit.adapter_layers(model).values())
-    victim = layers[len(layers) // 2]
+    # a layer training this round (XGBLoRA boosts a random share of the blocks; the others have nothing to poison)
+    training = [layer for layer in layers if any(p.requires_grad and not n.startswith("base.")
+                                                 for n, p in layer.named_parameters())]
+    victim = training[len(training) // 2]
     param_name, param = next((n, p) for n, p in victim.named_parameters()
                              if p.requires_grad and not n.startswith("base."))
     with torch.no_grad():

@@ -39,7 +39,8 @@ def test_trainer_under_fsdp_matches_one_process_and_writes_the_same_adapter(tmp_
         initial = load_file(str(one / f"checkpoint-{SAVE_EVERY}" / "adapter_model.safetensors"))
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=f"{name} {key}")
-        moved = [k for k in a if a[k].shape != initial[k].shape or not torch.allclose(a[k], initial[k], atol=1e-6)]
+        moved = [k for k in a if k not in initial  # XGBLoRA: an offset of a layer first boosted after the checkpoint
+                 or a[k].shape != initial[k].shape or not torch.allclose(a[k], initial[k], atol=1e-6)]
         assert moved, name  # steps 3 and 4 trained it
         config_one = json.loads((one / "adapter" / "adapter_config.json").read_text())
         config_two = json.loads((two / "adapter" / "adapter_config.json").read_text())

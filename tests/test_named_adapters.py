@@ -276,7 +276,7 @@ def test_lorakit_trainer_trains_the_active_adapter_as_alone(tmp_path: Path) -> N
 def test_boosting_rounds_merged_next_to_another_adapter_stay_out_of_its_base() -> None:
     lora, _ = alone("lora")
     model = add(LLAMA.build(0), "lora", "l")
-    lorakit.attach(model, lorakit.XgbLoraConfig(r=1, kappa=1, target_modules="all-linear"), name="x")
+    lorakit.attach(model, lorakit.XgbLoraConfig(r=1, kappa=1, target_modules="all-linear", layer_fraction=1.0), name="x")
     train_steps(model, LLAMA.batches(), steps=3, lr=0.1)  # a round merged into W0 every step
     layer = lorakit.adapter_layers(model)["model.layers.0.self_attn.q_proj"]
     assert layer.base_offset_B is not None and layer.base_offset_B.shape[1] == 3

@@ -166,6 +166,8 @@ def make_config(method: Any, kind: ModelKind, seed: int = 0, **changes: Any) -> 
                               "seed": seed}
     if method.name == "lora-sb":
         kwargs["init_lr"] = 1e-3  # η of the approximated first step: the bare API needs it given
+    if method.name == "lora2":  # the default N(0, 0.02²) planes scale a perturbed core's update on these 8-wide
+        kwargs["plane_init"] = "orthogonal"  # toys to ~1e-5, under the checks' resolution (default: test_adaptive_rank)
     kwargs.update(changes)
     return method.config_class(**kwargs)
 

@@ -164,10 +164,10 @@ def _check_model_config(path: Path) -> None:
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
-        raise LorakitError(f"{config} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the model "
-                           "directory is corrupt") from None
-    if not isinstance(data, dict):
-        raise LorakitError(f"{config} must hold a JSON object (a model config), found {type(data).__name__}")
+        raise LorakitError(f"{config} is not valid JSON (or nests too deeply): {type(err).__name__}: "
+                           f"{str(err)[:200]}") from None
+    if not isinstance(data, dict):  # the wording of `lorakit.prune`'s own check
+        raise LorakitError(f"{config} must hold a JSON object, got {type(data).__name__}")
 
 
 def _is_pruned_dir(path: Path) -> bool:
