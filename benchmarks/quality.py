@@ -649,7 +649,8 @@ def recheck_rows(part: str) -> list[str]:
             "5 warm-up steps, 400 steps of 32, the official classification η 8.3e-6 and 2 init samples). The rows "
             "above predate these defaults: their configs pin LoRA^2's orthogonal planes and XGBLoRA's every-block "
             "rounds, and LoRA-SB's runs took η = lr / 20 warm-up steps (5e-4 at 1e-2). These runs: CPU, 1 thread, "
-            "on 2 cores shared with other jobs (load 10-16; LoRA-SB seeds 1-2 at load under 5), so their wall times are not comparable.", "",
+            "on 2 cores shared with other jobs (load 10-16; LoRA-SB seeds 1-2 at load under 5), so their wall times "
+            "are not comparable.", "",
             "| config | method, options | test accuracy (%) | wall s per run |", "| --- | --- | --- | --- |"]
     for n in RECHECK:
         method, options, _ = VARIANTS[n]
