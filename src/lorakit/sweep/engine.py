@@ -202,6 +202,12 @@ def method_queue(specs: list[dict[str, Any]]) -> Any:
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             self.running.pop(trial_id, None)
 
+        def save(self, checkpoint_path: str) -> None:
+            """Nothing: a sweep resumes from its trials' ``trial.json`` files, never Tune's pickled state."""
+
+        def restore(self, checkpoint_path: str) -> None:
+            """Nothing (see `save`)."""
+
     return MethodQueue()
 
 
