@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from speed import gsm8k_batches
 
 import lorakit
 from lorakit.core.driver import build_optimizer, step_loss
@@ -32,31 +33,13 @@ from lorakit.models import load_model
 from lorakit.train.compiled import CompiledForward
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 CONFIGS = {"lora": lambda: lorakit.LoraConfig(r=8, target_modules="all-linear"),
            "lora-sb": lambda: lorakit.LoraSbConfig(r=32, target_modules="all-linear", init_lr=1e-6)}
 
 
-def gsm8k_batches(tokenizer: Any, n: int, batch_size: int, length: int) -> list[dict[str, torch.Tensor]]:
-    """``n`` batches of GSM8K question + answer, each row cut or padded to ``length`` tokens (prompt masked)."""
-    rows = [json.loads(line) for line in open(DATA / "gsm8k" / "train.jsonl")]
-    pad = tokenizer.pad_token_id
-    out = []
-    for i in range(n):
-        ids, labels = [], []
-        for r in rows[i * batch_size:(i + 1) * batch_size]:
-            p = tokenizer(f"Question: {r['question']}\nAnswer: ").input_ids
-            a = tokenizer(r["answer"] + tokenizer.eos_token).input_ids
-            ids.append(((p + a)[:length] + [pad] * length)[:length])
-            labels.append((([-100] * len(p) + a)[:length] + [-100] * length)[:length])
-        x, y = torch.tensor(ids), torch.tensor(labels)
-        out.append({"input_ids": x, "attention_mask": (x != pad) | (y != -100), "labels": y})
-    return out
-
-
 def bench(method: str, steps: int, batch_size: int, length: int) -> dict[str, Any]:
     model, tok = load_model("smollm2-135m", "causal-lm")
-    batches = gsm8k_batches(tok, 4, batch_size, length)
+    batches = gsm8k_batches(tok, 4, batch_size, length, fixed=True)
     data = batches[:1] if lorakit.get_method(method).needs_data else None
     lorakit.attach(model, CONFIGS[method](), data=data)
     model.train()

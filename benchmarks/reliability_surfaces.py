@@ -408,35 +408,18 @@ def raw_config_nan(pruned: Path) -> Callable[[Path], None]:
 # ---------------------------------------------------------------------------------------- classification head
 def head_cases(tmp: Path) -> dict[str, Callable[[], tuple[str, str]]]:
     import torch
-    from safetensors.torch import save_file
+    sys.path.insert(0, str(ROOT))
+    from tests.test_cli_bad_input import _huge_empty_head, head_adapter
 
     def adapter(name: str, head: Any, peft: bool) -> Path:
-        directory = tmp / f"head-{name}-{peft}" / "adapter"
-        directory.mkdir(parents=True)
-        if peft:
-            config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query"],
-                      "modules_to_save": ["classifier"], "base_model_name_or_path": "x"}
-            key = "base_model.model.classifier.weight"
-        else:
-            config = {"lorakit_format_version": 1, "method": "lora", "config": {"r": 2, "target_modules": ["query"]},
-                      "fingerprint": {}, "base_model": "x", "modules_to_save": ["classifier"]}
-            key = "modules_to_save.classifier.weight"
-        (directory / "adapter_config.json").write_text(json.dumps(config))
-        (directory.parent / "run.json").write_text(json.dumps({"config": {
-            "model": "x", "task": "sst2", "data_dir": str(ROOT / "tests" / "data"), "eval_split": "validation",
-            "eval_limit": 4}}))
+        """The tests' classification adapter (`head_adapter`), then this case's damage to its weights file."""
+        (tmp / f"head-{name}-{peft}").mkdir(parents=True)
+        directory = head_adapter(tmp / f"head-{name}-{peft}", head, peft)
         weights = directory / "adapter_model.safetensors"
         if name == "fifo":
             os.mkfifo(weights)
-        elif name != "missing":
-            save_file({key: head}, str(weights))
-        if name == "billion-by-zero":
-            raw = weights.read_bytes()
-            size = int.from_bytes(raw[:8], "little")
-            header = json.loads(raw[8:8 + size])
-            header[key].update(shape=[10 ** 9, 0], data_offsets=[0, 0])
-            text = json.dumps(header).encode()
-            weights.write_bytes(len(text).to_bytes(8, "little") + text)
+        elif name == "billion-by-zero":
+            _huge_empty_head(weights)
         elif name == "truncated":
             weights.write_bytes(weights.read_bytes()[:-9])
         return directory

@@ -91,7 +91,10 @@ def sst2_batches(tokenizer: Any, n: int, batch_size: int) -> list[dict[str, torc
     return out
 
 
-def gsm8k_batches(tokenizer: Any, n: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def gsm8k_batches(tokenizer: Any, n: int, batch_size: int, length: int = 256,
+                  fixed: bool = False) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of GSM8K question + answer (prompt masked), each row cut to ``length`` tokens and padded to the
+    batch's longest, or to ``length`` itself with ``fixed`` (one shape for every batch)."""
     rows = [json.loads(line) for line in open(DATA / "gsm8k" / "train.jsonl")]
     pad = tokenizer.pad_token_id
     out = []
@@ -100,9 +103,9 @@ def gsm8k_batches(tokenizer: Any, n: int, batch_size: int) -> list[dict[str, tor
         for r in rows[i * batch_size:(i + 1) * batch_size]:
             p = tokenizer(f"Question: {r['question']}\nAnswer: ").input_ids
             a = tokenizer(r["answer"] + tokenizer.eos_token).input_ids
-            ids.append((p + a)[:256])
-            labels.append(([-100] * len(p) + a)[:256])
-        width = max(map(len, ids))
+            ids.append((p + a)[:length])
+            labels.append(([-100] * len(p) + a)[:length])
+        width = length if fixed else max(map(len, ids))
         x = torch.tensor([s + [pad] * (width - len(s)) for s in ids])
         y = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
         out.append({"input_ids": x, "attention_mask": (x != pad) | (y != -100), "labels": y})
