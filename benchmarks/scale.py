@@ -215,7 +215,9 @@ class PeakHeap(speed.PeakRSS):
 
 def attach_child(method: str, spec: str, batch_size: int) -> dict[str, Any]:
     """Attach ``method`` (r=8, SmolLM2's decoder linears) to the loaded float model in this fresh process: peak RSS
-    and peak live heap above the loaded model, and the largest targeted layer's float32 bytes."""
+    and peak live heap above the loaded model, and the largest targeted layer's float32 bytes.  ``pissa:gram``:
+    PiSSA with ``svd="gram"`` (any ``method:svd``)."""
+    method, _, svd = method.partition(":")
     model, tok = load_model(spec, "causal-lm")
     with torch.no_grad():  # out of the memory-mapped checkpoint, as `child` does
         for p in [*model.parameters(), *model.buffers()]:
@@ -229,7 +231,8 @@ def attach_child(method: str, spec: str, batch_size: int) -> dict[str, Any]:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed pages back, so RSS starts from the live heap
     rss_loaded, heap_loaded = speed.PeakRSS.current(), PeakHeap.current()
-    config = lorakit.get_method(method).config_class(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS))
+    config = lorakit.get_method(method).config_class(r=R, alpha=2 * R, target_modules=tuple(SMOL_TARGETS),
+                                                     **({"svd": svd} if svd else {}))
     after_moves: list[float] = []  # live heap right after each layer's `move_base`: exact points, no sampling
     offsets = [0]
     move = AdapterLayer.move_base
@@ -244,7 +247,8 @@ def attach_child(method: str, spec: str, batch_size: int) -> dict[str, Any]:
         lorakit.attach(model, config, data=data)
     seconds = time.perf_counter() - t
     AdapterLayer.move_base = move
-    return {"method": method, "attach_s": seconds, "rss_loaded_mib": rss_loaded, "heap_loaded_mib": heap_loaded,
+    return {"method": method + (f":{svd}" if svd else ""), "attach_s": seconds, "rss_loaded_mib": rss_loaded,
+            "heap_loaded_mib": heap_loaded,
             "attach_peak_rss_over_loaded_mib": rss.peak - rss_loaded,
             "attach_peak_heap_over_loaded_mib": heap.peak - heap_loaded,
             "heap_after_attach_over_loaded_mib": PeakHeap.current() - heap_loaded,
