@@ -419,9 +419,13 @@ def run_asha(part: str, names: list[str]) -> None:
 
 
 def write_asha(part: str, names: list[str], note: str = "") -> None:
-    """results/sweep-asha.{md,json} from the ASHA sweeps in ``WORK`` (``note``: said under the table)."""
+    """results/sweep-asha.{md,json} from the ASHA sweeps in ``WORK`` (``note``: said under the table); rows of other
+    configs already in the JSON are kept (a config measured in an earlier session keeps its row)."""
     steps, split = MODES["sweep"]
     rows, lines = [], []
+    previous = RESULTS / "sweep-asha.json"
+    kept = [{"engine": "rates could overlap", **r} for r in
+            (json.loads(previous.read_text())["rows"] if previous.exists() else []) if r["config"] not in names]
     for name in names:
         method = VARIANTS[name][0]
         trials = [r for d in sorted((WORK / part / "asha" / name / "trials" / method).glob("*"))
@@ -441,9 +445,11 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
                      "gap_points": gap, "asha_steps": asha_steps, "grid_steps": steps * len(grid),
                      "share": asha_steps / (steps * len(grid)),
                      "held": gap is not None and gap <= 0.5 and asha_steps <= 0.4 * steps * len(grid),
-                     "grid_devices": sorted({r.get("device", "cpu") for r in stored(part, name, steps, split)})})
+                     "grid_devices": sorted({r.get("device", "cpu") for r in stored(part, name, steps, split)}),
+                     "engine": "one rate per method at a time"})
     missing = [n for n in names if n not in {r["config"] for r in rows}]
-    not_run = [n for n in [*CLAIMS, *OTHERS] if n not in names]
+    rows = kept + rows
+    not_run = [n for n in [*CLAIMS, *OTHERS] if n not in names and n not in {r["config"] for r in kept}]
     lines = ["# ASHA against the full learning-rate grid (SST-2 dev, MiniLM-L6, 200 steps, seed 0)", "",
              "    python benchmarks/quality.py asha --configs " + ",".join(names), "",
              "Each config's 3 rates (`SWEEP_FACTORS` x the sweep's centre) under `lorakit sweep --scheduler asha` "
@@ -452,16 +458,25 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
              "(`quality-sweep.md`, every rate for 200 steps). Target per config: ASHA's chosen rate is the grid's "
              "best or within 0.5 point of it, at <= 40% of the grid's optimizer steps (600). The ASHA runs trained "
              "on this machine's CPU; a grid run made on the H200 is not bit-identical to a CPU run of the same "
-             "config, so 'chosen' is scored with the grid's stored accuracy at the chosen rate.", "",
+             "config, so 'chosen' is scored with the grid's stored accuracy at the chosen rate. Rows marked * ran "
+             "before the sweep ran one method's rates one at a time (`lorakit.sweep.engine.method_queue`): their "
+             "rates could run side by side and reach a rung in either order.", "",
              "| config | rates | grid dev acc (%) | grid best | ASHA chosen | gap (points) | "
              "ASHA trials (status, steps) | ASHA steps / grid | held |", "|" + " --- |" * 9]
     for r in rows:
         trials = "; ".join(f"{lr}: {t['status']} {t['steps']}" for lr, t in r["asha_trials"].items())
-        grid = " / ".join(f"{100 * r['grid_scores'][x]:.1f}" if x in r["grid_scores"] else "-" for x in r["rates"])
-        lines.append(f"| {r['config']} | {' / '.join(f'{x:g}' for x in r['rates'])} | {grid} | "
+        scores = {float(lr): acc for lr, acc in r["grid_scores"].items()}  # a kept row's keys are JSON strings
+        grid = " / ".join(f"{100 * scores[x]:.1f}" if x in scores else "-" for x in r["rates"])
+        star = "*" if r["engine"] == "rates could overlap" else ""
+        lines.append(f"| {r['config']}{star} | {' / '.join(f'{x:g}' for x in r['rates'])} | {grid} | "
                      f"{r['grid_best']:g} | {r['asha_chosen']:g} | {r['gap_points']:.1f} | {trials} | "
                      f"{r['asha_steps']} / {r['grid_steps']} = {100 * r['share']:.0f}% | "
                      f"{'**held**' if r['held'] else '**not held**'} |")
+    if rows:
+        total = sum(r["asha_steps"] for r in rows) / sum(r["grid_steps"] for r in rows)
+        lines += ["", f"Held: {sum(r['held'] for r in rows)} of {len(rows)} configs; chosen rate within 0.5 point: "
+                      f"{sum(r['gap_points'] is not None and r['gap_points'] <= 0.5 for r in rows)} of {len(rows)}; "
+                      f"ASHA's optimizer steps over all of them: {100 * total:.0f}% of the grid's."]
     lines += ["", f"Not finished when this was written: {', '.join(missing) or 'none'}. Not run: "
                   f"{', '.join(not_run) or 'none'}."]
     for name in missing:  # what an unfinished config's trials had done
