@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .core import quant
-from .core.files import read_regular
+from .core.files import read_json_object
 from .core.inject import HEAD_NAMES
 from .errors import ConfigError, LorakitError
 from .prune import PRUNED_KEY, load_pruned
@@ -153,32 +152,15 @@ def _looks_like_path(spec: str) -> bool:
 MAX_MODEL_CONFIG_BYTES = 4 << 20  # a transformers config.json is a few KiB
 
 
-def _check_model_config(path: Path) -> None:
-    """A local model directory's ``config.json``, when present, is a regular file holding one JSON object: what
-    transformers (and `load_pruned`) assume before they read it.  A list, a scalar, a nesting too deep for the
-    parser or a FIFO is refused here with the file's name, not raised from inside transformers."""
+def _is_pruned_dir(path: Path) -> bool:
+    """Whether the local model directory ``path`` was written by `lorakit.prune.save_pruned` (its ``config.json``
+    records the blocks' widths).  That ``config.json``, when present, must be a regular file holding one JSON
+    object, as transformers (and `load_pruned`) assume: a list, a scalar, a nesting too deep for the parser or a
+    FIFO is refused here with the file's name, not raised from inside transformers."""
     config = path / "config.json"
     if not config.exists() and not config.is_symlink():
-        return  # transformers says what is missing
-    raw = read_regular(config, limit=MAX_MODEL_CONFIG_BYTES)
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
-        raise LorakitError(f"{config} is not valid JSON (or nests too deeply): {type(err).__name__}: "
-                           f"{str(err)[:200]}") from None
-    if not isinstance(data, dict):  # the wording of `lorakit.prune`'s own check
-        raise LorakitError(f"{config} must hold a JSON object, got {type(data).__name__}")
-
-
-def _is_pruned_dir(path: Path) -> bool:
-    """A directory written by `lorakit.prune.save_pruned` (its ``config.json`` records the blocks' widths)."""
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:  # the key's mere presence: load_pruned validates the file (even one json cannot parse) with clear errors
-        return f'"{PRUNED_KEY}"' in config.read_text(errors="replace")
-    except OSError:  # unreadable: transformers' loader reports it
-        return False
+        return False  # transformers says what is missing
+    return PRUNED_KEY in read_json_object(config, MAX_MODEL_CONFIG_BYTES)
 
 
 def _device(device: str) -> torch.device:
@@ -225,7 +207,6 @@ def _locate(spec: str, task_type: TaskType) -> tuple[Path, str, dict[str, Any], 
         where, kw["gguf_file"] = str(path.parent), path.name
     elif path.is_dir():
         where = str(path)
-        _check_model_config(path)
         pruned = _is_pruned_dir(path)
         if pruned and task_type != "causal-lm":
             raise ConfigError(f"{path} holds a model pruned by `lorakit prune` (a causal LM); load it with "
@@ -328,4 +309,3 @@ def load_skeleton(spec: str, task_type: TaskType, num_labels: int | None = None)
             return AutoModelForSequenceClassification.from_config(config)
     except (OSError, ValueError) as err:
         raise LorakitError(f"could not read the model config of {spec!r} ({where}): {err}") from err
-

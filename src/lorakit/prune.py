@@ -48,7 +48,6 @@ directory whose config has that key.  Nothing is pickled.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterable, Mapping
@@ -61,7 +60,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .core.files import write_files
+from .core.files import read_json_object, write_files
 from .errors import ConfigError, LorakitError
 
 PRUNED_KEY = "lorakit_pruned_layers"
@@ -277,15 +276,7 @@ def _read_config(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise PruneError(f"{file.parent} has no config.json (a regular file); give a directory written by "
                          "`lorakit prune`")
-    if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise PruneError(f"{file} is {file.stat().st_size} bytes, over the {MAX_CONFIG_BYTES} a config can be")
-    try:
-        raw = json.loads(file.read_text())
-    except (ValueError, RecursionError) as err:
-        raise PruneError(f"{file} is not valid JSON (or nests too deeply): {str(err)[:200]}") from err
-    if not isinstance(raw, dict):
-        raise PruneError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(file, MAX_CONFIG_BYTES, PruneError)
 
 
 def _int(raw: Mapping[str, Any], key: str, source: str, low: int = 1, default: Any = None) -> int:

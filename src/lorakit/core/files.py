@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -23,6 +24,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import LorakitError, OutputError
 
@@ -210,6 +212,23 @@ def read_regular(path: str | os.PathLike, follow_symlinks: bool = True, limit: i
         raise LorakitError(f"cannot read {path} ({err.strerror or err})") from None
     finally:
         os.close(fd)
+
+
+def read_json_object(path: str | os.PathLike, limit: int,
+                     error: type[LorakitError] = LorakitError) -> dict[str, Any]:
+    """The JSON object in the regular file ``path`` (`read_regular`, at most ``limit`` bytes).  A FIFO, a larger
+    file, malformed or too deeply nested JSON, or a value that is not an object is one ``error`` naming the file."""
+    try:
+        raw = read_regular(path, limit=limit)
+    except LorakitError as err:
+        raise error(str(err)) from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise error(f"{path} is not valid JSON (or nests too deeply): {type(err).__name__}: {str(err)[:200]}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def sha256(data: bytes) -> str:

@@ -322,6 +322,7 @@ def init_samples(run: RunConfig, spec: TaskSpec) -> int:
         return run.init_samples
     return INIT_SAMPLES[spec.type] if run.method == "lora-sb" else DEFAULT_INIT_SAMPLES
 
+
 def run_training(run: RunConfig, on_eval: Callable[[dict[str, float]], None] | None = None) -> RunResult:
     """Do the whole run and write ``run.json`` (and the adapter) into ``run.output_dir``; ``on_eval`` receives each
     intermediate evaluation (``{"step": s, "score": x}``, every ``eval_every`` steps), as `train` says."""
