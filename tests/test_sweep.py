@@ -307,3 +307,23 @@ def test_a_default_rank_the_model_cannot_hold_is_lowered_to_the_largest_that_fit
     assert ranks == {"lora-sb": 16}
     assert plan.trial(cfg, "lora-sb", 1e-3, 0, ranks).options["r"] == 16
     assert "r" not in plan.trial(cfg, "lora", 1e-3, 0, ranks).options
+
+
+def test_a_trial_record_is_checked_before_the_sweep_trusts_it(tmp_path: Path) -> None:
+    """`engine.read_record` takes only a regular ``trial.json`` holding the fields of its status with their types;
+    anything else (a FIFO, a list, a ``done`` without its score, a string step) is None: the trial runs again."""
+    from lorakit.sweep import engine
+    good = {"id": "lora/lr0.001-seed0", "method": "lora", "lr": 1e-3, "seed": 0, "options": {}, "status": "done",
+            "evals": [{"step": 2, "score": 0.5}], "metric": "nll", "score": 0.4, "score_before": 0.9, "steps": 4,
+            "trainable": 10, "wall_s": 1.0, "peak_mem": None, "tokens_per_s": 5.0}
+    engine.write_record(tmp_path, good)
+    assert engine.read_record(tmp_path) == good and engine.finished(tmp_path)
+    bad = [[good], {**good, "status": "finished"}, {k: v for k, v in good.items() if k != "score"},
+           {**good, "score": "0.4"}, {**good, "seed": True}, {**good, "evals": [{"step": "2", "score": 0.5}]},
+           {**good, "status": "failed"}]  # a failed record needs its reason
+    for record in bad:
+        (tmp_path / engine.RECORD).write_text(json.dumps(record))
+        assert engine.read_record(tmp_path) is None and not engine.finished(tmp_path), record
+    (tmp_path / engine.RECORD).unlink()
+    os.mkfifo(tmp_path / engine.RECORD)
+    assert engine.read_record(tmp_path) is None  # refused at once, not a blocked read

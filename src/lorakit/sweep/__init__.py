@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..core.files import locked_dir
+from ..core.files import locked_dir, read_regular
 from ..errors import ConfigError, LorakitError
 from ..train.run import FULL, RunConfig, check_output_dir, run_training
 from . import engine, plan, report
@@ -117,9 +117,10 @@ def _records(trials: list[plan.Trial]) -> list[dict[str, Any]]:
 def _losses(cfg: SweepConfig, row: dict[str, Any], ranks: dict[str, int]) -> list[float]:
     t = plan.trial(cfg, row["method"], row["lr"], row["seeds"][0], ranks)
     try:
-        return json.loads((Path(t.dir) / "run.json").read_text())["train"]["losses"]
-    except (OSError, ValueError, KeyError):
+        losses = json.loads(read_regular(Path(t.dir) / "run.json", limit=engine.MAX_RECORD_BYTES))["train"]["losses"]
+    except (LorakitError, ValueError, RecursionError, KeyError, TypeError):
         return []
+    return losses if isinstance(losses, list) and all(isinstance(x, (int, float)) for x in losses) else []
 
 
 def _describe(cfg: SweepConfig) -> dict[str, Any]:

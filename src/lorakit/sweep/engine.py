@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..core.files import read_regular
 from ..errors import LorakitError
 from ..train.run import RunConfig, run_training
 from .forgetting import forgetting
@@ -37,13 +38,54 @@ RECORD = "trial.json"
 FINISHED = ("done", "failed", "stopped")
 
 
+MAX_RECORD_BYTES = 16 << 20
+_NUMBER = (int, float)
+# the fields each status must hold, with their types (the ones every record holds, then the status's own)
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "*": {"id": (str,), "method": (str,), "lr": _NUMBER, "seed": (int,), "options": (dict,), "evals": (list,)},
+    "running": {},
+    "done": {"metric": (str,), "score": _NUMBER, "score_before": _NUMBER, "steps": (int,), "trainable": (int,),
+             "wall_s": _NUMBER, "peak_mem": (*_NUMBER, type(None)), "tokens_per_s": (*_NUMBER, type(None))},
+    "failed": {"reason": (str,), "steps": (int,)},
+    "stopped": {"steps": (int,)},
+}
+
+
+def record_problem(record: Any) -> str | None:
+    """What is wrong with a parsed ``trial.json`` (None: nothing): the fields of its status, of their types, and
+    ``evals`` as ``{"step": int, "score": number}`` records."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    status = record.get("status")
+    if status not in _FIELDS or status == "*":
+        return f"status {str(status)[:40]!r} is none of {', '.join(k for k in _FIELDS if k != '*')}"
+    for key, types in {**_FIELDS["*"], **_FIELDS[status]}.items():
+        value = record.get(key)
+        if key not in record or isinstance(value, bool) or not isinstance(value, types):
+            return f"{key} must be {' or '.join(t.__name__ for t in types)}, got {str(value)[:40]}"
+    for e in record["evals"]:
+        if not (isinstance(e, dict) and type(e.get("step")) is int and isinstance(e.get("score"), _NUMBER)
+                and not isinstance(e.get("score"), bool)):
+            return f"evals must hold {{'step': int, 'score': number}} records, got {str(e)[:60]}"
+    return None
+
+
 def read_record(directory: str | Path) -> dict[str, Any] | None:
-    """A trial's ``trial.json``, or None when it has none (or an unreadable one: the trial runs again)."""
-    try:
-        record = json.loads((Path(directory) / RECORD).read_text())
-    except (OSError, ValueError):
+    """A trial's ``trial.json``, or None when it has none, or one that is not a regular file of valid JSON with
+    the fields of its status (`record_problem`, logged): the trial runs again."""
+    path = Path(directory) / RECORD
+    if not path.exists() and not path.is_symlink():
         return None
-    return record if isinstance(record, dict) else None
+    try:
+        record = json.loads(read_regular(path, limit=MAX_RECORD_BYTES))
+    except (LorakitError, ValueError, RecursionError) as err:
+        logger.warning("%s is unreadable (%s); the trial runs again", path, str(err)[:200])
+        return None
+    problem = record_problem(record)
+    if problem is not None:
+        logger.warning("%s: %s; the trial runs again", path, problem)
+        return None
+    return record
 
 
 def write_record(directory: str | Path, record: dict[str, Any]) -> None:
@@ -75,9 +117,10 @@ def run_trial(config: dict[str, Any]) -> None:
         if record["step"] < steps:  # the final score comes after training, with run.json
             tune.report({"step": record["step"], "score": record["score"]})
 
+    run = RunConfig(**spec["run"])
     start = time.perf_counter()
     try:
-        result = run_training(RunConfig(**spec["run"]), on_eval=on_eval)
+        result = run_training(run, on_eval=on_eval)
     except Exception as err:
         reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
         write_record(out, {**head, "status": "failed", "reason": reason, "evals": evals,
@@ -90,7 +133,7 @@ def run_trial(config: dict[str, Any]) -> None:
               "steps": result.train.steps,
               "trainable": result.trainable_params, "wall_s": result.seconds,
               "peak_mem": result.train.peak_memory_mib, "tokens_per_s": result.train.tokens_per_second,
-              **forgetting(RunConfig(**spec["run"]).resolved(), result)}
+              **forgetting(run.resolved(), result)}
     write_record(out, record)
     tune.report({"step": steps, "score": result.score_after, "done": 1})
 
