@@ -477,6 +477,7 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
         lines += ["", f"Held: {sum(r['held'] for r in rows)} of {len(rows)} configs; chosen rate within 0.5 point: "
                       f"{sum(r['gap_points'] is not None and r['gap_points'] <= 0.5 for r in rows)} of {len(rows)}; "
                       f"ASHA's optimizer steps over all of them: {100 * total:.0f}% of the grid's."]
+        lines += ["", *step_causes(rows), "", *device_noise(rows)]
     lines += ["", f"Not finished when this was written: {', '.join(missing) or 'none'}. Not run: "
                   f"{', '.join(not_run) or 'none'}."]
     for name in missing:  # what an unfinished config's trials had done
@@ -496,6 +497,44 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- claims
+
+
+def step_causes(rows: list[dict[str, Any]]) -> list[str]:
+    """Where ASHA's steps went: the first rate tried always runs to the end (nothing to compare it with at a rung),
+    so a config is at the 40% floor only if every other rate stops at the first rung."""
+    full = [r for r in rows if sum(t["status"] == "done" for t in r["asha_trials"].values()) > 1]
+    floor = [r for r in rows if r["share"] <= 0.4]
+    rung = [r for r in rows if r not in full and r not in floor]
+
+    def listed(part: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{r['config']} {100 * r['share']:.0f}%" for r in part) or "none"
+
+    return ["Where the steps went:",
+            f"- at the floor (one rate to the end, the others stopped at the first rung, 40%): {len(floor)} configs;",
+            f"- a loser promoted past the first rung, then stopped: {len(rung)} configs ({listed(rung)});",
+            f"- a second rate matched or beat the first at every rung and ran to the end too: {len(full)} configs "
+            f"({listed(full)})."]
+
+
+def device_noise(rows: list[dict[str, Any]]) -> list[str]:
+    """How far an ASHA run (this CPU) and the stored grid run of the same config at the same rate end apart after
+    the full 200 steps, split by where the grid ran, and the held counts of the configs whose grid ran here."""
+    lines = []
+    for here in (True, False):
+        part = [r for r in rows if (r.get("grid_devices", ["cpu"]) == ["cpu"]) == here]
+        diffs = [(r["config"], lr, 100 * (acc - {float(k): v for k, v in r["grid_scores"].items()}[float(lr)]))
+                 for r in part for lr, acc in r["asha_scores"].items()]
+        if not diffs:
+            continue
+        where = "this CPU (bit-identical reruns)" if here else "the H200"
+        worst = max(diffs, key=lambda d: abs(d[2]))
+        lines.append(f"- Grid run on {where}: {len(part)} configs, held {sum(r['held'] for r in part)}, within 0.5 "
+                     f"point {sum(r['gap_points'] is not None and r['gap_points'] <= 0.5 for r in part)}. At the "
+                     f"same rate after 200 steps, ASHA's score minus the grid's over {len(diffs)} rates: mean "
+                     f"{sum(d[2] for d in diffs) / len(diffs):+.2f}, mean absolute "
+                     f"{sum(abs(d[2]) for d in diffs) / len(diffs):.2f}, largest {worst[2]:+.1f} points "
+                     f"({worst[0]} at {float(worst[1]):g}).")
+    return ["Reruns of the same run, by where the grid ran:", *lines] if lines else []
 
 
 def claim_verdict(a: list[float], b: list[float], low: float | None, high: float | None = None) -> str:
