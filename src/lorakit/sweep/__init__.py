@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..core.files import locked_dir, read_regular
+from ..core.files import locked_dir, read_json_object
 from ..errors import ConfigError, LorakitError
 from ..train.run import FULL, RunConfig, check_output_dir, run_training
 from . import engine, plan, report
@@ -117,8 +117,8 @@ def _records(trials: list[plan.Trial]) -> list[dict[str, Any]]:
 def _losses(cfg: SweepConfig, row: dict[str, Any], ranks: dict[str, int]) -> list[float]:
     t = plan.trial(cfg, row["method"], row["lr"], row["seeds"][0], ranks)
     try:
-        losses = json.loads(read_regular(Path(t.dir) / "run.json", limit=engine.MAX_RECORD_BYTES))["train"]["losses"]
-    except (LorakitError, ValueError, RecursionError, KeyError, TypeError):
+        losses = read_json_object(Path(t.dir) / "run.json", engine.MAX_RECORD_BYTES)["train"]["losses"]
+    except (LorakitError, KeyError, TypeError):
         return []
     return losses if isinstance(losses, list) and all(isinstance(x, (int, float)) for x in losses) else []
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.files import read_regular
+from ..core.files import read_json_object
 from ..errors import LorakitError
 from ..train.run import RunConfig, run_training
 from .forgetting import forgetting
@@ -51,11 +50,9 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
-def record_problem(record: Any) -> str | None:
-    """What is wrong with a parsed ``trial.json`` (None: nothing): the fields of its status, of their types, and
+def record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a ``trial.json`` object (None: nothing): the fields of its status, of their types, and
     ``evals`` as ``{"step": int, "score": number}`` records."""
-    if not isinstance(record, dict):
-        return f"not a JSON object but {type(record).__name__}"
     status = record.get("status")
     if status not in _FIELDS or status == "*":
         return f"status {str(status)[:40]!r} is none of {', '.join(k for k in _FIELDS if k != '*')}"
@@ -71,14 +68,14 @@ def record_problem(record: Any) -> str | None:
 
 
 def read_record(directory: str | Path) -> dict[str, Any] | None:
-    """A trial's ``trial.json``, or None when it has none, or one that is not a regular file of valid JSON with
-    the fields of its status (`record_problem`, logged): the trial runs again."""
+    """A trial's ``trial.json``, or None when it has none, or one that is not a regular file holding a JSON object
+    (`read_json_object`) with the fields of its status (`record_problem`), logged: the trial runs again."""
     path = Path(directory) / RECORD
     if not path.exists() and not path.is_symlink():
         return None
     try:
-        record = json.loads(read_regular(path, limit=MAX_RECORD_BYTES))
-    except (LorakitError, ValueError, RecursionError) as err:
+        record = read_json_object(path, MAX_RECORD_BYTES)
+    except LorakitError as err:
         logger.warning("%s is unreadable (%s); the trial runs again", path, str(err)[:200])
         return None
     problem = record_problem(record)
