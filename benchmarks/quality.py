@@ -426,6 +426,9 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
     previous = RESULTS / "sweep-asha.json"
     kept = [{"engine": "rates could overlap", **r} for r in
             (json.loads(previous.read_text())["rows"] if previous.exists() else []) if r["config"] not in names]
+    for r in kept:  # JSON wrote the rates that key these as strings
+        r["grid_scores"], r["asha_scores"] = ({float(lr): x for lr, x in r[key].items()}
+                                              for key in ("grid_scores", "asha_scores"))
     for name in names:
         method = VARIANTS[name][0]
         trials = [r for d in sorted((WORK / part / "asha" / name / "trials" / method).glob("*"))
@@ -465,8 +468,7 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
              "ASHA trials (status, steps) | ASHA steps / grid | held |", "|" + " --- |" * 9]
     for r in rows:
         trials = "; ".join(f"{lr}: {t['status']} {t['steps']}" for lr, t in r["asha_trials"].items())
-        scores = {float(lr): acc for lr, acc in r["grid_scores"].items()}  # a kept row's keys are JSON strings
-        grid = " / ".join(f"{100 * scores[x]:.1f}" if x in scores else "-" for x in r["rates"])
+        grid = " / ".join(f"{100 * r['grid_scores'][x]:.1f}" if x in r["grid_scores"] else "-" for x in r["rates"])
         star = "*" if r["engine"] == "rates could overlap" else ""
         lines.append(f"| {r['config']}{star} | {' / '.join(f'{x:g}' for x in r['rates'])} | {grid} | "
                      f"{r['grid_best']:g} | {r['asha_chosen']:g} | {r['gap_points']:.1f} | {trials} | "
@@ -475,7 +477,7 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
     if rows:
         total = sum(r["asha_steps"] for r in rows) / sum(r["grid_steps"] for r in rows)
         lines += ["", f"Held: {sum(r['held'] for r in rows)} of {len(rows)} configs; chosen rate within 0.5 point: "
-                      f"{sum(r['gap_points'] is not None and r['gap_points'] <= 0.5 for r in rows)} of {len(rows)}; "
+                      f"{sum(map(within, rows))} of {len(rows)}; "
                       f"ASHA's optimizer steps over all of them: {100 * total:.0f}% of the grid's."]
         lines += ["", *step_causes(rows), "", *device_noise(rows)]
     lines += ["", f"Not finished when this was written: {', '.join(missing) or 'none'}. Not run: "
@@ -499,6 +501,11 @@ def write_asha(part: str, names: list[str], note: str = "") -> None:
 # ---------------------------------------------------------------------------------------------------- claims
 
 
+def within(row: dict[str, Any]) -> bool:
+    """ASHA's chosen rate scores within 0.5 point of the grid's best (the grid's accuracy at both rates)."""
+    return row["gap_points"] is not None and row["gap_points"] <= 0.5
+
+
 def step_causes(rows: list[dict[str, Any]]) -> list[str]:
     """Where ASHA's steps went: the first rate tried always runs to the end (nothing to compare it with at a rung),
     so a config is at the 40% floor only if every other rate stops at the first rung."""
@@ -518,22 +525,22 @@ def step_causes(rows: list[dict[str, Any]]) -> list[str]:
 
 def device_noise(rows: list[dict[str, Any]]) -> list[str]:
     """How far an ASHA run (this CPU) and the stored grid run of the same config at the same rate end apart after
-    the full 200 steps, split by where the grid ran, and the held counts of the configs whose grid ran here."""
+    the full 200 steps, and the held and within-0.5-point counts, split by where the grid ran."""
     lines = []
     for here in (True, False):
-        part = [r for r in rows if (r.get("grid_devices", ["cpu"]) == ["cpu"]) == here]
-        diffs = [(r["config"], lr, 100 * (acc - {float(k): v for k, v in r["grid_scores"].items()}[float(lr)]))
+        part = [r for r in rows if (r["grid_devices"] == ["cpu"]) == here]
+        diffs = [(r["config"], lr, 100 * (acc - r["grid_scores"][lr]))
                  for r in part for lr, acc in r["asha_scores"].items()]
         if not diffs:
             continue
         where = "this CPU (bit-identical reruns)" if here else "the H200"
         worst = max(diffs, key=lambda d: abs(d[2]))
         lines.append(f"- Grid run on {where}: {len(part)} configs, held {sum(r['held'] for r in part)}, within 0.5 "
-                     f"point {sum(r['gap_points'] is not None and r['gap_points'] <= 0.5 for r in part)}. At the "
+                     f"point {sum(map(within, part))}. At the "
                      f"same rate after 200 steps, ASHA's score minus the grid's over {len(diffs)} rates: mean "
                      f"{sum(d[2] for d in diffs) / len(diffs):+.2f}, mean absolute "
                      f"{sum(abs(d[2]) for d in diffs) / len(diffs):.2f}, largest {worst[2]:+.1f} points "
-                     f"({worst[0]} at {float(worst[1]):g}).")
+                     f"({worst[0]} at {worst[1]:g}).")
     return ["Reruns of the same run, by where the grid ran:", *lines] if lines else []
 
 
